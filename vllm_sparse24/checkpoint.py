@@ -1,0 +1,191 @@
+"""Reading and writing sparse24 checkpoint folders (pure: safetensors + json, no vLLM).
+
+``validate_checkpoint`` reads only the safetensors headers, so a wrong name, dtype or shape
+is reported with the file and tensor before vLLM allocates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schema import K_MULTIPLE, Sparse24ConfigError, Sparse24Scheme
+
+SPARSE_SUFFIXES = ("weight_packed", "weight_bitmask", "weight_scale")
+LEGACY_SUFFIXES = ("compressed", "bitmask", "shape", "weight_scale")
+DENSE_SUFFIXES = ("weight", "weight_scale")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder does not hold what its quantization_config promises."""
+
+
+def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
+    """tensor name -> (file name, dtype, shape) over every *.safetensors file in folder."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files (sparse24 checkpoints never use pickle)")
+    out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    sl = fh.get_slice(key)
+                    out[key] = (f.name, _DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f}: cannot read safetensors header ({e}); the file is corrupt or truncated") from e
+    return out
+
+
+_DTYPES = {
+    "I8": torch.int8, "U8": torch.uint8, "I64": torch.int64, "I32": torch.int32,
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+}
+
+
+def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None) -> None:
+    if name not in headers:
+        raise CheckpointError(f"missing tensor {name!r} (expected dtype {dtypes[0]}, shape {shape})")
+    fname, dtype, got = headers[name]
+    if dtype not in dtypes:
+        raise CheckpointError(f"{fname}: tensor {name!r} has dtype {dtype}, expected {' or '.join(map(str, dtypes))}")
+    if shape is not None and got != shape:
+        raise CheckpointError(f"{fname}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+
+
+def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> dict[str, str]:
+    """Check every quantized linear's tensors by name, dtype and shape; returns prefix -> kind.
+
+    Layers are found from the tensor names; each must be of the kind the scheme assigns.
+    """
+    headers = read_headers(folder)
+    packed_key, mask_key = ("compressed", "bitmask") if scheme.legacy else ("weight_packed", "weight_bitmask")
+    sparse = {k[: -len(packed_key) - 1] for k in headers if k.endswith("." + packed_key)}
+    sparse |= {k[: -len(mask_key) - 1] for k in headers if k.endswith("." + mask_key)}
+    kinds: dict[str, str] = {}
+    for prefix in sorted(sparse):
+        kind = scheme.layer_kind(prefix)
+        if kind != "sparse":
+            raise CheckpointError(
+                f"{prefix}: has sparse tensors ({packed_key}/{mask_key}) but the quantization_config "
+                f"makes it {kind} (check ignore / dense_layers)"
+            )
+        pk = f"{prefix}.{packed_key}"
+        _expect(headers, pk, (torch.int8,), None)
+        n, half_k = headers[pk][2] if len(headers[pk][2]) == 2 else (None, None)
+        if n is None:
+            raise CheckpointError(f"{headers[pk][0]}: tensor {pk!r} must be 2-D [N, K/2], got {list(headers[pk][2])}")
+        k = 2 * half_k
+        if k % K_MULTIPLE:
+            raise CheckpointError(
+                f"{prefix}: K={k} is not a multiple of {K_MULTIPLE} (sparse24 needs K per tensor-parallel "
+                f"rank to be a multiple of {K_MULTIPLE}); keep this layer dense (dense_layers)"
+            )
+        _expect(headers, f"{prefix}.{mask_key}", (torch.uint8,), (n, k // 8))
+        _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (n, 1))
+        if scheme.legacy:
+            _expect(headers, f"{prefix}.shape", (torch.int64, torch.int32), None)
+        stray = f"{prefix}.weight"
+        if stray in headers:
+            raise CheckpointError(f"{headers[stray][0]}: {prefix} has both sparse tensors and a dense {stray!r}")
+        kinds[prefix] = "sparse"
+    for key, (fname, dtype, shape) in headers.items():
+        if not key.endswith(".weight") or key[: -len(".weight")] in kinds:
+            continue
+        prefix = key[: -len(".weight")]
+        if dtype == torch.int8:
+            kind = scheme.layer_kind(prefix)
+            if kind == "sparse":
+                raise CheckpointError(
+                    f"{fname}: {prefix} is a sparse24 layer but is stored dense ({key!r}); expected "
+                    f"{prefix}.{packed_key} and {prefix}.{mask_key}"
+                )
+            if len(shape) != 2:
+                raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
+            _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (shape[0], 1))
+            kinds[prefix] = "dense"
+    return kinds
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors_shards(
+    tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 << 30
+) -> None:
+    """Write tensors as model[-0000x-of-0000y].safetensors (+ index when sharded)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def write_quantization_config(folder: Path, config: dict[str, Any], scheme: Sparse24Scheme) -> None:
+    config = dict(config)
+    config["quantization_config"] = scheme.to_dict()
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_scheme(folder: str | os.PathLike) -> Sparse24Scheme:
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    q = cfg.get("quantization_config")
+    if q is None:
+        raise CheckpointError(f"{path}: no quantization_config (not a sparse24 checkpoint)")
+    if Sparse24Scheme.is_legacy_config(q):
+        return Sparse24Scheme.from_compressed_tensors(q)
+    try:
+        return Sparse24Scheme.from_dict(q)
+    except Sparse24ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e

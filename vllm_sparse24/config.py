@@ -1,0 +1,86 @@
+"""``Sparse24Config``: the vLLM quantization config registered as ``sparse24``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+
+from .checkpoint import validate_checkpoint
+from .linear_method import Sparse24LinearMethod
+from .schema import QUANT_METHOD, Sparse24ConfigError, Sparse24Scheme
+
+
+@register_quantization_config(QUANT_METHOD)
+class Sparse24Config(QuantizationConfig):
+    def __init__(self, scheme: Sparse24Scheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+
+    def __repr__(self) -> str:
+        return f"Sparse24Config({self.scheme})"
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # sparse tensor cores: Ampere and newer
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Sparse24Config:
+        if Sparse24Scheme.is_legacy_config(config):
+            return cls(Sparse24Scheme.from_compressed_tensors(config))
+        return cls(Sparse24Scheme.from_dict(config))
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
+    ) -> str | None:
+        # legacy llm-compressor 2:4 W8A8 checkpoints: stock vLLM >= 0.19.1 refuses them, we claim them
+        if Sparse24Scheme.is_legacy_config(hf_quant_cfg) and user_quant in (None, QUANT_METHOD, "compressed-tensors"):
+            return QUANT_METHOD
+        if hf_quant_cfg.get("quant_method") == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
+            return QUANT_METHOD
+        return None
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+        # a local folder is checked by its safetensors headers before any weight is allocated
+        if os.path.isdir(model_name):
+            validate_checkpoint(model_name, self.scheme)
+
+    def _layer_kind(self, prefix: str) -> str:
+        last = prefix.rsplit(".", 1)[-1]
+        shards = self.packed_modules_mapping.get(last)
+        if not shards:
+            return self.scheme.layer_kind(prefix)
+        base = prefix[: -len(last)]
+        kinds = {s: self.scheme.layer_kind(base + s) for s in shards}
+        if len(set(kinds.values())) > 1:
+            raise Sparse24ConfigError(
+                f"{prefix}: vLLM fuses {shards} into one layer, so they must share one kind, "
+                f"but the quantization_config makes them {kinds}"
+            )
+        return next(iter(kinds.values()))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None
+        kind = self._layer_kind(prefix)
+        if kind == "unquantized":
+            return UnquantizedLinearMethod()
+        return Sparse24LinearMethod(self, prefix, kind)

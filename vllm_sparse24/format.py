@@ -1,0 +1,125 @@
+"""The sparse24 tensor layout: 2:4 values + bitmask, pure torch (no vLLM import).
+
+A 2:4 weight W [N, K] (K a multiple of 8) is stored as
+  * ``values``  [N, K/2]: the two kept values of every group of 4 along K, in row order;
+  * ``bitmask`` uint8 [N, K/8]: one bit per dense element, set where the value is kept,
+    little bit order (``compressed_tensors.utils.pack_bitmasks``). Every group of 4 has
+    exactly two bits set; a kept value may itself be 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.utils import pack_bitmasks
+
+GROUP = 4
+KEEP = 2
+
+
+class Sparse24FormatError(ValueError):
+    """A tensor does not follow the sparse24 layout."""
+
+
+def _check_k(k: int, name: str) -> None:
+    if k % 8 != 0:
+        raise Sparse24FormatError(
+            f"{name}: input dimension K={k} must be a multiple of 8 "
+            "(groups of 4 along K, and whole bitmask bytes)"
+        )
+
+
+def first_bad_group(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(row, group) of the first group of 4 whose kept count is not 2, or None."""
+    counts = mask.reshape(mask.shape[0], -1, GROUP).sum(-1)
+    bad = (counts != KEEP).nonzero()
+    if bad.numel() == 0:
+        return None
+    return int(bad[0, 0]), int(bad[0, 1])
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """True if at most 2 of every 4 consecutive values along the last dim are non-zero."""
+    if weight.shape[-1] % GROUP:
+        return False
+    nz = (weight != 0).reshape(*weight.shape[:-1], -1, GROUP).sum(-1)
+    return bool((nz <= KEEP).all())
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """The kept-position mask of a 2:4 weight: its non-zeros, padded with the first zeros
+    of each group so that every group keeps exactly two positions."""
+    n, k = weight.shape
+    g = weight.reshape(n, k // GROUP, GROUP)
+    pos = torch.arange(GROUP, device=weight.device)
+    # non-zeros first, then the lowest positions; ties are impossible (distinct keys)
+    key = (g != 0).to(torch.int32) * GROUP + (GROUP - 1 - pos)
+    keep = key.topk(KEEP, dim=-1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(n, k)
+
+
+def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4 weight [N, K] into (values [N, K/2], bitmask uint8 [N, K/8])."""
+    if weight.dim() != 2:
+        raise Sparse24FormatError(f"{name}: expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    _check_k(k, name)
+    nz = (weight != 0).reshape(n, k // GROUP, GROUP).sum(-1)
+    bad = (nz > KEEP).nonzero()
+    if bad.numel():
+        r, g = int(bad[0, 0]), int(bad[0, 1])
+        raise Sparse24FormatError(
+            f"{name}: not 2:4 sparse: row {r}, columns {g * GROUP}..{g * GROUP + 3} hold "
+            f"{int(nz[r, g])} non-zeros (at most 2 of every 4 along K are allowed); "
+            f"{bad.shape[0]} such groups in all"
+        )
+    mask = mask_24(weight)
+    values = weight[mask].reshape(n, k // 2)
+    bitmask = pack_bitmasks(mask.cpu()).to(weight.device)
+    return values, bitmask
+
+
+def unpack_bitmask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K/8)] little-order bits -> bool [N, K] (works on any device)."""
+    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :k].bool()
+
+
+def check_24_mask(mask: torch.Tensor, name: str) -> None:
+    bad = first_bad_group(mask)
+    if bad is not None:
+        r, g = bad
+        n_set = int(mask[r, g * GROUP : (g + 1) * GROUP].sum())
+        raise Sparse24FormatError(
+            f"{name}: bitmask row {r}, columns {g * GROUP}..{g * GROUP + 3} has {n_set} bits set; "
+            "every group of 4 must have exactly 2 (corrupt checkpoint or not 2:4)"
+        )
+
+
+def unpack_24(
+    values: torch.Tensor, bitmask: torch.Tensor, k: int | None = None, name: str = "weight"
+) -> torch.Tensor:
+    """Inverse of :func:`pack_24`: (values [N, K/2], bitmask [N, K/8]) -> dense [N, K].
+
+    Checks that shapes agree and that every group of 4 keeps exactly 2 values.
+    """
+    if values.dim() != 2 or bitmask.dim() != 2:
+        raise Sparse24FormatError(
+            f"{name}: values and bitmask must be 2-D, got {tuple(values.shape)} and {tuple(bitmask.shape)}"
+        )
+    n, half_k = values.shape
+    k = 2 * half_k if k is None else k
+    _check_k(k, name)
+    if half_k * 2 != k or tuple(bitmask.shape) != (n, (k + 7) // 8):
+        raise Sparse24FormatError(
+            f"{name}: shapes disagree: values {tuple(values.shape)} and bitmask "
+            f"{tuple(bitmask.shape)} for K={k}; expected values [N, K/2] and bitmask uint8 [N, K/8]"
+        )
+    if bitmask.dtype != torch.uint8:
+        raise Sparse24FormatError(f"{name}: bitmask must be uint8, got {bitmask.dtype}")
+    mask = unpack_bitmask(bitmask, k)
+    check_24_mask(mask, name)
+    dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
+    dense[mask] = values.reshape(-1)
+    return dense

@@ -1,0 +1,135 @@
+"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+)
+
+from .format import Sparse24FormatError, unpack_24
+from .kernels import choose_kernel
+from .schema import K_MULTIPLE
+
+if TYPE_CHECKING:
+    from .config import Sparse24Config
+
+
+@register_weight_loader_v2_supported_method
+class Sparse24LinearMethod(LinearMethodBase):
+    """Loads values + bitmask (sparse) or int8 weight (dense) + per-channel scale, checks
+    them, and hands dense int8 to the kernel chosen for the device."""
+
+    def __init__(self, config: Sparse24Config, layer_name: str, kind: Literal["sparse", "dense"]):
+        self.config = config
+        self.layer_name = layer_name
+        self.sparse = kind == "sparse"
+        legacy = config.scheme.legacy
+        self.packed_name = "compressed" if legacy else "weight_packed"
+        self.bitmask_name = "bitmask" if legacy else "weight_bitmask"
+        self.kernel = None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        loader = extra_weight_attrs["weight_loader"]
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        layer.logical_widths = output_partition_sizes
+        layer.input_size_per_partition = k
+        layer.output_size_per_partition = n
+        if self.sparse:
+            if k % K_MULTIPLE:
+                tp = input_size // k
+                raise Sparse24FormatError(
+                    f"{self.layer_name}: K per tensor-parallel rank is {k} (K={input_size}, tp={tp}); "
+                    f"sparse24 needs a multiple of {K_MULTIPLE}. Use a smaller tensor-parallel size "
+                    "or keep this layer dense (dense_layers)"
+                )
+            layer.register_parameter(
+                self.packed_name,
+                PackedvLLMParameter(
+                    data=torch.empty(n, k // 2, dtype=torch.int8),
+                    input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=loader,
+                ),
+            )
+            layer.register_parameter(
+                self.bitmask_name,
+                PackedvLLMParameter(
+                    data=torch.empty(n, k // 8, dtype=torch.uint8),
+                    input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
+                ),
+            )
+            if self.config.scheme.legacy:
+                # compressed-tensors stored each shard's dense [N, K]; kept for checking K only
+                layer.register_parameter(
+                    "shape",
+                    BasevLLMParameter(data=torch.zeros(2, 1, dtype=torch.int64), weight_loader=_load_shape),
+                )
+        else:
+            layer.register_parameter(
+                "weight",
+                ModelWeightParameter(
+                    data=torch.empty(n, k, dtype=torch.int8), input_dim=1, output_dim=0, weight_loader=loader
+                ),
+            )
+        layer.register_parameter(
+            "weight_scale",
+            ChannelQuantScaleParameter(data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader),
+        )
+        layer.sparse24_full_k = input_size
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        n, k = layer.output_size_per_partition, layer.input_size_per_partition
+        if self.sparse:
+            if self.config.scheme.legacy:
+                shape_k = int(layer.shape.data.reshape(-1)[1])
+                if shape_k != layer.sparse24_full_k:
+                    raise Sparse24FormatError(
+                        f"{self.layer_name}.shape: says K={shape_k}, the model expects K={layer.sparse24_full_k}"
+                    )
+                del layer.shape
+            values = getattr(layer, self.packed_name).data
+            bitmask = getattr(layer, self.bitmask_name).data
+            weight = unpack_24(values, bitmask, k, name=self.layer_name)
+            delattr(layer, self.packed_name)
+            delattr(layer, self.bitmask_name)
+        else:
+            weight = layer.weight.data
+            del layer.weight
+        scale = layer.weight_scale.data.to(torch.float32)
+        if not torch.isfinite(scale).all() or (scale < 0).any():
+            raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
+        del layer.weight_scale
+        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name)
+        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name)
+        resident = self.kernel.prepare(weight, scale)
+        del weight
+        self.resident_names = list(resident)
+        for name, t in resident.items():
+            layer.register_parameter(f"s24_{name}", torch.nn.Parameter(t, requires_grad=False))
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        tensors = {name: getattr(layer, f"s24_{name}") for name in self.resident_names}
+        return self.kernel.apply(tensors, x, bias)
+
+
+def _load_shape(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+    if loaded_weight.numel() != 2:
+        raise Sparse24FormatError(f"legacy '.shape' tensor must hold 2 values [N, K], got {tuple(loaded_weight.shape)}")
+    param.data.copy_(loaded_weight.reshape(2, 1))

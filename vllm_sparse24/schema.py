@@ -1,0 +1,172 @@
+"""``config.json["quantization_config"]`` of sparse24 checkpoints, and of the legacy
+compressed-tensors ``sparse-24-bitmask`` checkpoints the plugin also loads.
+
+Pure Python + compressed-tensors (no vLLM import).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.utils.match import match_name
+
+QUANT_METHOD = "sparse24"
+FORMAT_VERSION = 1
+SPARSITY_STRUCTURE = "2:4"
+# K of a sparse layer, per tensor-parallel rank, must be a multiple of this: whole bitmask
+# bytes need 8, and the GPU kernels tile K by 64 (cuSPARSELt int8 wants 32).
+K_MULTIPLE = 64
+LEGACY_SPARSITY_FORMAT = "sparse-24-bitmask"
+
+WEIGHT_ARGS: dict[str, Any] = {
+    "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
+}
+INPUT_ARGS: dict[str, Any] = {
+    "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+}
+_KEYS = {
+    "quant_method", "format_version", "sparsity_structure", "weights", "input_activations",
+    "ignore", "dense_layers",
+}
+
+LayerKind = Literal["sparse", "dense", "unquantized"]
+
+
+class Sparse24ConfigError(ValueError):
+    """The quantization_config of a checkpoint is not one the plugin can load."""
+
+
+def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any], what: str) -> None:
+    """Validate with compressed-tensors' schema, then require the one scheme we run."""
+    if args is None:
+        raise Sparse24ConfigError(f"quantization_config: missing '{what}'")
+    try:
+        parsed = QuantizationArgs.model_validate(dict(args))
+    except Exception as e:  # pydantic's error already names the field
+        raise Sparse24ConfigError(f"quantization_config['{what}'] is not valid QuantizationArgs: {e}") from e
+    for key, want in expected.items():
+        got = getattr(parsed, key)
+        got = getattr(got, "value", got)
+        if got != want:
+            raise Sparse24ConfigError(
+                f"quantization_config['{what}']: {key}={got!r} is not supported; "
+                f"sparse24 runs {key}={want!r} ({what} must be {dict(expected)})"
+            )
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    # "Linear" is compressed-tensors' class target: every layer we are asked about is linear
+    return any(p == "Linear" or match_name(name, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class Sparse24Scheme:
+    """Which linear layers are sparse W8A8, dense W8A8 or left unquantized."""
+
+    ignore: tuple[str, ...] = ("lm_head",)
+    dense_layers: tuple[str, ...] = ()
+    # legacy checkpoints only: which layers the quantization / sparsity configs target
+    quant_targets: tuple[str, ...] = ("Linear",)
+    sparse_targets: tuple[str, ...] = ("Linear",)
+    sparse_ignore: tuple[str, ...] = ()
+    legacy: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def layer_kind(self, name: str) -> LayerKind:
+        if _match(name, self.ignore) or not _match(name, self.quant_targets):
+            return "unquantized"
+        if _match(name, self.dense_layers):
+            return "dense"
+        if _match(name, self.sparse_targets) and not _match(name, self.sparse_ignore):
+            return "sparse"
+        return "dense"
+
+    # -- native format ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> Sparse24Scheme:
+        if cfg.get("quant_method") != QUANT_METHOD:
+            raise Sparse24ConfigError(
+                f"quantization_config.quant_method={cfg.get('quant_method')!r}, expected {QUANT_METHOD!r}"
+            )
+        unknown = sorted(set(cfg) - _KEYS)
+        if unknown:
+            raise Sparse24ConfigError(
+                f"quantization_config has unknown keys {unknown}; sparse24 format_version "
+                f"{FORMAT_VERSION} allows {sorted(_KEYS)}"
+            )
+        version = cfg.get("format_version")
+        if version != FORMAT_VERSION:
+            raise Sparse24ConfigError(
+                f"quantization_config.format_version={version!r} is not supported; this plugin "
+                f"reads format_version {FORMAT_VERSION} (upgrade vllm-sparse24 for newer checkpoints)"
+            )
+        structure = cfg.get("sparsity_structure", SPARSITY_STRUCTURE)
+        if structure != SPARSITY_STRUCTURE:
+            raise Sparse24ConfigError(
+                f"quantization_config.sparsity_structure={structure!r}; only {SPARSITY_STRUCTURE!r} is supported"
+            )
+        check_quant_args(cfg.get("weights"), WEIGHT_ARGS, "weights")
+        check_quant_args(cfg.get("input_activations"), INPUT_ARGS, "input_activations")
+        ignore = _str_list(cfg.get("ignore", ["lm_head"]), "ignore")
+        dense = _str_list(cfg.get("dense_layers", []), "dense_layers")
+        return cls(ignore=tuple(ignore), dense_layers=tuple(dense))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.legacy:
+            raise Sparse24ConfigError("a legacy scheme is read-only; write the sparse24 format instead")
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "sparsity_structure": SPARSITY_STRUCTURE,
+            "weights": dict(WEIGHT_ARGS),
+            "input_activations": dict(INPUT_ARGS),
+            "ignore": list(self.ignore),
+            "dense_layers": list(self.dense_layers),
+        }
+
+    # -- legacy compressed-tensors sparse-24-bitmask ----------------------------------
+    @staticmethod
+    def is_legacy_config(cfg: Mapping[str, Any] | None) -> bool:
+        if not cfg or cfg.get("quant_method") != "compressed-tensors":
+            return False
+        sparsity = cfg.get("sparsity_config") or {}
+        return sparsity.get("format") == LEGACY_SPARSITY_FORMAT
+
+    @classmethod
+    def from_compressed_tensors(cls, cfg: Mapping[str, Any]) -> Sparse24Scheme:
+        if not cls.is_legacy_config(cfg):
+            raise Sparse24ConfigError("not a compressed-tensors sparse-24-bitmask config")
+        sparsity = cfg["sparsity_config"]
+        if sparsity.get("sparsity_structure", SPARSITY_STRUCTURE) != SPARSITY_STRUCTURE:
+            raise Sparse24ConfigError(
+                f"sparsity_config.sparsity_structure={sparsity.get('sparsity_structure')!r}; only '2:4' is supported"
+            )
+        groups = cfg.get("config_groups") or {}
+        if not groups:
+            raise Sparse24ConfigError(
+                "compressed-tensors sparse-24-bitmask checkpoint without quantization config_groups: "
+                "sparse24 serves int8 W8A8 only"
+            )
+        targets: list[str] = []
+        for gname, group in groups.items():
+            check_quant_args(group.get("weights"), WEIGHT_ARGS, f"config_groups.{gname}.weights")
+            check_quant_args(
+                group.get("input_activations"), INPUT_ARGS, f"config_groups.{gname}.input_activations"
+            )
+            targets += _str_list(group.get("targets", []), f"config_groups.{gname}.targets")
+        return cls(
+            ignore=tuple(_str_list(cfg.get("ignore", []), "ignore")),
+            quant_targets=tuple(targets),
+            sparse_targets=tuple(_str_list(sparsity.get("targets", ["Linear"]), "sparsity_config.targets")),
+            sparse_ignore=tuple(_str_list(sparsity.get("ignore", []), "sparsity_config.ignore")),
+            legacy=True,
+        )
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise Sparse24ConfigError(f"quantization_config.{what} must be a list of module names or 're:' regexes")
+    return list(value)
