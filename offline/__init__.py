@@ -1,0 +1,16 @@
+"""Offline tools that turn a dense Llama-family model into a sparse24 (2:4 + W8A8) checkpoint.
+
+Layout (llm-compressor modifier style, one algorithm per file, pure tensor math apart from
+model walking):
+
+* ``offline.prune.magnitude`` / ``wanda`` / ``sparsegpt``: 2:4 pruning of one weight matrix;
+* ``offline.quantize``: per-output-channel symmetric int8 weights;
+* ``offline.stats``: Hessian / input-norm accumulation and reconstruction error;
+* ``offline.model_walk``: which architectures and linears, layer-0 input capture;
+* ``offline.driver``: sequential layer-by-layer calibration;
+* ``offline.export``: sparse24 and compressed-tensors dense W8A8 writers;
+* ``offline.evaluate``: perplexity that matches the plugin's arithmetic;
+* ``offline.compare``: several methods, one table, JSON + PNG.
+
+Nothing here imports vLLM.
+"""

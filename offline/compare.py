@@ -1,0 +1,136 @@
+"""``python -m offline compare``: compress with several methods, evaluate each, write a table
+(stdout), JSON and a log-scale bar plot (PNG)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compress import compress
+from .evaluate import load_for_eval, perplexity
+from .model_walk import load_model
+
+log = logging.getLogger(__name__)
+
+# run name -> compress keyword arguments (None = evaluate the dense model itself)
+RUNS: dict[str, dict[str, Any] | None] = {
+    "dense": None,
+    "dense-w8a8": {"export": "dense-w8a8", "method": "magnitude"},
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt", "joint": False},
+    "sparsegpt-joint": {"method": "sparsegpt", "joint": True},
+    "sparsegpt-joint-auto10": {"method": "sparsegpt", "joint": True, "dense_layers": ("auto:10",)},
+}
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    return {
+        "cpu": cpu_model_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def plot(rows: list[dict[str, Any]], png_path: str | os.PathLike, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["run"] for r in rows]
+    ppl = [r["perplexity"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4.5))
+    bars = ax.bar(names, ppl, color=["#777" if r["run"].startswith("dense") else "#3a7" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title(title, fontsize=9)
+    for b, v in zip(bars, ppl, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    plt.xticks(rotation=25, ha="right")
+    fig.tight_layout()
+    tmp = Path(str(png_path) + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def compare(
+    model_path: str, text: str, work_dir: str, *, runs: list[str], calib: str | None,
+    eval_seqlen: int = 512, windows: int = 64, json_path: str, png_path: str,
+    argv: list[str] | None = None, title: str | None = None, **compress_kwargs: Any,
+) -> list[dict[str, Any]]:
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    dense_model, tok = load_model(model_path, torch.float32)
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        kw = RUNS[run]
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"run": run}
+        if kw is None:
+            model, seconds = dense_model, 0.0
+        else:
+            out = work / run
+            if out.exists():
+                shutil.rmtree(out)
+            rep = compress(model_path, out, calib=calib, model=copy.deepcopy(dense_model), tokenizer=tok,
+                           **kw, **compress_kwargs)
+            seconds = time.perf_counter() - t0
+            row.update({"checkpoint": str(out), "mean_rel_error_after": rep["totals"]["mean_rel_error_after"],
+                        "dense_linears": rep["totals"]["dense"], "sparse_linears": rep["totals"]["sparse"]})
+            model, _ = load_for_eval(out)
+        res = perplexity(model, tok, text, seqlen=eval_seqlen, windows=windows)
+        row.update({"perplexity": res["perplexity"], "compress_seconds": round(seconds, 1),
+                    "eval_windows": res["windows"], "eval_seqlen": res["seqlen"]})
+        rows.append(row)
+        log.info("%s: perplexity %.2f (compress %.0fs)", run, row["perplexity"], seconds)
+        _write(rows, model_path, text, calib, compress_kwargs, argv, json_path)
+    dense_ppl = next((r["perplexity"] for r in rows if r["run"] == "dense"), None)
+    print("\n| run | perplexity | x dense | compress time (s) |\n|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['perplexity'] / dense_ppl:.2f}" if dense_ppl else "-"
+        print(f"| {r['run']} | {r['perplexity']:.2f} | {ratio} | {r['compress_seconds']:.0f} |")
+    plot(rows, png_path, title or f"{Path(model_path).name}: 2:4 + W8A8 perplexity, {windows}x{eval_seqlen} tokens")
+    return rows
+
+
+def _write(rows, model_path, text, calib, compress_kwargs, argv, json_path) -> None:
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(argv or []), "model": model_path, "eval_text": text, "calib": calib,
+        "compress_options": {k: v for k, v in compress_kwargs.items()}, "machine": machine_info(),
+        "rows": rows,
+    }
+    tmp = Path(str(json_path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, json_path)

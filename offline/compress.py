@@ -1,0 +1,154 @@
+"""``python -m offline compress``: load, calibrate, compress, write (orchestration only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_sparse24.schema import Sparse24Scheme
+
+from .calib import token_samples
+from .driver import (
+    CompressError,
+    CompressOptions,
+    parse_dense_layers,
+    pick_auto_dense,
+    plan_kinds,
+    sequential_compress,
+)
+from .group import LinearResult, compress_group
+from .model_walk import decoder_layers, linear_names, load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORTS = ("sparse24", "dense-w8a8")
+
+
+def _ignore_patterns(values: tuple[str, ...]) -> tuple[str, ...]:
+    # exact names stay exact ("lm_head"); anything with regex characters becomes "re:"
+    return tuple(v if v.startswith("re:") or v.replace("_", "").replace(".", "").isalnum() else "re:" + v
+                 for v in values)
+
+
+def _totals(results: dict[str, LinearResult]) -> dict[str, Any]:
+    n = max(len(results), 1)
+    return {
+        "linears": len(results),
+        "sparse": sum(r.kind == "sparse" for r in results.values()),
+        "dense": sum(r.kind == "dense" for r in results.values()),
+        "mean_rel_error_before": sum(r.err_before for r in results.values()) / n,
+        "mean_rel_error_after": sum(r.err_after for r in results.values()) / n,
+        "algorithm_seconds": sum(r.seconds for r in results.values()),
+    }
+
+
+def compress(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "sparsegpt",
+    joint: bool = True,
+    calib: str | os.PathLike | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    ignore: tuple[str, ...] = ("lm_head",),
+    dense_layers: tuple[str, ...] = (),
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    export: str = "sparse24",
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Compress a dense model into ``out``; returns the report (also written as
+    ``compress_report.json``). ``model``/``tokenizer`` may be passed pre-loaded (they are
+    modified in place)."""
+    from .export import write_dense_w8a8, write_sparse24
+
+    t_start = time.perf_counter()
+    if export not in EXPORTS:
+        raise CompressError(f"unknown --export {export!r}; choose from {EXPORTS}")
+    if dtype not in DTYPES:
+        raise CompressError(f"unknown --dtype {dtype!r}; choose from {tuple(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    torch.manual_seed(seed)
+    tdtype = DTYPES[dtype]
+    if model is None:
+        model, tokenizer = load_model(model_path, tdtype)
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    ignore = _ignore_patterns(tuple(ignore))
+    patterns, auto = parse_dense_layers(dense_layers)
+    report: dict[str, Any] = {
+        "model": str(model_path), "method": method, "joint": joint, "export": export,
+        "calib": str(calib) if calib else None, "nsamples": nsamples, "seqlen": seqlen,
+        "dampening": dampening, "block_size": block_size, "ignore": list(ignore),
+        "dense_layers": list(dense_layers), "device": device, "dtype": dtype, "seed": seed,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": __import__("transformers").__version__},
+        "machine": platform.machine(), "threads": torch.get_num_threads(),
+    }
+    names = linear_names(num_layers)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+
+    if export == "dense-w8a8":
+        results: dict[str, LinearResult] = {}
+        scheme = Sparse24Scheme(ignore=ignore, dense_layers=("re:.*",))
+        for n in names:
+            if scheme.layer_kind(n) == "unquantized":
+                continue
+            w = model.get_submodule(n).weight
+            # RTN int8 needs no calibration; with H = I the errors are relative weight errors
+            (r,) = compress_group([(n, w)], torch.eye(w.shape[1]), kind="dense", method="magnitude")
+            results[n] = r
+        report["linears"] = {n: r.report() for n, r in results.items()}
+        report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
+        write_dense_w8a8(out, model, tokenizer, results, ignore, report, tdtype, overwrite)
+        return report
+
+    if calib is None:
+        raise CompressError("--calib is required for sparse24 export (calibration text file or folder)")
+    scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns)
+    kinds = plan_kinds(num_layers, scheme, shapes)
+    opts = CompressOptions(method=method, joint=joint, dampening=dampening, block_size=block_size,
+                           ignore=ignore, dense_layers=patterns, dense_auto_percent=auto,
+                           device=device, batch_size=batch_size, progress=progress)
+    samples = token_samples(tokenizer, calib, nsamples, seqlen, seed)
+    log.info("%d calibration samples x %d tokens from %s", len(samples), seqlen, calib)
+
+    if auto:
+        original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        t0 = time.perf_counter()
+        probe = sequential_compress(model, samples, kinds, opts)
+        chosen = pick_auto_dense(probe, num_layers, auto)
+        report["auto_dense"] = {"percent": auto, "chosen": chosen, "probe_seconds": time.perf_counter() - t0,
+                                "sensitivity": {n: probe[n].err_after for n in chosen}}
+        log.info("auto:%g keeps %d linears dense: %s", auto, len(chosen), ", ".join(chosen))
+        with torch.no_grad():
+            for n, w in original.items():
+                model.get_submodule(n).weight.copy_(w)
+        del original, probe
+        scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen))
+        kinds = plan_kinds(num_layers, scheme, shapes)
+    results = sequential_compress(model, samples, kinds, opts)
+    report["linears"] = {n: r.report() for n, r in results.items()}
+    report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
+    write_sparse24(out, model, tokenizer, results, scheme, report, tdtype, overwrite)
+    log.info("compressed in %.1fs: %s", report["totals"]["seconds"], report["totals"])
+    return report

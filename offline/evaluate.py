@@ -1,0 +1,131 @@
+"""Perplexity with transformers that matches what the plugin computes.
+
+Quantized checkpoints (sparse24, or compressed-tensors int-quantized from ``--export
+dense-w8a8``) are dequantized (int8 * scale) into a float model and the inputs of the quantized
+linears are fake-quantized per token (``vllm_sparse24.quant.fake_quant_per_token``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from vllm_sparse24.format import unpack_24
+from vllm_sparse24.quant import fake_quant_per_token
+
+from .model_walk import check_architecture, load_model
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(ValueError):
+    """The model or text cannot be evaluated (names the file / tensor)."""
+
+
+def _dequantized_state(folder: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EvalError(f"{folder}: no *.safetensors files")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        raw.update(load_file(str(f)))
+    state: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()
+    for key, t in raw.items():
+        if key.endswith(".weight_packed"):
+            prefix = key[: -len(".weight_packed")]
+            for need in ("weight_bitmask", "weight_scale"):
+                if f"{prefix}.{need}" not in raw:
+                    raise EvalError(f"{folder}: {prefix} has weight_packed but no {need}")
+            w = unpack_24(t, raw[f"{prefix}.weight_bitmask"], name=prefix)
+            state[f"{prefix}.weight"] = w.float() * raw[f"{prefix}.weight_scale"].float()
+            quantized.add(prefix)
+        elif key.endswith(".weight") and t.dtype == torch.int8:
+            prefix = key[: -len(".weight")]
+            scale = raw.get(f"{prefix}.weight_scale")
+            if scale is None:
+                raise EvalError(f"{folder}: int8 tensor {key} has no {prefix}.weight_scale")
+            state[key] = t.float() * scale.float()
+            quantized.add(prefix)
+        elif key.endswith((".weight_bitmask", ".weight_scale")):
+            continue
+        else:
+            state[key] = t.float()
+    return state, quantized
+
+
+def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """(float32 model computing like the plugin, tokenizer) for a .gguf, a dense HF folder,
+    a sparse24 checkpoint or a compressed-tensors int-quantized checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if p.is_file() or not (p / "config.json").exists():
+        if p.is_dir():
+            raise EvalError(f"{p}: no config.json")
+        return load_model(p, torch.float32)
+    cfg_dict = json.loads((p / "config.json").read_text())
+    qcfg = cfg_dict.pop("quantization_config", None)
+    if not qcfg:
+        return load_model(p, torch.float32)
+    method = qcfg.get("quant_method")
+    if method == "compressed-tensors" and qcfg.get("format") != "int-quantized":
+        raise EvalError(f"{p}: compressed-tensors format {qcfg.get('format')!r} not supported (int-quantized only)")
+    if method not in ("sparse24", "compressed-tensors"):
+        raise EvalError(f"{p}: quant_method {method!r} not supported by offline eval")
+    model_type = cfg_dict.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    check_architecture(config)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state, quantized = _dequantized_state(p)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise EvalError(f"{p}: checkpoint does not match {model_type}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    for prefix in quantized:
+        mod = model.get_submodule(prefix)
+        mod.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0]),))
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(p))
+    log.info("%s: %d quantized linears dequantized, activations fake-quantized per token", p, len(quantized))
+    return model, tok
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer: Any, text_file: str | os.PathLike, seqlen: int = 512,
+    windows: int = 64, batch_size: int = 4, progress: bool = True,
+) -> dict[str, Any]:
+    """exp(mean NLL) over the first ``windows`` non-overlapping windows of ``seqlen`` tokens."""
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EvalError(f"{text_file}: empty")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    avail = ids.numel() // seqlen
+    if avail == 0:
+        raise EvalError(f"{text_file}: {ids.numel()} tokens, fewer than one window of {seqlen}")
+    n = min(windows, avail)
+    if n < windows:
+        log.warning("%s has only %d windows of %d tokens", text_file, n, seqlen)
+    data = ids[: n * seqlen].reshape(n, seqlen)
+    nll, count = 0.0, 0
+    for b in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
+        x = data[b : b + batch_size]
+        logits = model(input_ids=x).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll -= float(lp.gather(-1, x[:, 1:, None]).sum())
+        count += x[:, 1:].numel()
+    return {"perplexity": math.exp(nll / count), "windows": n, "seqlen": seqlen, "tokens": count}

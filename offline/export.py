@@ -1,0 +1,129 @@
+"""Checkpoint writers: sparse24 (the plugin's format) and compressed-tensors dense W8A8
+("int-quantized", loads in stock vLLM). Both write into a temporary folder that is renamed into
+place only when complete (``vllm_sparse24.checkpoint.atomic_output_dir``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_sparse24 import checkpoint as ckpt
+from vllm_sparse24.format import pack_24
+from vllm_sparse24.schema import INPUT_ARGS, WEIGHT_ARGS, Sparse24Scheme
+
+from .group import LinearResult
+from .model_walk import hf_config_dict
+
+log = logging.getLogger(__name__)
+
+
+def _float_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name in skip or (tied and name == "lm_head.weight"):
+            continue
+        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
+    return out
+
+
+def _write_side_files(folder: Path, model: nn.Module, tokenizer: Any) -> None:
+    tokenizer.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def sparse24_tensors(
+    model: nn.Module, results: Mapping[str, LinearResult], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors: packed sparse / int8 dense linears + float everything else."""
+    skip = {f"{n}.weight" for n in results}
+    tensors = _float_tensors(model, skip, dtype)
+    for name, r in results.items():
+        if r.kind == "sparse":
+            values, bitmask = pack_24(r.q, name=name)
+            tensors[f"{name}.weight_packed"] = values
+            tensors[f"{name}.weight_bitmask"] = bitmask
+        else:
+            tensors[f"{name}.weight"] = r.q.contiguous()
+        tensors[f"{name}.weight_scale"] = r.scale.float().contiguous()
+    return tensors
+
+
+def write_sparse24(
+    out: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Any,
+    results: Mapping[str, LinearResult],
+    scheme: Sparse24Scheme,
+    report: dict[str, Any],
+    dtype: torch.dtype,
+    overwrite: bool = False,
+) -> Path:
+    tensors = sparse24_tensors(model, results, dtype)
+    with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        ckpt.save_safetensors_shards(tensors, tmp)
+        ckpt.write_quantization_config(tmp, hf_config_dict(model, dtype), scheme)
+        _write_side_files(tmp, model, tokenizer)
+        kinds = ckpt.validate_checkpoint(tmp, scheme)  # self-check of names, dtypes, shapes
+        expected = {n: r.kind for n, r in results.items()}
+        if kinds != expected:
+            diff = sorted(set(kinds.items()) ^ set(expected.items()))[:4]
+            raise ckpt.CheckpointError(f"{out}: written layer kinds disagree with the plan: {diff}")
+        (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
+    log.info("wrote %s", out)
+    return Path(out)
+
+
+def dense_w8a8_quantization_config(ignore: tuple[str, ...]) -> dict[str, Any]:
+    """compressed-tensors "int-quantized": int8 per-channel weights, dynamic per-token int8
+    activations (what vLLM's CompressedTensorsW8A8Int8 runs)."""
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    cfg = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(**WEIGHT_ARGS),
+            input_activations=QuantizationArgs(**INPUT_ARGS),
+        )},
+        format="int-quantized", quantization_status="compressed", ignore=list(ignore),
+    )
+    return cfg.model_dump(mode="json", exclude_none=True)
+
+
+def write_dense_w8a8(
+    out: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Any,
+    results: Mapping[str, LinearResult],
+    ignore: tuple[str, ...],
+    report: dict[str, Any],
+    dtype: torch.dtype,
+    overwrite: bool = False,
+) -> Path:
+    skip = {f"{n}.weight" for n in results}
+    tensors = _float_tensors(model, skip, dtype)
+    for name, r in results.items():
+        if r.kind != "dense":
+            raise ValueError(f"{name}: dense-w8a8 export got a {r.kind} layer")
+        tensors[f"{name}.weight"] = r.q.contiguous()
+        tensors[f"{name}.weight_scale"] = r.scale.float().contiguous()
+    with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        ckpt.save_safetensors_shards(tensors, tmp)
+        cfg = hf_config_dict(model, dtype)
+        cfg["quantization_config"] = dense_w8a8_quantization_config(ignore)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        _write_side_files(tmp, model, tokenizer)
+        (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
+    log.info("wrote %s", out)
+    return Path(out)

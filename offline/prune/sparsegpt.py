@@ -1,0 +1,122 @@
+"""SparseGPT 2:4 (Frantar & Alistarh 2023), optionally joint with int8 weight quantization.
+
+H = 2XX^T/n (from :class:`offline.stats.HessianAccumulator`), dampened by ``dampening`` times
+the mean diagonal; U = upper Cholesky factor of H^-1. Columns are visited in blocks of
+``block_size`` with lazy batch updates: inside a block every column's error is spread over the
+remaining columns of the block at once, and the accumulated block error is applied to all later
+columns with one matmul. At the first column of each group of 4, the 2 weights with the smallest
+w^2 / U_jj^2 (OBS saliency, on the already-updated weights) are dropped.
+
+Joint mode (``scale`` given): each kept weight is rounded to its row's int8 grid
+``scale * {-127..127}`` before its error is propagated, so the OBS update compensates the
+pruning and the quantization error together (GPTQ + SparseGPT). The scale is fixed up front by
+the caller (``offline.driver`` uses the dense row's absmax / 127); weights that the updates push
+beyond 127 steps are clamped, and the clamp error is compensated like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..quantize import QMAX
+from .common import GROUP, KEEP, PruneError, check_prunable
+
+
+def _inverse_cholesky(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:
+    k = h.shape[0]
+    damp = dampening * torch.mean(torch.diagonal(h))
+    if not torch.isfinite(damp):
+        raise PruneError(f"{name}: the Hessian has non-finite entries (overflow in calibration?)")
+    h = h + (damp if damp > 0 else 1e-6) * torch.eye(k, dtype=h.dtype, device=h.device)
+    for attempt in range(6):
+        try:
+            l_factor = torch.linalg.cholesky(h)
+            hinv = torch.cholesky_inverse(l_factor)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            # not positive definite in float32: add more dampening and retry
+            h = h + (10**attempt) * max(float(damp), 1e-6) * torch.eye(k, dtype=h.dtype, device=h.device)
+    raise PruneError(f"{name}: Hessian is not positive definite even after extra dampening")
+
+
+@torch.no_grad()
+def sparsegpt_24(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    scale: torch.Tensor | None = None,
+    name: str = "weight",
+) -> torch.Tensor:
+    """2:4-prune ``weight`` [N, K] with OBS updates; returns float32 [N, K] on weight's device.
+
+    ``hessian`` [K, K] = 2XX^T/n. With ``scale`` [N, 1] (joint mode) every non-zero of the
+    result lies on the int8 grid ``scale * {-127..127}``.
+    """
+    check_prunable(weight, name)
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise PruneError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match K={k}")
+    if block_size % GROUP or block_size <= 0:
+        raise PruneError(f"{name}: block_size={block_size} must be a positive multiple of {GROUP}")
+    if scale is not None and scale.shape != (n, 1):
+        raise PruneError(f"{name}: scale shape {tuple(scale.shape)}, expected [{n}, 1]")
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().to(w.device).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _inverse_cholesky(h, dampening, name)
+    del h
+    s = None if scale is None else scale.float().to(w.device)
+
+    with _few_threads(w.device):
+        _obs_loop(w, u, s, k, block_size)
+    return w
+
+
+@contextmanager
+def _few_threads(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of tiny ops: on CPU, threads cost more than they give
+    (measured 10x slower with 2 threads on a 2-core VM), so run it single-threaded."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, k: int, block_size: int) -> None:
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1)
+        keep = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(count):
+            if i % GROUP == 0:
+                sal = w1[:, i : i + GROUP] ** 2 / (d1[i : i + GROUP] ** 2).unsqueeze(0)
+                idx = sal.topk(KEEP, dim=1).indices
+                keep[:, i : i + GROUP].scatter_(1, idx, True)
+            col = w1[:, i]
+            q = torch.where(keep[:, i], col, torch.zeros_like(col))
+            if s is not None:
+                q = torch.round(q / s[:, 0]).clamp_(-QMAX, QMAX) * s[:, 0]
+            q1[:, i] = q
+            e = (col - q) / u1[i, i]
+            w1[:, i:].addcmul_(e.unsqueeze(1), u1[i, i:].unsqueeze(0), value=-1.0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        if i2 < k:
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)

@@ -1,0 +1,32 @@
+"""Per-output-channel symmetric int8 weight quantization (pure torch).
+
+Uses the plugin's own arithmetic (``vllm_sparse24.quant``, no vLLM import): scale = absmax/127,
+round half to even, clamp to [-127, 127].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparse24.quant import QMAX, int8_scale, quantize_weight_per_channel
+
+__all__ = ["QMAX", "channel_scale", "dequantize", "quantize_with_scale", "quantize_weight_per_channel", "round_to_grid"]
+
+
+def channel_scale(weight: torch.Tensor) -> torch.Tensor:
+    """float32 [N, 1] scale from each row's absmax."""
+    return int8_scale(weight.abs().amax(dim=1, keepdim=True))
+
+
+def round_to_grid(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The nearest point of the int8 grid ``scale * {-127..127}`` (float, same shape)."""
+    return torch.round(weight.float() / scale).clamp_(-QMAX, QMAX) * scale
+
+
+def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] codes of ``weight`` on a given per-channel ``scale`` [N, 1]."""
+    return torch.round(weight.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()
