@@ -1,0 +1,245 @@
+# ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
+"""Linear-layer kernel benchmark: bf16 / int8 / fp8 dense vs 2:4 sparse (issue 4).
+
+Run on a GPU: python benchmarks/kernels.py [--quick] [--out DIR]
+Writes DIR/kernels-<gpu>-<date>.json ({"gpu", "torch", "date", "command", "rows": [{layer, N, K,
+M, impl, us}], ...}) and a PNG of speedup vs M, and prints host overhead per call and decode
+bandwidth on compressed bytes.
+
+Timing: median of repeats, CUDA events. Each timed unit runs R calls that rotate over C
+copies of the weight (C * bytes >= 128 MB, so weights come from HBM, not the 50 MB L2).
+  bf16 / int8_intmm / fp8 / sparse24_graph: the R calls captured in one CUDA graph, replayed
+  (GPU time only). int8_intmm is torch._int_mm alone (int32 out, no quant, no dequant; M < 17
+  padded to 32, as it requires); fp8 is torch._scaled_mm with row-wise scales (M padded to 16),
+  bf16 is x @ W^T. cslt_naive and sparse24_eager: plain eager calls, host time included.
+  sparse24_* include the activation quantization, the GEMM and the scales/bias.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel  # noqa: E402
+
+MODELS = {
+    "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "llama3-70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
+}
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+ROTATE_BYTES = 128 << 20
+DEV = "cuda"
+
+
+def prune24(n, k):
+    w = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
+    drop = torch.rand(n, k // 4, 4, device=DEV).topk(2, dim=-1).indices
+    return w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+
+
+def copies_for(nbytes):
+    return max(1, min(8, -(-ROTATE_BYTES // nbytes)))
+
+
+def median_us(fn, calls, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def graph_us(calls_fn, calls, reps):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        calls_fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        calls_fn()
+    us = median_us(g.replay, calls, reps)
+    del g
+    return us
+
+
+def reps_for(est_us):
+    return int(max(3, min(30, 100_000 / max(est_us, 1))))
+
+
+def bench_shape(model, layer, n, k, ms, rows, info):
+    wb = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for _ in range(copies_for(2 * n * k))]
+    wi = [prune24(n, k) for _ in range(copies_for(n * k))]
+    ws = torch.rand(n, 1, device=DEV) * 1e-3 + 1e-4
+    wf8 = [w.to(torch.float8_e4m3fn) for w in wi[: copies_for(n * k)]]
+    wsf8 = ws.reshape(1, n)
+    wc = [torch._cslt_compress(w) for w in wi[: copies_for(n * k * 5 // 8)]]
+    kern = Sparse24CudaKernel(n, k, True, f"{model}.{layer}")
+    t0 = time.perf_counter()
+    tens = [kern.prepare(w, ws) for w in wi[: copies_for(n * k * 5 // 8)]]
+    info[f"{model}.{layer}"] = {"prepare_s": round(time.perf_counter() - t0, 2), **kern.describe()}
+    for m in ms:
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        mi = max(m, 32) if m <= 16 else m
+        xq = torch.randint(-127, 128, (mi, k), device=DEV, dtype=torch.int8)
+        m16 = -(-m // 16) * 16
+        xf8 = torch.randn(m16, k, device=DEV).to(torch.float8_e4m3fn)
+        xsf8 = torch.rand(m16, 1, device=DEV)
+        xqc = torch.randint(-127, 128, (m16, k), device=DEV, dtype=torch.int8)
+        est = 2 * m * n * k / 400e12 * 1e6 + 5
+        reps = reps_for(est * 4)
+        impls = {
+            "bf16": (wb, lambda w: x @ w.t()),
+            "int8_intmm": (wi, lambda w: torch._int_mm(xq, w.t())),
+            "fp8": (wf8, lambda w: torch._scaled_mm(xf8, w.t(), scale_a=xsf8, scale_b=wsf8, out_dtype=torch.bfloat16)),
+            "sparse24_graph": (tens, lambda t: kern.apply(t, x, None)),
+        }
+        for impl, (ws_list, f) in impls.items():
+            def calls(ws_list=ws_list, f=f):
+                for w in ws_list:
+                    f(w)
+            try:
+                us = graph_us(calls, len(ws_list), reps)
+            except Exception as e:  # keep going; record nothing for this impl
+                print(f"  {impl} M={m} failed: {repr(e)[:200]}", flush=True)
+                continue
+            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
+        for impl, ws_list, f in [
+            ("cslt_naive", wc, lambda w: torch._cslt_sparse_mm(w, xqc.t(), alpha=ws.reshape(-1),
+                                                               out_dtype=torch.bfloat16, transpose_result=True)),
+            ("sparse24_eager", tens, lambda t: kern.apply(t, x, None)),
+        ]:
+            def calls(ws_list=ws_list, f=f):
+                for w in ws_list:
+                    f(w)
+            us = median_us(calls, len(ws_list), reps)
+            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
+        line = " ".join(f"{r['impl']}={r['us']}" for r in rows if r["layer"] == f"{model}.{layer}" and r["M"] == m)
+        print(f"{model}.{layer} M={m}: {line}", flush=True)
+    return kern, tens
+
+
+def host_overhead(kern, t, k, m):
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    for _ in range(20):
+        kern.apply(t, x, None)
+    torch.cuda.synchronize()
+    res = {}
+    for label, f in [("apply", lambda: kern.apply(t, x, None)),
+                     ("custom_op", lambda: torch.ops.sparse24.cuda_w8a8_linear(
+                         x, t["weight_cslt"], t["weight_scale"], None, kern.handle))]:
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        res[label] = (t1 - t0) / n * 1e6
+    return res
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    us = median_us(lambda: b.copy_(a), 1, 10)
+    return 2 * a.numel() / us / 1e6  # TB/s read + written
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = sorted({r["layer"] for r in rows})
+    fig, axes = plt.subplots(2, (len(layers) + 1) // 2, figsize=(5 * ((len(layers) + 1) // 2), 8), squeeze=False)
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        t = {(r["impl"], r["M"]): r["us"] for r in rows if r["layer"] == layer}
+        ms = sorted({m for (_, m) in t})
+        for impl, base, style in [("sparse24_graph", "bf16", "-"), ("sparse24_eager", "bf16", "--"),
+                                  ("sparse24_graph", "int8_intmm", "-"), ("sparse24_eager", "int8_intmm", "--"),
+                                  ("fp8", "bf16", ":")]:
+            xs = [m for m in ms if (impl, m) in t and (base, m) in t]
+            ax.plot(xs, [t[(base, m)] / t[(impl, m)] for m in xs], style, marker=".", label=f"{base} / {impl}")
+        ax.axhline(1, color="gray", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_title(layer)
+        ax.set_xlabel("M tokens")
+        ax.set_ylabel("speedup")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--models", default="llama3-8b,llama3-70b")
+    ap.add_argument("--quick", action="store_true", help="fewer M values")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_SPARSE24_MAX_TOKENS", "8192")
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    date = datetime.date.today().isoformat()
+    rows, info = [], {}
+    ms = [1, 16, 1024, 8192] if args.quick else MS
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.2f} TB/s (read+written)", flush=True)
+    overhead, decode_bw = {}, {}
+    for model in args.models.split(","):
+        for layer, (n, k) in MODELS[model].items():
+            kern, tens = bench_shape(model, layer, n, k, ms if model.endswith("8b") else [m for m in ms], rows, info)
+            name = f"{model}.{layer}"
+            overhead[name] = {f"M{m}": host_overhead(kern, tens[0], k, m) for m in (1, 256)}
+            g1 = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "sparse24_graph" and r["M"] == 1]
+            if g1:
+                decode_bw[name] = n * k * 5 / 8 / g1[0] / 1e6
+            print(f"{name}: host us/call {overhead[name]}; decode M=1 bandwidth "
+                  f"{decode_bw.get(name, 0):.2f} TB/s = {decode_bw.get(name, 0) / bw:.0%} of copy", flush=True)
+            del kern, tens
+            torch.cuda.empty_cache()
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": date,
+           "command": " ".join(["python"] + sys.argv), "rows": rows,
+           "copy_tbps": bw, "host_overhead_us": overhead, "decode_tbps_m1": decode_bw, "tuning": info,
+           "notes": __doc__}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"kernels-{gpu}-{date}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    plot(rows, path.replace(".json", ".png"))
+    print("wrote", path)
+    summarize(res)
+
+
+def summarize(res):
+    t = {(r["layer"], r["M"], r["impl"]): r["us"] for r in res["rows"]}
+    print("\nacceptance (llama3-8b):")
+    for layer in sorted({r["layer"] for r in res["rows"] if r["layer"].startswith("llama3-8b")}):
+        pre = [(m, t[(layer, m, "int8_intmm")] / t[(layer, m, "sparse24_eager")], t[(layer, m, "bf16")] / t[(layer, m, "sparse24_eager")])
+               for m in (1024, 2048, 4096, 8192, 16384) if (layer, m, "sparse24_eager") in t and (layer, m, "int8_intmm") in t]
+        dec = [(m, t[(layer, m, "int8_intmm")] / t[(layer, m, "sparse24_graph")], t[(layer, m, "bf16")] / t[(layer, m, "sparse24_graph")])
+               for m in (1, 2, 4, 8, 16) if (layer, m, "sparse24_graph") in t and (layer, m, "int8_intmm") in t]
+        if pre:
+            print(f"  {layer} prefill eager min vs int8 {min(p[1] for p in pre):.2f}x (need 1.8), vs bf16 {min(p[2] for p in pre):.2f}x (need 2.2)")
+        if dec:
+            print(f"  {layer} decode graph  min vs int8 {min(d[1] for d in dec):.2f}x (need 1.5), vs bf16 {min(d[2] for d in dec):.2f}x (need 2.5)")
+    for name, bwv in res["decode_tbps_m1"].items():
+        print(f"  {name} decode M=1 {bwv:.2f} TB/s = {bwv / res['copy_tbps']:.0%} of copy (need 75%)")
+    for name, o in res["host_overhead_us"].items():
+        print(f"  {name} host us/call {json.dumps({k: {a: round(b, 1) for a, b in v.items()} for k, v in o.items()})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""GPU tests of the sparse24 CUDA kernels (marker gpu; skipped without CUDA).
+
+Tolerances (relative Frobenius error against a float64 computation on the same int8
+operands): decode path <= 4e-3 (one bf16/fp16 rounding of the output, as the torch
+reference); prefill path <= 8e-3 (cuSPARSELt rounds acc*w_scale to bf16, then the epilogue
+rounds once more). A wrong metadata bit, scale or row gives O(1) errors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+os.environ.setdefault("VLLM_SPARSE24_MAX_TOKENS", "1024")  # fewer plans to build in tests
+
+from vllm_sparse24.kernels.cuda import layout  # noqa: E402
+from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel  # noqa: E402
+from vllm_sparse24.kernels.cuda.quant_kernel import quantize_per_token  # noqa: E402
+from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
+
+DEV = "cuda"
+
+
+def random_24(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """int8 [N, K], 2 random positions of every 4 kept, values in [-127, 127] (some 0)."""
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int16).to(torch.int8)
+    keys = torch.rand(n, k // 4, 4, generator=gen)
+    drop = keys.topk(2, dim=-1).indices
+    w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+    return w.to(DEV)
+
+
+def reference(x, w, ws, bias):
+    xq, xs = ref_quant(x)
+    acc = xq.double() @ w.double().t()
+    out = acc * xs.double() * ws.double().reshape(1, -1)
+    return out + bias.double() if bias is not None else out
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("n,k", [(64, 64), (64, 128), (128, 256), (256, 512), (960, 576), (512, 4096),
+                                 (4096, 1024), (192, 14336)])
+def test_cslt_layout_formula_random_patterns(n, k):
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    for _ in range(3):
+        w = random_24(n, k, gen)
+        buf = torch._cslt_compress(w)
+        assert buf.numel() >= n * k * 5 // 8
+        got = layout.decompress(buf, n, k)
+        if not torch.equal(got, w):
+            matches = []
+            for rows in (32, 64, 128, 256, 512):
+                os.environ["SPARSE24_CSLT_META_BLOCK_ROWS"] = str(rows)
+                if n % rows == 0 and torch.equal(layout.decompress(buf, n, k), w):
+                    matches.append(rows)
+                os.environ.pop("SPARSE24_CSLT_META_BLOCK_ROWS")
+            pytest.fail(f"layout formula wrong at {n}x{k}; block rows that match: {matches}")
+
+
+def test_quant_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(1)
+    for m, k, dt in [(1, 4096, torch.bfloat16), (17, 576, torch.float16), (300, 14336, torch.bfloat16),
+                     (5, 28672, torch.bfloat16)]:
+        x = (torch.randn(m, k, generator=gen) * 3).to(dt).to(DEV)
+        x[0, :] = 0  # zero row -> q = 0
+        q, s = quantize_per_token(x)
+        rq, rs = ref_quant(x)
+        assert torch.allclose(s, rs.reshape(-1), rtol=1e-6, atol=0)
+        diff = (q.int() - rq.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4
+
+
+def _kernel(n, k, w, ws, name="test.layer"):
+    kern = Sparse24CudaKernel(n, k, True, name)
+    return kern, kern.prepare(w, ws)
+
+
+@pytest.mark.parametrize("n,k", [(512, 4096), (4096, 1024), (960, 576)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_linear_matches_reference(n, k, dt):
+    gen = torch.Generator().manual_seed(n + k)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
+    bias = (torch.randn(n, generator=gen)).to(dt).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    thr = kern.state.threshold
+    for m in [1, 3, 16, 17, 64, 65, 1000, 1500]:
+        for b in (None, bias):
+            x = torch.randn(m, k, generator=gen).to(dt).to(DEV)
+            out = kern.apply(t, x, b)
+            assert out.shape == (m, n) and out.dtype == dt
+            assert torch.isfinite(out).all()
+            tol = 4e-3 if m <= thr else 8e-3
+            err = rel_err(out, reference(x, w, ws, b))
+            assert err < tol, (m, thr, err)
+
+
+def test_both_paths_at_every_small_m():
+    """Force the decode kernel and the cuSPARSELt path on the same inputs for M = 1..64."""
+    n, k = 256, 1024
+    gen = torch.Generator().manual_seed(5)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    saved = kern.state.threshold
+    try:
+        for m in [1, 2, 3, 7, 8, 15, 16, 31, 33, 48, 63, 64]:
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+            ref = reference(x, w, ws, None)
+            kern.state.threshold = 64
+            dec = kern.apply(t, x, None)
+            kern.state.threshold = 0
+            pre = kern.apply(t, x, None)
+            assert rel_err(dec, ref) < 4e-3, m
+            assert rel_err(pre, ref) < 8e-3, m
+    finally:
+        kern.state.threshold = saved
+
+
+def test_cuda_graph_replay_equals_eager():
+    n, k = 1024, 2048
+    gen = torch.Generator().manual_seed(9)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    for m in [1, 8, kern.state.threshold + 1, 300]:
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        eager = kern.apply(t, x, bias)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            kern.apply(t, x, bias)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = kern.apply(t, x, bias)
+        x.copy_(torch.randn(m, k, generator=gen).to(torch.bfloat16))
+        eager = kern.apply(t, x, bias)
+        static_out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager), m
+
+
+def test_torch_compile_fullgraph():
+    n, k = 512, 1024
+    gen = torch.Generator().manual_seed(11)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+
+    def f(x):
+        return kern.apply(t, x * 2, None) + 1
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in [2, 200]:
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        assert torch.equal(cf(x), f(x))
+
+
+def test_memory_and_errors():
+    n, k = 512, 1024
+    gen = torch.Generator().manual_seed(3)
+    w = random_24(n, k, gen)
+    kern, t = _kernel(n, k, w, torch.ones(n, 1, device=DEV))
+    resident = sum(v.numel() * v.element_size() for v in t.values())
+    assert resident <= 0.63 * n * k
+    with pytest.raises(ValueError, match="model.layers.0.q_proj.*multiples of 64"):
+        Sparse24CudaKernel(100, 64, True, "model.layers.0.q_proj")
+    with pytest.raises(TypeError, match="test.layer.*bfloat16 or float16"):
+        kern.apply(t, torch.randn(4, k, device=DEV), None)

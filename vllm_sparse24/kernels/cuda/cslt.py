@@ -1,0 +1,181 @@
+"""cuSPARSELt int8 2:4 GEMM through ctypes on libcusparseLt.so.0, with cached plans.
+
+Why ctypes: no compiler at install or first use (a pip user needs only the
+nvidia-cusparselt-cu1x wheel that torch already depends on), and a call costs a few us of
+host time: descriptors, algorithm (alg_id + split-k, chosen by cusparseLtMatmulSearch) and
+plan are built once per (padded M, N, K) and reused; a matmul is one foreign call.
+
+Computes D[M_pad, N] = (Xq[M_pad, K] @ W^T) * alpha[N] in bf16 with the same descriptors
+``torch._cslt_sparse_mm(W_c, Xq.t(), alpha, transpose_result=True)`` uses, so the buffer
+from ``torch._cslt_compress`` is the one resident weight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+
+import torch
+
+# enums from cusparseLt.h / cusparse.h / library_types.h
+CUDA_R_8I, CUDA_R_16BF = 3, 14
+CUSPARSE_ORDER_COL, CUSPARSE_ORDER_ROW = 1, 2
+OP_N, OP_T = 0, 1
+CUSPARSE_COMPUTE_32I = 0
+SPARSITY_50 = 0
+MATMUL_ALPHA_VECTOR_SCALING = 5
+ALG_CONFIG_ID, ALG_CONFIG_MAX_ID, ALG_SEARCH_ITERATIONS, ALG_SPLIT_K, ALG_SPLIT_K_MODE = 0, 1, 2, 3, 4
+ALIGN = 16
+_OPAQUE = 512
+
+
+class CusparseLtError(RuntimeError):
+    pass
+
+
+def _find_library() -> str:
+    try:
+        import nvidia.cusparselt as pkg  # the wheel torch depends on
+
+        for root in pkg.__path__:
+            hits = glob.glob(os.path.join(root, "lib", "libcusparseLt.so*"))
+            if hits:
+                return sorted(hits)[0]
+    except ImportError:
+        pass
+    return "libcusparseLt.so.0"
+
+
+class _Opaque:
+    """A 16-byte aligned 512-byte struct owned by Python."""
+
+    def __init__(self) -> None:
+        self._raw = ctypes.create_string_buffer(_OPAQUE + 16)
+        addr = ctypes.addressof(self._raw)
+        self.ptr = ctypes.c_void_p(addr + (-addr) % 16)
+
+
+class _Lib:
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL(_find_library())
+        vp, i64, u32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int32
+        sz = ctypes.c_size_t
+        sig = {
+            "cusparseLtInit": [vp],
+            "cusparseLtGetErrorString": [i32],
+            "cusparseLtDenseDescriptorInit": [vp, vp, i64, i64, i64, u32, i32, i32],
+            "cusparseLtStructuredDescriptorInit": [vp, vp, i64, i64, i64, u32, i32, i32, i32],
+            "cusparseLtMatmulDescriptorInit": [vp, vp, i32, i32, vp, vp, vp, vp, i32],
+            "cusparseLtMatmulDescSetAttribute": [vp, vp, i32, vp, sz],
+            "cusparseLtMatmulAlgSelectionInit": [vp, vp, vp, i32],
+            "cusparseLtMatmulAlgSetAttribute": [vp, vp, i32, vp, sz],
+            "cusparseLtMatmulAlgGetAttribute": [vp, vp, i32, vp, sz],
+            "cusparseLtMatmulPlanInit": [vp, vp, vp, vp],
+            "cusparseLtMatmulGetWorkspace": [vp, vp, vp],
+            "cusparseLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32],
+            "cusparseLtMatmulSearch": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32],
+        }
+        for name, args in sig.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_int if name != "cusparseLtGetErrorString" else ctypes.c_char_p
+        self.handle = _Opaque()
+        self.check(self.lib.cusparseLtInit(self.handle.ptr), "cusparseLtInit")
+        self.matmul = self.lib.cusparseLtMatmul
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            msg = self.lib.cusparseLtGetErrorString(status)
+            raise CusparseLtError(f"{what} failed: status {status} ({msg.decode() if msg else '?'})")
+
+
+_LIB: _Lib | None = None
+_LOCK = threading.Lock()
+
+
+def lib() -> _Lib:
+    global _LIB
+    with _LOCK:
+        if _LIB is None:
+            _LIB = _Lib()
+    return _LIB
+
+
+class SparseInt8Plan:
+    """A cuSPARSELt plan for D[m_pad, n] (bf16) = Xq[m_pad, k] @ W^T * alpha[n]."""
+
+    def __init__(self, m_pad: int, n: int, k: int, device: torch.device) -> None:
+        L = lib()
+        self.m_pad, self.n, self.k = m_pad, n, k
+        h = L.handle.ptr
+        self.a, self.b, self.c, self.mm, self.alg, self.plan = (_Opaque() for _ in range(6))
+        f = L.lib
+        L.check(f.cusparseLtStructuredDescriptorInit(h, self.a.ptr, n, k, k, ALIGN, CUDA_R_8I,
+                                                     CUSPARSE_ORDER_ROW, SPARSITY_50), "sparse descriptor")
+        L.check(f.cusparseLtDenseDescriptorInit(h, self.b.ptr, m_pad, k, k, ALIGN, CUDA_R_8I,
+                                                CUSPARSE_ORDER_ROW), "dense descriptor")
+        L.check(f.cusparseLtDenseDescriptorInit(h, self.c.ptr, n, m_pad, n, ALIGN, CUDA_R_16BF,
+                                                CUSPARSE_ORDER_COL), "output descriptor")
+        L.check(f.cusparseLtMatmulDescriptorInit(h, self.mm.ptr, OP_N, OP_T, self.a.ptr, self.b.ptr,
+                                                 self.c.ptr, self.c.ptr, CUSPARSE_COMPUTE_32I), "matmul descriptor")
+        one = ctypes.c_int(1)
+        L.check(f.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, MATMUL_ALPHA_VECTOR_SCALING,
+                                                   ctypes.byref(one), 4), "alpha vector")
+        L.check(f.cusparseLtMatmulAlgSelectionInit(h, self.alg.ptr, self.mm.ptr, 0), "alg selection")
+        L.check(f.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.alg.ptr), "plan")
+        self.device = device
+        self.workspace = self._workspace()
+        self._beta = ctypes.c_float(0.0)
+        self._stream = ctypes.c_void_p(0)
+        self.alg_id, self.split_k = 0, 1
+
+    def _workspace(self) -> torch.Tensor:
+        L = lib()
+        size = ctypes.c_size_t(0)
+        L.check(L.lib.cusparseLtMatmulGetWorkspace(L.handle.ptr, self.plan.ptr, ctypes.byref(size)), "workspace")
+        return torch.empty(max(int(size.value), 16), dtype=torch.uint8, device=self.device)
+
+    def search(self, w_buf: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Pick alg_id and split-k by timing (cusparseLtMatmulSearch) on random activations."""
+        L = lib()
+        h = L.handle.ptr
+        xq = torch.randint(-127, 128, (self.m_pad, self.k), dtype=torch.int8, device=self.device)
+        d = torch.empty(self.m_pad, self.n, dtype=torch.bfloat16, device=self.device)
+        iters = ctypes.c_int(3)
+        L.check(L.lib.cusparseLtMatmulAlgSetAttribute(h, self.alg.ptr, ALG_SEARCH_ITERATIONS,
+                                                      ctypes.byref(iters), 4), "search iterations")
+        self._stream.value = torch.cuda.current_stream(self.device).cuda_stream
+        L.check(L.lib.cusparseLtMatmulSearch(
+            h, self.plan.ptr, alpha.data_ptr(), w_buf.data_ptr(), xq.data_ptr(), ctypes.byref(self._beta),
+            d.data_ptr(), d.data_ptr(), self.workspace.data_ptr(), ctypes.byref(self._stream), 1), "search")
+        alg_id, split_k, mode = ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(0)
+        for attr, val, what in [(ALG_CONFIG_ID, alg_id, "alg id"), (ALG_SPLIT_K, split_k, "split k"),
+                                (ALG_SPLIT_K_MODE, mode, "split k mode")]:
+            L.check(L.lib.cusparseLtMatmulAlgGetAttribute(h, self.alg.ptr, attr, ctypes.byref(val), 4), what)
+        self.alg_id, self.split_k = int(alg_id.value), int(split_k.value)
+        # rebuild the plan with the chosen algorithm, as torch does after its search
+        L.check(L.lib.cusparseLtMatmulAlgSetAttribute(h, self.alg.ptr, ALG_CONFIG_ID, ctypes.byref(alg_id), 4), "set alg id")
+        if self.split_k > 1:
+            L.check(L.lib.cusparseLtMatmulAlgSetAttribute(h, self.alg.ptr, ALG_SPLIT_K, ctypes.byref(split_k), 4), "set split k")
+            L.check(L.lib.cusparseLtMatmulAlgSetAttribute(h, self.alg.ptr, ALG_SPLIT_K_MODE, ctypes.byref(mode), 4), "set split k mode")
+        self.plan = _Opaque()
+        L.check(L.lib.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.alg.ptr), "plan")
+        self.workspace = self._workspace()
+        torch.cuda.synchronize(self.device)
+
+    def run(self, w_buf: torch.Tensor, xq: torch.Tensor, alpha: torch.Tensor, d: torch.Tensor) -> None:
+        """xq int8 [m_pad, k], d bf16 [m_pad, n]; enqueued on the current stream, no sync."""
+        self._stream.value = torch.cuda.current_stream().cuda_stream
+        L = _LIB
+        status = L.matmul(L.handle.ptr, self.plan.ptr, alpha.data_ptr(), w_buf.data_ptr(), xq.data_ptr(),
+                          ctypes.byref(self._beta), d.data_ptr(), d.data_ptr(), self.workspace.data_ptr(),
+                          ctypes.byref(self._stream), 1)
+        if status:
+            L.check(status, f"cusparseLtMatmul (m_pad={self.m_pad}, n={self.n}, k={self.k})")
+
+
+def compress(weight: torch.Tensor) -> torch.Tensor:
+    """int8 2:4 [N, K] on the GPU -> cuSPARSELt's compressed buffer (values ++ metadata)."""
+    return torch._cslt_compress(weight.contiguous())

@@ -1,0 +1,231 @@
+"""Sparse24CudaKernel: 2:4 W8A8 linear on NVIDIA sm80+ with ONE resident weight copy.
+
+The resident weight is cuSPARSELt's compressed buffer (values ++ metadata, 0.625 B/weight).
+  * M <= threshold tokens: Triton decode kernel reading that buffer (decode_kernel.py);
+  * more tokens: cuSPARSELt through cached plans (cslt.py), M padded to a bucket, then one
+    epilogue pass for the token scale and bias (epilogue_kernel.py).
+Activations are quantized per token by one Triton kernel (quant_kernel.py). The threshold,
+the decode config and every prefill plan (with its searched alg_id / split-k) are measured
+and built in prepare(), per (N, K), so serving never builds a plan. The dispatch happens at
+run time inside the custom op ``sparse24::cuda_w8a8_linear`` (torch.compile sees one opaque
+op; a CUDA graph captures whichever branch its token count takes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+import torch
+
+from ..base import W8A8LinearKernel
+from . import cslt
+from .decode_kernel import DecodeConfig, candidate_configs, sparse24_decode
+from .epilogue_kernel import token_scale_bias
+from .layout import check_shape, meta_block_rows
+from .quant_kernel import quantize_per_token_into
+
+DECODE_MAX_TOKENS = 64  # the decode kernel's largest BLOCK_M; the measured threshold is <= this
+THRESHOLD_CANDIDATES = (8, 16, 32, 48, 64)
+MODEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Padded-M buckets: every 16 up to 256, then 4 per octave (<= 25% padding)."""
+    out = list(range(16, 257, 16))
+    base = 256
+    while out[-1] < max_tokens:
+        out += [base * 5 // 4, base * 3 // 2, base * 7 // 4, base * 2]
+        base *= 2
+    return [b for b in out if b <= max(max_tokens, 16)] or [16]
+
+
+def max_prefill_tokens() -> int:
+    return int(os.environ.get("VLLM_SPARSE24_MAX_TOKENS", "8192"))
+
+
+def _time_us(fn, iters: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+class _ShapeState:
+    """Per (N, K, device): plans, decode config, threshold (shared by layers of that shape)."""
+
+    def __init__(self) -> None:
+        self.plans: dict[int, cslt.SparseInt8Plan] = {}
+        self.buckets: list[int] = []
+        self.decode_cfg: DecodeConfig | None = None
+        self.threshold = 0
+        self.timings: dict[str, float] = {}
+
+
+_SHAPES: dict[tuple[int, int, int], _ShapeState] = {}
+_WORKSPACES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_KERNELS: list[Sparse24CudaKernel] = []
+
+
+def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared split-K accumulators (int32, all zero between calls) and tile counters."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    acc_need, cnt_need = DECODE_MAX_TOKENS * n, (n // 16) * (DECODE_MAX_TOKENS // 16)
+    acc, cnt = _WORKSPACES.get(idx, (None, None))
+    if acc is None or acc.numel() < acc_need or cnt.numel() < cnt_need:
+        acc = torch.zeros(max(acc_need, acc.numel() if acc is not None else 0), dtype=torch.int32, device=device)
+        cnt = torch.zeros(max(cnt_need, cnt.numel() if cnt is not None else 0), dtype=torch.int32, device=device)
+        _WORKSPACES[idx] = (acc, cnt)
+    return acc, cnt
+
+
+class Sparse24CudaKernel(W8A8LinearKernel):
+    name = "sparse24_cuda"
+
+    def __init__(self, n: int, k: int, sparse: bool, layer_name: str) -> None:
+        super().__init__(n, k, sparse, layer_name)
+        check_shape(n, k, layer_name)
+        self.handle = len(_KERNELS)
+        _KERNELS.append(self)
+        self.state: _ShapeState | None = None
+        self.meta_block_rows = meta_block_rows(n)
+
+    @classmethod
+    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
+        if not sparse:
+            return False, "only 2:4 sparse layers (dense layers use another kernel)"
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False, "needs a CUDA device"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False, "needs compute capability >= 8.0 (sparse tensor cores)"
+        try:
+            cslt.lib()
+        except (OSError, cslt.CusparseLtError) as e:
+            return False, f"cuSPARSELt unavailable: {e}"
+        return True, None
+
+    # ---- load time ----------------------------------------------------------------------
+    def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.n, self.k):
+            raise ValueError(f"{self.layer_name}: expected int8 weight [{self.n}, {self.k}], "
+                             f"got {weight.dtype} {tuple(weight.shape)}")
+        if weight.device.type != "cuda":
+            raise ValueError(f"{self.layer_name}: weight must be on a CUDA device, got {weight.device}")
+        buf = cslt.compress(weight)
+        ws = weight_scale.reshape(-1).to(device=weight.device, dtype=torch.float32).contiguous()
+        _workspace(weight.device, self.n)
+        key = (self.n, self.k, weight.device.index or 0)
+        if key not in _SHAPES:
+            _SHAPES[key] = self._tune(buf, ws, weight.device)
+        self.state = _SHAPES[key]
+        return {"weight_cslt": buf, "weight_scale": ws}
+
+    def _tune(self, buf: torch.Tensor, ws: torch.Tensor, device: torch.device) -> _ShapeState:
+        st = _ShapeState()
+        st.buckets = prefill_buckets(max_prefill_tokens())
+        for m_pad in st.buckets:
+            plan = cslt.SparseInt8Plan(m_pad, self.n, self.k, device)
+            plan.search(buf, ws)
+            st.plans[m_pad] = plan
+        acc, cnt = _workspace(device, self.n)
+        xq = torch.randint(-127, 128, (DECODE_MAX_TOKENS, self.k), dtype=torch.int8, device=device)
+        xs = torch.rand(DECODE_MAX_TOKENS, device=device) * 1e-2
+        out = torch.empty(DECODE_MAX_TOKENS, self.n, dtype=torch.bfloat16, device=device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        best = None
+        for cfg in candidate_configs(self.n, self.k, sms):
+            t = _time_us(lambda c=cfg: sparse24_decode(xq[:16], xs, buf, ws, None, out[:16], self.n, self.k,
+                                                       c, self.meta_block_rows, acc, cnt))
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        st.decode_cfg = best[1]
+        d = torch.empty(st.buckets[-1], self.n, dtype=torch.bfloat16, device=device)
+        for m in THRESHOLD_CANDIDATES:
+            t_dec = _time_us(lambda m=m: sparse24_decode(xq[:m], xs, buf, ws, None, out[:m], self.n, self.k,
+                                                         st.decode_cfg, self.meta_block_rows, acc, cnt))
+            plan = st.plans[self._bucket_of(st, m)]
+
+            def prefill(m=m, plan=plan):
+                plan.run(buf, xq[: plan.m_pad] if plan.m_pad <= DECODE_MAX_TOKENS else xq, ws, d[: plan.m_pad])
+                token_scale_bias(d, xs[:m], None, out[:m])
+
+            t_pre = _time_us(prefill)
+            st.timings[f"decode_m{m}"], st.timings[f"prefill_m{m}"] = t_dec, t_pre
+            if t_dec > t_pre:
+                break
+            st.threshold = m
+        torch.cuda.synchronize(device)
+        return st
+
+    @staticmethod
+    def _bucket_of(st: _ShapeState, m: int) -> int:
+        return st.buckets[bisect.bisect_left(st.buckets, m)]
+
+    # ---- run time -----------------------------------------------------------------------
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if torch.compiler.is_compiling():
+            out = torch.ops.sparse24.cuda_w8a8_linear(
+                x2, tensors["weight_cslt"], tensors["weight_scale"], bias, self.handle)
+        else:  # eager: skip the dispatcher round trip, same function
+            out = self.run(x2, tensors["weight_cslt"], tensors["weight_scale"], bias)
+        return out.reshape(*shape[:-1], self.n)
+
+    def run(self, x: torch.Tensor, buf: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] model dtype -> [M, N]; dispatch by M (decode kernel or cuSPARSELt)."""
+        st = self.state
+        if st is None:
+            raise RuntimeError(f"{self.layer_name}: prepare() was not called")
+        if x.dtype not in MODEL_DTYPES:
+            raise TypeError(f"{self.layer_name}: activations must be bfloat16 or float16, got {x.dtype}")
+        if x.shape[-1] != self.k:
+            raise ValueError(f"{self.layer_name}: expected activations [..., {self.k}], got {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        out = torch.empty(m, self.n, dtype=x.dtype, device=x.device)
+        if m == 0:
+            return out
+        if m <= st.threshold:
+            xq = torch.empty(m, self.k, dtype=torch.int8, device=x.device)
+            xs = torch.empty(m, dtype=torch.float32, device=x.device)
+            quantize_per_token_into(x, xq, xs)
+            acc, cnt = _WORKSPACES[x.device.index or 0]
+            sparse24_decode(xq, xs, buf, ws, bias, out, self.n, self.k, st.decode_cfg,
+                            self.meta_block_rows, acc, cnt)
+            return out
+        top = st.buckets[-1]
+        for start in range(0, m, top):
+            mc = min(top, m - start)
+            plan = st.plans[self._bucket_of(st, mc)]
+            xq = torch.empty(plan.m_pad, self.k, dtype=torch.int8, device=x.device)
+            xs = torch.empty(mc, dtype=torch.float32, device=x.device)
+            quantize_per_token_into(x[start:start + mc], xq, xs)
+            d = torch.empty(plan.m_pad, self.n, dtype=torch.bfloat16, device=x.device)
+            plan.run(buf, xq, ws, d)
+            token_scale_bias(d, xs, bias, out[start:start + mc])
+        return out
+
+    def describe(self) -> dict:
+        st = self.state
+        return {"threshold": st.threshold, "decode_cfg": vars(st.decode_cfg) if st.decode_cfg else None,
+                "algs": {m: (p.alg_id, p.split_k) for m, p in st.plans.items()}, "timings": st.timings}
+
+
+@torch.library.custom_op("sparse24::cuda_w8a8_linear", mutates_args=())
+def cuda_w8a8_linear(x: torch.Tensor, weight_cslt: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """x [M, K]; weight_cslt: cuSPARSELt compressed int8; weight_scale f32 [N] -> [M, N]."""
+    return _KERNELS[handle].run(x, weight_cslt, weight_scale, bias)
+
+
+@cuda_w8a8_linear.register_fake
+def _(x, weight_cslt, weight_scale, bias, handle):
+    return x.new_empty((x.shape[0], weight_scale.shape[0]))
