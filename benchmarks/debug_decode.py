@@ -1,0 +1,40 @@
+"""Localize faults: each kernel alone, synchronized (run with CUDA_LAUNCH_BLOCKING=1)."""
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from vllm_sparse24.kernels.cuda import cslt, layout  # noqa: E402
+from vllm_sparse24.kernels.cuda.decode_kernel import DecodeConfig, sparse24_decode  # noqa: E402
+
+n, k = 512, 1024
+w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+drop = torch.rand(n, k // 4, 4, device="cuda").topk(2, dim=-1).indices
+w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+buf = torch._cslt_compress(w)
+print("decompress ok", torch.equal(layout.decompress(buf, n, k), w), flush=True)
+ws = torch.rand(n, device="cuda") * 1e-3
+x = torch.randint(-127, 128, (16, k), device="cuda", dtype=torch.int8)
+xs = torch.rand(16, device="cuda")
+ref = (x.double() @ w.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+acc = torch.zeros(64 * n, dtype=torch.int32, device="cuda")
+cnt = torch.zeros(4 * n // 16, dtype=torch.int32, device="cuda")
+for cfg in [DecodeConfig(16, 64, 1), DecodeConfig(16, 256, 1), DecodeConfig(32, 256, 2), DecodeConfig(64, 128, 4)]:
+    out = torch.full((16, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    try:
+        sparse24_decode(x, xs, buf, ws, None, out, n, k, cfg, 64, acc, cnt)
+        torch.cuda.synchronize()
+        err = float((out.double() - ref).norm() / ref.norm())
+        print(cfg, "rel err", err, "acc zero", int(acc.abs().sum()), "cnt zero", int(cnt.abs().sum()), flush=True)
+    except Exception as e:
+        print(cfg, "FAILED", repr(e)[:300], flush=True)
+        raise
+for m_pad in (16, 256):
+    p = cslt.SparseInt8Plan(m_pad, n, k, torch.device("cuda"))
+    p.search(buf, ws)
+    xq = torch.randint(-127, 128, (m_pad, k), device="cuda", dtype=torch.int8)
+    d = torch.empty(m_pad, n, dtype=torch.bfloat16, device="cuda")
+    p.run(buf, xq, ws, d)
+    torch.cuda.synchronize()
+    r = (xq.double() @ w.double().t()) * ws.double()[None, :]
+    print("cslt", m_pad, p.alg_id, p.split_k, "ws bytes", p.workspace.numel(), "rel err", float((d.double() - r).norm() / r.norm()), flush=True)
