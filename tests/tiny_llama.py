@@ -118,7 +118,7 @@ def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False,
         dequant = {}
     out.mkdir(parents=True, exist_ok=True)
     for f in dense_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     cfg = model.config.to_dict()
     cfg["rope_theta"] = 10000.0

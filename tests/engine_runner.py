@@ -1,0 +1,76 @@
+"""Start a vLLM engine on a checkpoint, write prompt logprobs + a greedy completion as JSON.
+
+Run as a script (vLLM spawns its workers, so the engine must not start at import time):
+    python tests/engine_runner.py MODEL_DIR OUT.json --ids 1,2,3 [--quantization sparse24]
+        [--break unpack|kernel]
+``--break`` runs the engine in-process and injects a fault, to show the logprob check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _inject(fault: str) -> None:
+    import torch
+
+    from vllm_sparse24 import linear_method
+    from vllm_sparse24.kernels import torch_ref
+
+    if fault == "unpack":  # read the bitmask bits in big instead of little order
+        good = linear_method.unpack_24
+
+        def bad_unpack(values, bitmask, k, name="weight"):
+            shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+            flipped = (((bitmask.unsqueeze(-1) >> shifts) & 1) << (7 - shifts)).sum(-1).to(torch.uint8)
+            return good(values, flipped, k, name)
+
+        linear_method.unpack_24 = bad_unpack
+    elif fault == "kernel":  # one activation scale per tensor instead of per token
+        def per_tensor(x):
+            scale = (x.abs().amax() / 127).clamp_min(1e-12).float()
+            return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale.expand(x.shape[0], 1)
+
+        torch_ref.quantize_per_token = per_tensor
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--ids", required=True, help="comma-separated prompt token ids")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--break", dest="fault", default=None, choices=["unpack", "kernel"])
+    ap.add_argument("--max-tokens", type=int, default=8)
+    args = ap.parse_args()
+    if args.fault:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        _inject(args.fault)
+    from vllm import LLM, SamplingParams
+
+    extra = {"distributed_executor_backend": "uni"} if args.fault else {}
+    llm = LLM(
+        args.model, quantization=args.quantization, dtype="float32", max_model_len=512,
+        gpu_memory_utilization=0.3, seed=0, **extra,
+    )
+    ids = [int(i) for i in args.ids.split(",")]
+    out = llm.generate(
+        {"prompt_token_ids": ids},
+        SamplingParams(max_tokens=args.max_tokens, prompt_logprobs=0, temperature=0.0),
+    )[0]
+    logprobs = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+    result = {
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "prompt_logprobs": logprobs,
+        "completion_ids": list(out.outputs[0].token_ids),
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
