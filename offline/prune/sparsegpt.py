@@ -10,8 +10,11 @@ w^2 / U_jj^2 (OBS saliency, on the already-updated weights) are dropped.
 Joint mode (``scale`` given): each kept weight is rounded to its row's int8 grid
 ``scale * {-127..127}`` before its error is propagated, so the OBS update compensates the
 pruning and the quantization error together (GPTQ + SparseGPT). The scale is fixed up front by
-the caller (``offline.driver`` uses the dense row's absmax / 127); weights that the updates push
-beyond 127 steps are clamped, and the clamp error is compensated like any other.
+the caller (``offline.group`` uses absmax / 127 of the rows after a first SparseGPT pass without
+the grid, because the OBS updates grow weights past the dense absmax); weights that the updates
+push beyond 127 steps are clamped, and the clamp error is compensated like any other.
+On int8 (255 levels) the gain over prune-then-round is within noise; on coarser grids it is
+clear (see tests/test_offline_prune.py).
 """
 
 from __future__ import annotations
