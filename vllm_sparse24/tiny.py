@@ -1,0 +1,130 @@
+"""A tiny random Llama, pruned 2:4 by magnitude and quantized W8A8, written in the sparse24
+(or legacy compressed-tensors) layout. For tests and the README demo; real models go
+through ``python -m offline compress``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .format import pack_24
+from .quant import quantize_weight_per_channel
+from .schema import Sparse24Scheme
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+_WORDS = (
+    "the sparse model runs fast on tensor cores and every group of four weights keeps two "
+    "values while int8 activations are quantized per token with one scale a row the quick "
+    "brown fox jumps over the lazy dog in the city of paris which is the capital of france "
+).split()
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 384) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    g = torch.Generator().manual_seed(0)
+    text = [" ".join(_WORDS[i] for i in torch.randint(len(_WORDS), (40,), generator=g).tolist()) for _ in range(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def build_dense(folder: Path, *, hidden: int = 256, intermediate: int = 512, layers: int = 2, seed: int = 0):
+    """Random dense Llama (float32) + tokenizer in ``folder``; returns the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # larger weights than HF's init so the logits are not near-uniform
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08 if "embed" not in name else 1.0)
+    return model
+
+
+def compress_state(model, legacy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(checkpoint tensors, dequantized dense weights by HF name) for a 2:4 magnitude W8A8 model."""
+    tensors: dict[str, torch.Tensor] = {}
+    dequant: dict[str, torch.Tensor] = {}
+    for name, p in model.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in LINEARS:
+            w = p.float()
+            g = w.reshape(w.shape[0], -1, 4)
+            drop = g.abs().topk(2, dim=-1, largest=False).indices
+            w = g.scatter(-1, drop, 0.0).reshape(w.shape)
+            q, scale = quantize_weight_per_channel(w)
+            values, bitmask = pack_24(q, name=prefix)
+            if legacy:
+                tensors[f"{prefix}.compressed"] = values
+                tensors[f"{prefix}.bitmask"] = bitmask
+                tensors[f"{prefix}.shape"] = torch.tensor(list(w.shape), dtype=torch.int64).reshape(2, 1)
+            else:
+                tensors[f"{prefix}.weight_packed"] = values
+                tensors[f"{prefix}.weight_bitmask"] = bitmask
+            tensors[f"{prefix}.weight_scale"] = scale
+            dequant[name] = q.double() * scale.double()
+        else:
+            tensors[name] = p.detach().float().contiguous()
+    return tensors, dequant
+
+
+def legacy_quantization_config() -> dict:
+    args_w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    args_a = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args_w, "input_activations": args_a}},
+        "ignore": ["lm_head"],
+        "sparsity_config": {
+            "format": "sparse-24-bitmask", "sparsity_structure": "2:4",
+            "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 0.5,
+        },
+    }
+
+
+def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False,
+                     tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Write the compressed checkpoint to ``out`` (tokenizer copied from dense_dir)."""
+    if tensors is None:
+        tensors, dequant = compress_state(model, legacy=legacy)
+    else:
+        dequant = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in dense_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    cfg = model.config.to_dict()
+    cfg["rope_theta"] = 10000.0
+    cfg["torch_dtype"] = "float32"
+    cfg["quantization_config"] = legacy_quantization_config() if legacy else Sparse24Scheme().to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return dequant
