@@ -199,3 +199,12 @@ def test_k_not_multiple_of_64_names_the_layers(tmp_path):
     # kept dense, the same model compresses
     compress(tmp_path / "odd", tmp_path / "out", calib=calib, method="magnitude", dense_layers=(".*",), **FAST)
     assert set(ckpt.validate_checkpoint(tmp_path / "out", ckpt.load_scheme(tmp_path / "out")).values()) == {"dense"}
+
+
+def test_bench_layer_tiny_on_cpu(tmp_path):
+    from offline.bench_layer import main
+
+    doc = main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "b.json")])
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["seconds_per_layer"] == doc["seconds_per_layer"] > 0
+    assert saved["shape"]["hidden_size"] == 256 and 0 < saved["mean_rel_error_after"] < 1
