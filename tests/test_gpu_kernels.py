@@ -104,9 +104,9 @@ def test_linear_matches_reference(n, k, dt):
             assert err < tol, (m, thr, err)
 
 
-@pytest.mark.skipif(os.environ.get("VLLM_SPARSE24_DECODE") == "0", reason="decode path disabled")
-def test_both_paths_at_every_small_m():
+def test_both_paths_at_every_small_m(monkeypatch):
     """Force the decode kernel and the cuSPARSELt path on the same inputs for M = 1..64."""
+    monkeypatch.setenv("VLLM_SPARSE24_DECODE", "1")  # decode is opt-in; tune it for this shape
     n, k = 256, 1024
     gen = torch.Generator().manual_seed(5)
     w = random_24(n, k, gen)

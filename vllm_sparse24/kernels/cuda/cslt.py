@@ -31,6 +31,13 @@ ALIGN = 16
 _OPAQUE = 512
 
 
+def _raw_stream(device_index: int) -> int:
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _raw_stream)  # noqa: F811
+
+
 class CusparseLtError(RuntimeError):
     pass
 
@@ -127,8 +134,12 @@ class SparseInt8Plan:
         L.check(f.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.alg.ptr), "plan")
         self.device = device
         self.workspace = self._workspace()
+        self._ws_ptr = self.workspace.data_ptr()
         self._beta = ctypes.c_float(0.0)
         self._stream = ctypes.c_void_p(0)
+        self._beta_ref = ctypes.byref(self._beta)
+        self._stream_ref = ctypes.byref(self._stream)
+        self._dev_index = device.index if device.index is not None else torch.cuda.current_device()
         self.alg_id, self.split_k = 0, 1
 
     def _workspace(self) -> torch.Tensor:
@@ -163,15 +174,18 @@ class SparseInt8Plan:
         self.plan = _Opaque()
         L.check(L.lib.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.alg.ptr), "plan")
         self.workspace = self._workspace()
+        self._ws_ptr = self.workspace.data_ptr()
         torch.cuda.synchronize(self.device)
 
     def run(self, w_buf: torch.Tensor, xq: torch.Tensor, alpha: torch.Tensor, d: torch.Tensor) -> None:
-        """xq int8 [m_pad, k], d bf16 [m_pad, n]; enqueued on the current stream, no sync."""
-        self._stream.value = torch.cuda.current_stream().cuda_stream
+        """xq int8 [m_pad, k], d bf16 [m_pad, n]; enqueued on the current stream, no sync.
+        Host cost: one foreign call with prebuilt by-reference arguments (the plan, handle,
+        beta and stream cells are fixed; only the stream handle's value is refreshed)."""
+        self._stream.value = _raw_stream(self._dev_index)
         L = _LIB
+        dp = d.data_ptr()
         status = L.matmul(L.handle.ptr, self.plan.ptr, alpha.data_ptr(), w_buf.data_ptr(), xq.data_ptr(),
-                          ctypes.byref(self._beta), d.data_ptr(), d.data_ptr(), self.workspace.data_ptr(),
-                          ctypes.byref(self._stream), 1)
+                          self._beta_ref, dp, dp, self._ws_ptr, self._stream_ref, 1)
         if status:
             L.check(status, f"cusparseLtMatmul (m_pad={self.m_pad}, n={self.n}, k={self.k})")
 

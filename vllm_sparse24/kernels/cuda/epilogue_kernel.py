@@ -10,11 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLauncher, aligned16
+
 BLOCK_M = 8
 BLOCK_N = 512
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _token_scale_bias_kernel(d_ptr, xs_ptr, bias_ptr, out_ptr, M, N,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -31,14 +33,17 @@ def _token_scale_bias_kernel(d_ptr, xs_ptr, bias_ptr, out_ptr, M, N,
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_LAUNCH = FastLauncher(_token_scale_bias_kernel)
+
+
 def token_scale_bias(d: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
                      out: torch.Tensor) -> None:
-    """d [>=M, N] (first M rows used), x_scale [M], out [M, N]."""
+    """d [>=M, N] (first M rows used), x_scale [M], out [M, N] (may be d itself: in place)."""
     m, n = out.shape
     if m == 0:
         return
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _token_scale_bias_kernel[grid](
-        d, x_scale, bias if bias is not None else x_scale, out, m, n,
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
-    )
+    has_bias = bias is not None
+    grid = ((m + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, 1)
+    key = (n, has_bias, bias.dtype if has_bias else None, out.dtype, aligned16(d), aligned16(out))
+    _LAUNCH(key, grid, (d, x_scale, bias if has_bias else x_scale, out, m, n),
+            dict(HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N), dict(num_warps=4), out.device.index or 0)

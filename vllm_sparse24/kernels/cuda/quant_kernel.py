@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLauncher, aligned16
+
 QMAX = 127.0
 MIN_SCALE = 1e-12
 MAX_BLOCK = 8192
@@ -53,16 +55,19 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     tl.store(s_ptr + row, scale)
 
 
+_LAUNCH = FastLauncher(_quant_per_token_kernel)
+
+
 def quantize_per_token_into(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     """x [M, K] (unit stride in K) -> q[:M] int8 (rows >= M untouched), scale [M] float32."""
     m, k = x.shape
     if m == 0:
         return
     block = min(triton.next_power_of_2(k), MAX_BLOCK)
-    _quant_per_token_kernel[(m,)](
-        x, q, scale, k, x.stride(0), q.stride(0),
-        BLOCK=block, ONE_PASS=k <= block, num_warps=8 if block >= 4096 else 4,
-    )
+    sx, sq = x.stride(0), q.stride(0)
+    _LAUNCH((k, sx, sq, x.dtype, aligned16(x), aligned16(q)), (m, 1, 1),
+            (x, q, scale, k, sx, sq), dict(BLOCK=block, ONE_PASS=k <= block),
+            dict(num_warps=8 if block >= 4096 else 4), x.device.index or 0)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
