@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--title", default=None)
     _add_compress_args(m, single=False)
 
+    g = sub.add_parser("merge", help="combine compare JSON files -> one JSON + PNG + table")
+    g.add_argument("parts", nargs="+")
+    g.add_argument("--json", required=True)
+    g.add_argument("--png", required=True)
+    g.add_argument("--title", default="2:4 + W8A8 perplexity")
+    g.add_argument("--threads", type=int, default=0)
+
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_for_eval(args.model)
         res = perplexity(model, tok, args.text, seqlen=args.seqlen, windows=args.windows)
         print(json.dumps({"model": args.model, "text": args.text, **res}, indent=2))
+    elif args.cmd == "merge":
+        from .compare import merge
+
+        merge(args.parts, args.json, args.png, args.title)
     else:
         from .compare import RUNS, compare
 

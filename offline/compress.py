@@ -72,10 +72,12 @@ def compress(
     progress: bool = True,
     model: Any = None,
     tokenizer: Any = None,
+    sensitivity: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Compress a dense model into ``out``; returns the report (also written as
     ``compress_report.json``). ``model``/``tokenizer`` may be passed pre-loaded (they are
-    modified in place)."""
+    modified in place). ``sensitivity`` (name -> relative output error of an all-sparse run with
+    the same options, e.g. its report's ``rel_error_after``) lets ``auto:P`` skip its probe pass."""
     from .export import write_dense_w8a8, write_sparse24
 
     t_start = time.perf_counter()
@@ -133,17 +135,23 @@ def compress(
     log.info("%d calibration samples x %d tokens from %s", len(samples), seqlen, calib)
 
     if auto:
-        original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
         t0 = time.perf_counter()
-        probe = sequential_compress(model, samples, kinds, opts)
-        chosen = pick_auto_dense(probe, num_layers, auto)
-        report["auto_dense"] = {"percent": auto, "chosen": chosen, "probe_seconds": time.perf_counter() - t0,
-                                "sensitivity": {n: probe[n].err_after for n in chosen}}
+        if sensitivity is None:
+            original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+            probe = sequential_compress(model, samples, kinds, opts)
+            sensitivity = {n: r.err_after for n, r in probe.items()}
+            with torch.no_grad():
+                for n, w in original.items():
+                    model.get_submodule(n).weight.copy_(w)
+            del original, probe
+            source = "probe pass (all sparse, same options)"
+        else:
+            source = "given (all-sparse run with the same options)"
+        chosen = pick_auto_dense(sensitivity, num_layers, auto)
+        report["auto_dense"] = {"percent": auto, "chosen": chosen, "source": source,
+                                "probe_seconds": time.perf_counter() - t0,
+                                "sensitivity": {n: sensitivity[n] for n in chosen}}
         log.info("auto:%g keeps %d linears dense: %s", auto, len(chosen), ", ".join(chosen))
-        with torch.no_grad():
-            for n, w in original.items():
-                model.get_submodule(n).weight.copy_(w)
-        del original, probe
         scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen))
         kinds = plan_kinds(num_layers, scheme, shapes)
     results = sequential_compress(model, samples, kinds, opts)

@@ -200,13 +200,13 @@ def sequential_compress(
     return results
 
 
-def pick_auto_dense(results: dict[str, LinearResult], num_layers: int, percent: float) -> list[str]:
+def pick_auto_dense(sensitivity: dict[str, float], num_layers: int, percent: float) -> list[str]:
     """The most sensitive whole fused groups (by the worst relative output error of their
-    members) until ``percent`` % of all quantized linears are dense."""
-    groups = [g for g in fused_groups(num_layers) if all(n in results for n in g)]
+    members, name -> error) until ``percent`` % of all quantized linears are dense."""
+    groups = [g for g in fused_groups(num_layers) if all(n in sensitivity for n in g)]
     total = sum(len(g) for g in groups)
     budget = int(math.floor(total * percent / 100 + 1e-9))
-    ranked = sorted(groups, key=lambda g: max(results[n].err_after for n in g), reverse=True)
+    ranked = sorted(groups, key=lambda g: max(sensitivity[n] for n in g), reverse=True)
     chosen: list[str] = []
     for g in ranked:
         if len(chosen) + len(g) <= budget:
