@@ -85,6 +85,8 @@ Q = "model.layers.0.self_attn.q_proj"
          rf"'{Q}.weight_bitmask' has shape \[256, 31\], expected \[256, 32\]"),
         (lambda t: t.__setitem__(f"{Q}.weight_scale", t[f"{Q}.weight_scale"][:-1].contiguous()),
          rf"'{Q}.weight_scale' has shape \[255, 1\], expected \[256, 1\]"),
+        (lambda t: t.__setitem__(f"{Q}.weight_zero_point", torch.zeros(256, 1, dtype=torch.int8)),
+         rf"unexpected tensor '{Q}.weight_zero_point'"),
         (lambda t: t.__setitem__(f"{Q}.weight", torch.zeros(256, 256, dtype=torch.int8)),
          "has both sparse tensors and a dense"),
         (lambda t: [t.__setitem__(f"{Q}.weight_packed", t[f"{Q}.weight_packed"][:, :100].contiguous()),

@@ -115,6 +115,17 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
             _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (shape[0], 1))
             kinds[prefix] = "dense"
+    allowed = {
+        "sparse": {packed_key, mask_key, "weight_scale", "bias"} | ({"shape"} if scheme.legacy else set()),
+        "dense": {"weight", "weight_scale", "bias"},
+    }
+    for key, (fname, _, _) in headers.items():
+        prefix, _, suffix = key.rpartition(".")
+        if prefix in kinds and suffix not in allowed[kinds[prefix]]:
+            raise CheckpointError(
+                f"{fname}: unexpected tensor {key!r}: a {kinds[prefix]} sparse24 layer holds only "
+                f"{sorted(allowed[kinds[prefix]])}"
+            )
     return kinds
 
 
