@@ -1,0 +1,433 @@
+"""End-to-end vLLM throughput: dense bf16, dense W8A8 int8, vLLM fp8 and sparse24.
+
+    python benchmarks/throughput.py --out DIR [--config llama3-8b|CONFIG.json] [--num-layers 8]
+        [--engines bf16,w8a8_int8,fp8,sparse24] [--workloads prefill_256x1024x16,...] [--tp 1]
+
+One random Llama-shaped model (default: Llama-3-8B's shape, ``--num-layers`` shrinks the depth
+so a run fits the device's 10-minute call) is written three times from the SAME random weights
+(speed does not depend on the values):
+  * ``bf16``: dense bfloat16 checkpoint (``fp8`` = the same checkpoint with vLLM's own
+    ``--quantization fp8``, dynamic W8A8);
+  * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
+    compressor's ``dense-w8a8`` writer (``offline.export.write_dense_w8a8``), loaded by stock vLLM;
+  * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
+    written with ``vllm_sparse24.checkpoint`` as ``offline.export.write_sparse24`` does.
+Each engine runs in its own process (``--_engine``), every workload in that process, with the
+same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
+``vllm bench throughput``: requests/s = n / elapsed, total tok/s = (prompt + generated) / elapsed,
+output tok/s = generated / elapsed, elapsed = one ``LLM.generate`` over all requests
+(``ignore_eos``, greedy, no detokenization) after a warm-up generate.
+Writes throughput-<gpu>-<date>.json (schema of issue 5) + .png + .md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("bf16", "w8a8_int8", "fp8", "sparse24")
+WORKLOADS = {  # name -> (prompts, input tokens, output tokens)
+    "prefill_256x1024x16": (256, 1024, 16),
+    "decode_1x128x512": (1, 128, 512),
+    "decode_8x128x512": (8, 128, 512),
+    "decode_64x128x512": (64, 128, 512),
+    "mixed_256x512x256": (256, 512, 256),
+}
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DATE = os.environ.get("BENCH_DATE", "2026-11-21")
+
+
+def workload_shape(name: str) -> tuple[int, int, int]:
+    """The issue's names, or any ``<label>_<prompts>x<in>x<out>`` (smoke runs)."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    n, i, o = name.rsplit("_", 1)[-1].split("x")
+    return int(n), int(i), int(o)
+
+
+def load_config(spec: str, num_layers: int | None) -> dict:
+    cfg = dict(LLAMA3_8B) if spec == "llama3-8b" else json.loads(Path(spec).read_text())
+    if num_layers:
+        cfg["num_hidden_layers"] = num_layers
+    return cfg
+
+
+def linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+            "mlp.down_proj": (h, i)}
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+class _StubTokenizer:
+    """Prompts are token ids (``skip_tokenizer_init``): the writers' tokenizer step is a no-op."""
+
+    def save_pretrained(self, folder):
+        return None
+
+
+def _stub_model(cfg: dict, state: dict):
+    """What the offline writers read from a model: ``.config`` and ``.state_dict()``."""
+    import torch
+    from transformers import LlamaConfig
+
+    class _Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            hf = {k: v for k, v in cfg.items() if k not in ("model_type",)}
+            self.config = LlamaConfig(**hf)
+            self.config.architectures = ["LlamaForCausalLM"]
+            self.generation_config = None
+
+        def state_dict(self, *a, **k):  # noqa: D102
+            return state
+
+    return _Model()
+
+
+def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) -> dict[str, float]:
+    """Write bf16/ (for bf16 and fp8), w8a8_int8/ and sparse24/ under root; returns seconds."""
+    import torch
+
+    from offline.export import write_dense_w8a8
+    from offline.group import LinearResult
+    from offline.model_walk import hf_config_dict
+    from vllm_sparse24 import checkpoint as ckpt
+    from vllm_sparse24.format import pack_24
+    from vllm_sparse24.quant import quantize_weight_per_channel
+    from vllm_sparse24.schema import Sparse24Scheme
+
+    want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines,
+            "sparse24": "sparse24" in engines}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    t0 = time.time()
+    h, v, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device=dev) * std).to(torch.bfloat16)
+
+    common = {"model.embed_tokens.weight": rnd(v, h).cpu(), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if not cfg.get("tie_word_embeddings"):
+        common["lm_head.weight"] = rnd(v, h).cpu()
+    dense_bf16: dict = {}
+    int8_res: dict = {}
+    sparse_tensors: dict = {}
+    for layer in range(n_layers):
+        p = f"model.layers.{layer}"
+        common[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        common[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        for lin, (n, k) in linear_shapes(cfg).items():
+            name = f"{p}.{lin}"
+            w = rnd(n, k)
+            if want["bf16"]:
+                dense_bf16[f"{name}.weight"] = w.cpu()
+            wf = w.float()
+            if want["w8a8_int8"]:
+                q, s = quantize_weight_per_channel(wf)
+                int8_res[name] = LinearResult(name, "dense", "rtn", q.cpu(), s.cpu(), 0.0, 0.0, 0.0)
+            if want["sparse24"]:
+                grp = wf.reshape(n, -1, 4)
+                drop = grp.abs().topk(2, dim=-1, largest=False).indices
+                ws = grp.scatter(-1, drop, 0.0).reshape(n, k)
+                q, s = quantize_weight_per_channel(ws)
+                values, bitmask = pack_24(q, name=name)  # on the GPU (the 2:4 mask's topk is slow on CPU)
+                sparse_tensors[f"{name}.weight_packed"] = values.cpu()
+                sparse_tensors[f"{name}.weight_bitmask"] = bitmask.cpu()
+                sparse_tensors[f"{name}.weight_scale"] = s.float().cpu()
+    secs = {"generate_s": round(time.time() - t0, 1)}
+    report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}
+    if want["bf16"]:
+        t = time.time()
+        model = _stub_model(cfg, {**common, **dense_bf16})
+        with ckpt.atomic_output_dir(root / "bf16", overwrite=True) as tmp:
+            ckpt.save_safetensors_shards(model.state_dict(), tmp)
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model, torch.bfloat16), indent=2))
+        secs["bf16_write_s"] = round(time.time() - t, 1)
+    if want["w8a8_int8"]:
+        t = time.time()
+        write_dense_w8a8(root / "w8a8_int8", _stub_model(cfg, common), _StubTokenizer(), int8_res,
+                         ignore=("lm_head",), report=report, dtype=torch.bfloat16, overwrite=True)
+        secs["w8a8_int8_write_s"] = round(time.time() - t, 1)
+    if want["sparse24"]:
+        t = time.time()
+        # what offline.export.write_sparse24 does, minus its CPU pack_24 (packed above on the GPU)
+        scheme = Sparse24Scheme()
+        with ckpt.atomic_output_dir(root / "sparse24", overwrite=True) as tmp:
+            ckpt.save_safetensors_shards({**common, **sparse_tensors}, tmp)
+            ckpt.write_quantization_config(tmp, hf_config_dict(_stub_model(cfg, common), torch.bfloat16), scheme)
+            kinds = ckpt.validate_checkpoint(tmp, scheme)
+            assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
+            (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
+        secs["sparse24_write_s"] = round(time.time() - t, 1)
+    return secs
+
+
+# -- one engine (child process) --------------------------------------------------------------
+
+
+def make_prompts(n: int, inp: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    hi = min(vocab, 100_000)
+    return [[rng.randrange(1000, hi) for _ in range(inp)] for _ in range(n)]
+
+
+def run_engine(args) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = args._engine
+    model = {"bf16": "bf16", "fp8": "bf16", "w8a8_int8": "w8a8_int8", "sparse24": "sparse24"}[eng]
+    quant = {"fp8": "fp8", "sparse24": "sparse24"}.get(eng)
+    cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
+    t0 = time.time()
+    llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
+              skip_tokenizer_init=True, max_model_len=args.max_model_len, seed=0,
+              gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tp,
+              max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    load_s = time.time() - t0
+    print(f"[{eng}] engine ready in {load_s:.1f}s", flush=True)
+    warm = make_prompts(8, min(256, args.max_model_len // 2), cfg["vocab_size"], seed=12345)
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
+                 SamplingParams(max_tokens=32, ignore_eos=True, temperature=0, detokenize=False),
+                 use_tqdm=False)
+    rows = []
+    for wi, wl in enumerate(args.workloads.split(",")):
+        n, inp, out = workload_shape(wl)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in make_prompts(n, inp, cfg["vocab_size"], args.seed + wi)]
+        sp = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0, detokenize=False)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        row = {"engine": eng, "workload": wl, "requests_s": round(n / dt, 3),
+               "total_tok_s": round((n * inp + gen) / dt, 1), "output_tok_s": round(gen / dt, 1),
+               "elapsed_s": round(dt, 3), "generated_tokens": gen, "engine_load_s": round(load_s, 1)}
+        print("ROW " + json.dumps(row), flush=True)
+        rows.append(row)
+        Path(args.result_json).write_text(json.dumps(rows))
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {(r["engine"], r["workload"]): r for r in rows}
+    for r in rows:
+        metric = "output_tok_s" if r["workload"].startswith("decode") else "total_tok_s"
+        r["metric"] = metric
+        base = by.get(("bf16", r["workload"]))
+        dense = [by[(e, r["workload"])][metric] for e in ("w8a8_int8", "fp8") if (e, r["workload"]) in by]
+        r["vs_bf16"] = round(r[metric] / base[metric], 3) if base else None
+        r["vs_best_w8a8"] = round(r[metric] / max(dense), 3) if dense else None
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | engine | req/s | total tok/s | output tok/s | metric | vs bf16 | vs best dense W8A8 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['engine']} | {r['requests_s']:.2f} | {r['total_tok_s']:,.0f} | "
+                     f"{r['output_tok_s']:,.0f} | {r['metric']} | {r['vs_bf16']} | {r['vs_best_w8a8']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG", flush=True)
+        return
+    wls = list(dict.fromkeys(r["workload"] for r in rows))
+    engs = [e for e in ENGINES if any(r["engine"] == e for r in rows)]
+    by = {(r["engine"], r["workload"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    w = 0.8 / max(len(engs), 1)
+    for i, e in enumerate(engs):
+        vals = [by[(e, wl)]["vs_bf16"] or 0 if (e, wl) in by else 0 for wl in wls]
+        bars = ax.bar([x + i * w for x in range(len(wls))], vals, w, label=e)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([x + w * (len(engs) - 1) / 2 for x in range(len(wls))])
+    ax.set_xticklabels([f"{wl}\n({'output' if wl.startswith('decode') else 'total'} tok/s)" for wl in wls], fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("throughput / bf16")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="llama3-8b", help="'llama3-8b' or an HF config.json path")
+    ap.add_argument("--num-layers", type=int, default=None, help="override num_hidden_layers")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--ckpt-dir", default="/tmp/s24_throughput_ckpts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype (float32 only for CPU smoke runs)")
+    ap.add_argument("--engine-timeout", type=int, default=300, help="seconds per engine process")
+    ap.add_argument("--time-budget", type=float, default=1e9,
+                    help="seconds for the whole run (checkpoint build included); later engines are skipped")
+    ap.add_argument("--skip-build", action="store_true", help="reuse checkpoints in --ckpt-dir")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--replot", default=None, help="redraw the PNG (+ MD) of a results JSON and exit")
+    ap.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    for e in engines:
+        if e not in ENGINES:
+            ap.error(f"unknown engine {e!r} (choose from {ENGINES})")
+    for w in args.workloads.split(","):
+        try:
+            workload_shape(w)
+        except ValueError:
+            ap.error(f"unknown workload {w!r} (choose from {list(WORKLOADS)} or <label>_NxINxOUT)")
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+        title = (f"{res['gpu']}, Llama-3-8B shape x {res['model']['num_hidden_layers']} layers, vLLM {res['vllm']}, "
+                 f"torch {res['torch']}, {res['date']}")
+        stem = args.replot.removesuffix(".json")
+        plot(res["rows"], Path(f"{stem}.png"), title)
+        Path(f"{stem}.md").write_text(f"{title}\n\n{table(res['rows'])}\n")
+        return 0
+    cfg = load_config(args.config, args.num_layers)
+    if args._engine:
+        run_engine(args)
+        return 0
+    deadline = time.time() + args.time_budget
+    root = Path(args.ckpt_dir)
+    if args._build:
+        print("BUILD " + json.dumps(build_checkpoints(cfg, root, engines, args.seed)), flush=True)
+        return 0
+    me = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--ckpt-dir", str(root),
+          "--seed", str(args.seed), "--tp", str(args.tp)] + (
+        ["--num-layers", str(args.num_layers)] if args.num_layers else [])
+    if not args.skip_build:  # own process: the engines get a GPU with nothing else on it
+        subprocess.run(me + ["--_build", "--engines", ",".join(engines)], check=True)
+    if args.build_only:
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], {}
+    for e in engines:
+        remaining = deadline - time.time()
+        if remaining < 30:
+            failed[e] = "skipped: --time-budget spent"
+            print(f"[{e}] skipped, {remaining:.0f}s of --time-budget left", flush=True)
+            continue
+        rj = out / f".rows-{e}.json"
+        rj.unlink(missing_ok=True)
+        cmd = me + ["--_engine", e, "--workloads", args.workloads, "--result-json", str(rj),
+                    "--max-model-len", str(args.max_model_len),
+                    "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                    "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--dtype", args.dtype] + (
+            ["--enforce-eager"] if args.enforce_eager else [])
+        t = time.time()
+        rc = run_group(cmd, min(args.engine_timeout, remaining - 5))
+        print(f"[{e}] process done rc={rc} in {time.time() - t:.0f}s", flush=True)
+        if rj.exists():  # rows written after each workload: a killed engine keeps what it measured
+            rows += json.loads(rj.read_text())
+            rj.unlink()
+        if rc != 0:
+            failed[e] = rc
+        report(args, argv, cfg, rows, failed, out, final=e == engines[-1])
+    return 1 if failed else 0
+
+
+def run_group(cmd: list[str], timeout: float):
+    """Run cmd in its own process group; on timeout kill the whole group (vLLM's engine-core
+    child too, so the next engine gets a free GPU). Returns the rc or "timeout"."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(3)
+        return "timeout"
+
+
+def report(args, argv, cfg, rows, failed, out: Path, final: bool) -> None:
+    """(Re)write JSON/MD/PNG after every engine, so a killed run keeps what it measured."""
+    add_ratios(rows)
+    try:
+        import torch
+        import vllm
+
+        versions = {"vllm": vllm.__version__, "torch": torch.__version__}
+    except Exception:
+        versions = {"vllm": "?", "torch": "?"}
+    gpu = gpu_name()
+    tag = gpu.lower().replace("nvidia", "").strip().split()[0] if gpu not in ("cpu", "unknown") else gpu
+    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"gpu": gpu, **versions, "date": DATE, "command": command,
+              "model": {"config": args.config, "num_hidden_layers": cfg["num_hidden_layers"],
+                        "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+                        "vocab_size": cfg["vocab_size"]},
+              "settings": {"tp": args.tp, "dtype": args.dtype, "max_num_seqs": 256,
+                           "max_num_batched_tokens": args.max_num_batched_tokens,
+                           "max_model_len": args.max_model_len, "prefix_caching": False,
+                           "enforce_eager": args.enforce_eager,
+                           "VLLM_SPARSE24_DECODE": os.environ.get("VLLM_SPARSE24_DECODE", "unset (plugin default: cuSPARSELt for every M)"),
+                           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
+              "rows": rows, "failed_engines": failed}
+    stem = out / f"throughput-{tag}-{DATE}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    title = (f"{gpu}, Llama-3-8B shape x {cfg['num_hidden_layers']} layers, vLLM {versions['vllm']}, "
+             f"torch {versions['torch']}, {DATE}")
+    md = f"{title}\n\n{table(rows)}\n"
+    Path(f"{stem}.md").write_text(md)
+    if rows:
+        plot(rows, Path(f"{stem}.png"), title)
+    if final:
+        print(md, flush=True)
+        if failed:
+            print(f"FAILED engines: {failed}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
