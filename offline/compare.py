@@ -92,6 +92,7 @@ def compare(
     work.mkdir(parents=True, exist_ok=True)
     dense_model, tok = load_model(model_path, torch.float32)
     rows: list[dict[str, Any]] = []
+    all_sparse: dict[str, float] | None = None  # sensitivities of the sparsegpt-joint run
     for run in runs:
         kw = RUNS[run]
         t0 = time.perf_counter()
@@ -102,8 +103,11 @@ def compare(
             out = work / run
             if out.exists():
                 shutil.rmtree(out)
+            extra = {"sensitivity": all_sparse} if run.endswith("-auto10") and all_sparse else {}
             rep = compress(model_path, out, calib=calib, model=copy.deepcopy(dense_model), tokenizer=tok,
-                           **kw, **compress_kwargs)
+                           **kw, **compress_kwargs, **extra)
+            if run == "sparsegpt-joint":
+                all_sparse = {n: v["rel_error_after"] for n, v in rep["linears"].items()}
             seconds = time.perf_counter() - t0
             row.update({"checkpoint": str(out), "mean_rel_error_after": rep["totals"]["mean_rel_error_after"],
                         "dense_linears": rep["totals"]["dense"], "sparse_linears": rep["totals"]["sparse"]})
@@ -114,12 +118,43 @@ def compare(
         rows.append(row)
         log.info("%s: perplexity %.2f (compress %.0fs)", run, row["perplexity"], seconds)
         _write(rows, model_path, text, calib, compress_kwargs, argv, json_path)
+    print(table(rows))
+    plot(rows, png_path, title or f"{Path(model_path).name}: 2:4 + W8A8 perplexity, {windows}x{eval_seqlen} tokens")
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
     dense_ppl = next((r["perplexity"] for r in rows if r["run"] == "dense"), None)
-    print("\n| run | perplexity | x dense | compress time (s) |\n|---|---|---|---|")
+    lines = ["| run | perplexity | x dense | compress time (s) |", "|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['perplexity'] / dense_ppl:.2f}" if dense_ppl else "-"
-        print(f"| {r['run']} | {r['perplexity']:.2f} | {ratio} | {r['compress_seconds']:.0f} |")
-    plot(rows, png_path, title or f"{Path(model_path).name}: 2:4 + W8A8 perplexity, {windows}x{eval_seqlen} tokens")
+        lines.append(f"| {r['run']} | {r['perplexity']:.2f} | {ratio} | {r['compress_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def merge(parts: list[str], json_path: str, png_path: str, title: str) -> list[dict[str, Any]]:
+    """Combine the rows of several compare JSON files (runs done by separate processes) into
+    one JSON + PNG; each part's command, date and machine are kept. A part is PATH or
+    PATH:SUFFIX (SUFFIX is appended to that part's run names)."""
+    docs, suffixes = [], []
+    for p in parts:
+        path, _, suffix = p.partition(":") if not Path(p).exists() else (p, "", "")
+        docs.append(json.loads(Path(path).read_text()))
+        suffixes.append(suffix)
+    by_run: dict[str, dict[str, Any]] = {}
+    for i, d in enumerate(docs):
+        for r in d["rows"]:
+            name = r["run"] + suffixes[i]
+            by_run[name] = r | {"run": name, "part": i}
+    order = [r for r in RUNS if r in by_run] + [r for r in by_run if r not in RUNS]
+    rows = [by_run[r] for r in order]
+    doc = {"date": max(d["date"] for d in docs),
+           "parts": [{k: v for k, v in d.items() if k != "rows"} for d in docs], "rows": rows}
+    tmp = Path(str(json_path) + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, json_path)
+    print(table(rows))
+    plot(rows, png_path, title)
     return rows
 
 
