@@ -1,11 +1,37 @@
 """Localize faults: each kernel alone, synchronized. Run under compute-sanitizer (memcheck):
-  compute-sanitizer --error-exitcode 9 python benchmarks/debug_decode.py
+  compute-sanitizer --error-exitcode 9 python benchmarks/debug_decode.py [--ext]
+--ext: only the C++ extension op (sparse24_ext::linear) at small shapes, odd M, bias, fp16.
 """
+import os
 import sys
 
 import torch
 
 sys.path.insert(0, ".")
+if "--ext" in sys.argv:
+    os.environ.update(VLLM_SPARSE24_MAX_TOKENS="64", VLLM_SPARSE24_COLD_SEARCH="0")
+    from vllm_sparse24.kernels.cuda import ext
+    from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel
+    from vllm_sparse24.quant import quantize_per_token
+
+    n, k = 512, 1024
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    drop = torch.rand(n, k // 4, 4, device="cuda").topk(2, dim=-1).indices
+    w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+    ws = torch.rand(n, 1, device="cuda") * 1e-3
+    kern = Sparse24CudaKernel(n, k, True, "dbg")
+    t = kern.prepare(w, ws)
+    print("path", kern.describe()["path"], ext.error(), flush=True)
+    for dt in (torch.bfloat16, torch.float16):
+        for m in (1, 3, 16, 17, 255, 300):
+            x = torch.randn(m, k, device="cuda").to(dt)
+            bias = torch.randn(n, device="cuda").to(dt)
+            out = kern.apply(t, x, bias)
+            torch.cuda.synchronize()
+            q, s = quantize_per_token(x)
+            ref = (q.double() @ w.double().t()) * s.double() * ws.double().reshape(1, -1) + bias.double()
+            print(dt, m, "rel err", float((out.double() - ref).norm() / ref.norm()), flush=True)
+    sys.exit(0)
 from vllm_sparse24.kernels.cuda import cslt, layout  # noqa: E402
 from vllm_sparse24.kernels.cuda.decode_kernel import DecodeConfig, sparse24_decode  # noqa: E402
 

@@ -129,27 +129,49 @@ def bench_shape(model, layer, n, k, ms, rows, info):
                     f(w)
             us = median_us(calls, len(ws_list), reps)
             rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
+        if m == 16:  # the cuSPARSELt GEMM alone at the decode bucket (graph, rotated weights)
+            plan = kern.state.plans[16]
+            xq16 = torch.randint(-127, 128, (16, k), device=DEV, dtype=torch.int8)
+            d16 = torch.empty(16, n, device=DEV, dtype=torch.bfloat16)
+
+            def gemm_calls():
+                for tt in tens:
+                    plan.run(tt["weight_cslt"], xq16, tt["weight_scale"], d16)
+            us = graph_us(gemm_calls, len(tens), reps)
+            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": "cslt_gemm_only", "us": round(us, 2)})
         line = " ".join(f"{r['impl']}={r['us']}" for r in rows if r["layer"] == f"{model}.{layer}" and r["M"] == m)
         print(f"{model}.{layer} M={m}: {line}", flush=True)
     return kern, tens
 
 
 def host_overhead(kern, t, k, m):
+    """Host us per call: perf_counter_ns around 100 back-to-back calls, enqueued behind a ~25 ms
+    GPU sleep so the GPU is busy and never stalls the host (pure enqueue cost); median of 5."""
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    for _ in range(20):
-        kern.apply(t, x, None)
-    torch.cuda.synchronize()
+    labels = [("apply", lambda: kern.apply(t, x, None)),
+              ("triton_path_custom_op", lambda: torch.ops.sparse24.cuda_w8a8_linear(
+                  x, t["weight_cslt"], t["weight_scale"], None, kern.handle))]
+    if kern._ext_set is not None:
+        labels.insert(1, ("ext_op_dispatcher", lambda: torch.ops.sparse24_ext.linear.default(
+            x, t["weight_cslt"], t["weight_scale"], None, kern._ext_set)))
+        labels.insert(1, ("ext_direct", lambda: kern._ext_direct(
+            x, t["weight_cslt"], t["weight_scale"], None, kern._ext_set)))
     res = {}
-    for label, f in [("apply", lambda: kern.apply(t, x, None)),
-                     ("custom_op", lambda: torch.ops.sparse24.cuda_w8a8_linear(
-                         x, t["weight_cslt"], t["weight_scale"], None, kern.handle))]:
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
+    for label, f in labels:
+        for _ in range(20):
             f()
-        t1 = time.perf_counter()
         torch.cuda.synchronize()
-        res[label] = (t1 - t0) / n * 1e6
+        samples = []
+        for _ in range(5):
+            torch.cuda._sleep(50_000_000)
+            n = 100
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                f()
+            t1 = time.perf_counter_ns()
+            torch.cuda.synchronize()
+            samples.append((t1 - t0) / n / 1e3)
+        res[label] = sorted(samples)[2]
     return res
 
 
@@ -189,12 +211,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
     ap.add_argument("--quick", action="store_true", help="fewer M values")
+    ap.add_argument("--ms", default="", help="comma-separated M values (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_SPARSE24_MAX_TOKENS", "8192")
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
     date = datetime.date.today().isoformat()
     rows, info = [], {}
     ms = [1, 16, 1024, 8192] if args.quick else MS
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.2f} TB/s (read+written)", flush=True)
     overhead, decode_bw = {}, {}
@@ -207,6 +232,9 @@ def main():
             g1 = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "sparse24_graph" and r["M"] == 1]
             if g1:
                 decode_bw[name] = n * k * 5 / 8 / g1[0] / 1e6
+            gg = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "cslt_gemm_only"]
+            if gg:
+                decode_bw[name + " (GEMM alone, M=16)"] = n * k * 5 / 8 / gg[0] / 1e6
             print(f"{name}: host us/call {overhead[name]}; decode M=1 bandwidth "
                   f"{decode_bw.get(name, 0):.2f} TB/s = {decode_bw.get(name, 0) / bw:.0%} of copy", flush=True)
             del kern, tens

@@ -18,8 +18,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 os.environ.setdefault("VLLM_SPARSE24_MAX_TOKENS", "1024")  # fewer plans to build in tests
+os.environ.setdefault("VLLM_SPARSE24_COLD_SEARCH", "0")  # tested once below (test_cold_search)
 
-from vllm_sparse24.kernels.cuda import layout  # noqa: E402
+from vllm_sparse24.kernels.cuda import ext, layout  # noqa: E402
 from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel  # noqa: E402
 from vllm_sparse24.kernels.cuda.quant_kernel import quantize_per_token  # noqa: E402
 from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
@@ -118,9 +119,9 @@ def test_both_paths_at_every_small_m(monkeypatch):
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
             ref = reference(x, w, ws, None)
             kern.state.threshold = 64
-            dec = kern.apply(t, x, None)
+            dec = kern.run(x, t["weight_cslt"], t["weight_scale"], None)  # the Triton path's dispatch
             kern.state.threshold = 0
-            pre = kern.apply(t, x, None)
+            pre = kern.run(x, t["weight_cslt"], t["weight_scale"], None)
             assert rel_err(dec, ref) < 4e-3, m
             assert rel_err(pre, ref) < 8e-3, m
     finally:
@@ -180,3 +181,53 @@ def test_memory_and_errors():
         Sparse24CudaKernel(100, 64, True, "model.layers.0.q_proj")
     with pytest.raises(TypeError, match="test.layer.*bfloat16 or float16"):
         kern.apply(t, torch.randn(4, k, device=DEV), None)
+
+
+def _nvcc_present() -> bool:
+    import shutil
+
+    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+def test_ext_path_used_and_matches_triton_path():
+    """The C++ op (path ext) is built where nvcc is, and agrees with the Triton + ctypes path."""
+    n, k = 768, 2048
+    gen = torch.Generator().manual_seed(21)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    if kern.describe()["path"] != "ext":
+        if _nvcc_present() and ext.enabled():
+            pytest.fail(f"extension did not build: {ext.error()}")
+        pytest.skip(f"no extension: {ext.error()}")
+    for dt in (torch.bfloat16, torch.float16):
+        bias = torch.randn(n, generator=gen).to(dt).to(DEV)
+        for m in [1, 2, 5, 16, 31, 129, 1024, 1025, 2500]:
+            for b in (None, bias):
+                x = (torch.randn(m, k, generator=gen) * 2).to(dt).to(DEV)
+                x[0] = 0  # an all-zero token
+                got = kern.apply(t, x, b)
+                tri = kern.run(x, t["weight_cslt"], t["weight_scale"], b)
+                assert got.shape == (m, n) and got.dtype == dt and torch.isfinite(got).all()
+                ref = reference(x, w, ws, b)
+                assert rel_err(got, ref) < 8e-3, (dt, m)
+                # same quantization and GEMM: at most an output rounding apart
+                assert rel_err(got, tri) < 4e-3, (dt, m)
+    # a strided view (row stride > K) and a 3-D input
+    xb = torch.randn(7, 2 * k, generator=gen).to(torch.bfloat16).to(DEV)[:, :k]
+    assert rel_err(kern.apply(t, xb, None), reference(xb, w, ws, None)) < 8e-3
+    x3 = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16).to(DEV)
+    assert kern.apply(t, x3, None).shape == (2, 3, n)
+
+
+def test_cold_search(monkeypatch):
+    monkeypatch.setenv("VLLM_SPARSE24_COLD_SEARCH", "1")
+    n, k = 320, 640
+    gen = torch.Generator().manual_seed(23)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    assert set(kern.state.cold) == {16, 32, 48, 64}
+    for m in [1, 9, 16, 40, 64]:
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        assert rel_err(kern.apply(t, x, None), reference(x, w, ws, None)) < 8e-3, m

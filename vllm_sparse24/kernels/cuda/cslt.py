@@ -83,6 +83,7 @@ class _Lib:
             "cusparseLtMatmulGetWorkspace": [vp, vp, vp],
             "cusparseLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32],
             "cusparseLtMatmulSearch": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32],
+            "cusparseLtMatmulPlanDestroy": [vp],
         }
         for name, args in sig.items():
             fn = getattr(self.lib, name)
@@ -176,6 +177,66 @@ class SparseInt8Plan:
         self.workspace = self._workspace()
         self._ws_ptr = self.workspace.data_ptr()
         torch.cuda.synchronize(self.device)
+
+    def _configure(self, alg_id: int, split_k: int) -> bool:
+        """Rebuild alg selection + plan for (alg_id, split_k); False (state unchanged) if rejected."""
+        L = lib()
+        h, f = L.handle.ptr, L.lib
+        alg, plan = _Opaque(), _Opaque()
+        L.check(f.cusparseLtMatmulAlgSelectionInit(h, alg.ptr, self.mm.ptr, 0), "alg selection")
+        a, s = ctypes.c_int(alg_id), ctypes.c_int(split_k)
+        if f.cusparseLtMatmulAlgSetAttribute(h, alg.ptr, ALG_CONFIG_ID, ctypes.byref(a), 4):
+            return False
+        if split_k > 1 and f.cusparseLtMatmulAlgSetAttribute(h, alg.ptr, ALG_SPLIT_K, ctypes.byref(s), 4):
+            return False
+        if f.cusparseLtMatmulPlanInit(h, plan.ptr, self.mm.ptr, alg.ptr):
+            return False
+        self.alg, self.plan = alg, plan
+        self.workspace = self._workspace()
+        self._ws_ptr = self.workspace.data_ptr()
+        self.alg_id, self.split_k = alg_id, split_k
+        return True
+
+    def max_alg_id(self) -> int:
+        L = lib()
+        v = ctypes.c_int(0)
+        L.check(L.lib.cusparseLtMatmulAlgGetAttribute(L.handle.ptr, self.alg.ptr, ALG_CONFIG_MAX_ID,
+                                                      ctypes.byref(v), 4), "max alg id")
+        return int(v.value)
+
+    def search_cold(self, w_buf: torch.Tensor, alpha: torch.Tensor, split_ks=(1, 2, 3, 4, 6, 8), reps: int = 7) -> dict:
+        """Pick (alg_id, split_k) by timing each with the weight evicted from L2 before every run
+        (as in serving, where a layer's weight is never L2-resident). cusparseLtMatmulSearch times
+        back-to-back runs on one weight that then sits in L2, which misleads for small M (memory
+        bound). Used for the small (decode) buckets. Returns {(alg, split_k): us}."""
+        xq = torch.randint(-127, 128, (self.m_pad, self.k), dtype=torch.int8, device=self.device)
+        d = torch.empty(self.m_pad, self.n, dtype=torch.bfloat16, device=self.device)
+        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+        flush = torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=self.device)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        timings, best = {}, None
+        for alg_id in range(self.max_alg_id()):
+            for sk in split_ks:
+                if not self._configure(alg_id, sk):
+                    continue
+                try:
+                    self.run(w_buf, xq, alpha, d)
+                except CusparseLtError:
+                    continue
+                for s, e in ev:
+                    flush.max()  # evict by reading (a memset left dirty lines whose write-back slowed the run)
+                    s.record()
+                    self.run(w_buf, xq, alpha, d)
+                    e.record()
+                torch.cuda.synchronize(self.device)
+                us = sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
+                timings[(alg_id, sk)] = us
+                if best is None or us < best[0]:
+                    best = (us, alg_id, sk)
+        if best is None or not self._configure(best[1], best[2]):
+            raise CusparseLtError(f"no usable cuSPARSELt algorithm for m_pad={self.m_pad}, n={self.n}, k={self.k}")
+        torch.cuda.synchronize(self.device)
+        return timings
 
     def run(self, w_buf: torch.Tensor, xq: torch.Tensor, alpha: torch.Tensor, d: torch.Tensor) -> None:
         """xq int8 [m_pad, k], d bf16 [m_pad, n]; enqueued on the current stream, no sync.

@@ -1,10 +1,15 @@
 """Sparse24CudaKernel: 2:4 W8A8 linear on NVIDIA sm80+ with ONE resident weight copy.
 
 The resident weight is cuSPARSELt's compressed buffer (values ++ metadata, 0.625 B/weight).
-  * M <= threshold tokens: Triton decode kernel reading that buffer (decode_kernel.py);
-  * more tokens: cuSPARSELt through cached plans (cslt.py), M padded to a bucket, then one
-    epilogue pass for the token scale and bias (epilogue_kernel.py).
-Activations are quantized per token by one Triton kernel (quant_kernel.py). The threshold,
+Default (every M): cuSPARSELt through cached plans (cslt.py), M padded to a bucket; plans of the
+small (decode) buckets get their alg_id / split-k from a cold-weight search (search_cold), the
+others from cusparseLtMatmulSearch. Two implementations of one call, chosen at prepare():
+  * path "ext" (ext.py, sparse24_ext.cu): ONE C++ op ``sparse24_ext::linear`` = CUDA per-token
+    quant + cusparseLtMatmul + CUDA epilogue; needs nvcc + ninja once (built on first use);
+  * path "triton" (fallback, no compiler): Triton quant (quant_kernel.py) + ctypes
+    cusparseLtMatmul + Triton epilogue (epilogue_kernel.py) inside ``sparse24::cuda_w8a8_linear``.
+Opt-in (VLLM_SPARSE24_DECODE=1, path "triton" only): Triton decode kernel reading the same buffer
+for M <= threshold (decode_kernel.py; correct but slower than cuSPARSELt on H100). The threshold,
 the decode config and every prefill plan (with its searched alg_id / split-k) are measured
 and built in prepare(), per (N, K), so serving never builds a plan. The dispatch happens at
 run time inside the custom op ``sparse24::cuda_w8a8_linear`` (torch.compile sees one opaque
@@ -19,7 +24,7 @@ import os
 import torch
 
 from ..base import W8A8LinearKernel
-from . import cslt
+from . import cslt, ext
 from .decode_kernel import DecodeConfig, candidate_configs, sparse24_decode
 from .epilogue_kernel import token_scale_bias
 from .layout import check_shape, meta_block_rows
@@ -27,6 +32,7 @@ from .quant_kernel import quantize_per_token_into
 
 DECODE_MAX_TOKENS = 64  # the decode kernel's largest BLOCK_M; the measured threshold is <= this
 THRESHOLD_CANDIDATES = (8, 16, 32, 48, 64)
+COLD_SEARCH_MAX = 64  # buckets <= this (memory bound) get their algorithm from search_cold
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -45,15 +51,29 @@ def max_prefill_tokens() -> int:
 
 
 def _time_us(fn, iters: int = 10) -> float:
+    """GPU us per call of fn, from replays of a CUDA graph of `iters` calls (host launch cost
+    excluded, as in serving under CUDA graphs; eager timing was host-bound and misled the tuner)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    times = []
     for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    del g
+    return sorted(times)[1]
 
 
 class _ShapeState:
@@ -65,6 +85,8 @@ class _ShapeState:
         self.decode_cfg: DecodeConfig | None = None
         self.threshold = 0
         self.timings: dict[str, float] = {}
+        self.ext_set: int | None = None  # plan-set id in the C++ extension (path "ext")
+        self.cold: dict[int, float] = {}  # bucket -> us of the cold-searched algorithm
 
 
 _SHAPES: dict[tuple[int, int, int], _ShapeState] = {}
@@ -93,6 +115,7 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         self.handle = len(_KERNELS)
         _KERNELS.append(self)
         self.state: _ShapeState | None = None
+        self._ext_set: int | None = None
         self.meta_block_rows = meta_block_rows(n)
 
     @classmethod
@@ -122,8 +145,16 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         _workspace(weight.device, self.n)
         key = (self.n, self.k, weight.device.index or 0)
         if key not in _SHAPES:
-            _SHAPES[key] = self._tune(buf, ws, weight.device)
+            st = self._tune(buf, ws, weight.device)
+            if st.threshold == 0 and ext.build():
+                ext.register_fake()
+                st.ext_set = ext.register(self.n, self.k, st.plans)
+            _SHAPES[key] = st
         self.state = _SHAPES[key]
+        self._ext_set = self.state.ext_set
+        if self._ext_set is not None:
+            self._ext_op = torch.ops.sparse24_ext.linear.default
+            self._ext_direct = ext.direct()
         return {"weight_cslt": buf, "weight_scale": ws}
 
     def _tune(self, buf: torch.Tensor, ws: torch.Tensor, device: torch.device) -> _ShapeState:
@@ -131,7 +162,11 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         st.buckets = prefill_buckets(max_prefill_tokens())
         for m_pad in st.buckets:
             plan = cslt.SparseInt8Plan(m_pad, self.n, self.k, device)
-            plan.search(buf, ws)
+            if m_pad <= COLD_SEARCH_MAX and os.environ.get("VLLM_SPARSE24_COLD_SEARCH", "1") != "0":
+                t = plan.search_cold(buf, ws)
+                st.cold[m_pad] = round(t[(plan.alg_id, plan.split_k)], 2)
+            else:
+                plan.search(buf, ws)
             st.plans[m_pad] = plan
         # The Triton decode kernel is correct (memcheck-clean, tests pass on H100) but slower than
         # cuSPARSELt on the Llama-3-8B shapes (kernels-h100-2026-11-21.json), and the eager timing
@@ -174,6 +209,13 @@ class Sparse24CudaKernel(W8A8LinearKernel):
 
     # ---- run time -----------------------------------------------------------------------
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._ext_set is not None:  # one C++ op (the pybind entry when eager: no dispatcher)
+            if x.dtype not in MODEL_DTYPES:
+                raise TypeError(f"{self.layer_name}: activations must be bfloat16 or float16, got {x.dtype}")
+            x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
+            f = self._ext_op if torch.compiler.is_compiling() else self._ext_direct
+            out = f(x2, tensors["weight_cslt"], tensors["weight_scale"], bias, self._ext_set)
+            return out if x2 is x else out.reshape(*x.shape[:-1], self.n)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if torch.compiler.is_compiling():
@@ -257,11 +299,14 @@ class Sparse24CudaKernel(W8A8LinearKernel):
             "epilogue_launch": lambda: token_scale_bias(d, xs, None, d[:m]),
             "run_total": lambda: self.run(x, buf, ws, None),
         }
+        if self._ext_set is not None:
+            pieces["ext_op"] = lambda: self._ext_op(x, buf, ws, None, self._ext_set)
         res = {}
         for name, f in pieces.items():
             for _ in range(10):
                 f()
             torch.cuda.synchronize()
+            torch.cuda._sleep(50_000_000)  # keep the GPU busy: pure enqueue cost
             t0 = time.perf_counter_ns()
             for _ in range(iters):
                 f()
@@ -272,7 +317,8 @@ class Sparse24CudaKernel(W8A8LinearKernel):
 
     def describe(self) -> dict:
         st = self.state
-        return {"threshold": st.threshold, "decode_cfg": vars(st.decode_cfg) if st.decode_cfg else None,
+        return {"path": "ext" if self._ext_set is not None else "triton", "ext_error": ext.error(),
+                "cold_us": st.cold, "threshold": st.threshold, "decode_cfg": vars(st.decode_cfg) if st.decode_cfg else None,
                 "algs": {m: (p.alg_id, p.split_k) for m, p in st.plans.items()}, "timings": st.timings}
 
 
@@ -286,3 +332,4 @@ def cuda_w8a8_linear(x: torch.Tensor, weight_cslt: torch.Tensor, weight_scale: t
 @cuda_w8a8_linear.register_fake
 def _(x, weight_cslt, weight_scale, bias, handle):
     return x.new_empty((x.shape[0], weight_scale.shape[0]))
+
