@@ -6,6 +6,7 @@
 #   bash benchmarks/device_e2e.sh [accuracy] [serve] [throughput]        (default: all three)
 # Settings (environment):
 #   TP_ARGS        extra benchmarks/throughput.py args (default "--num-layers 16")
+#   ACC_RUNS       e2e_accuracy.py runs (default "cuda-bf16,torch-fp32"; cuda-bf16-tp2 needs 2 GPUs)
 #   BUDGET_S       seconds for the whole script (default 540); throughput gets what is left
 #   VLLM_SPARSE24_DECODE  passed through (unset = the plugin's default, cuSPARSELt for every M)
 set -u -o pipefail
@@ -69,7 +70,7 @@ for step in $STEPS; do
   case $step in
     accuracy)  # in-process engines: a first start on a fresh machine hung in the multiprocess engine once
       say "accuracy ($(left)s left)"
-      VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 300 python3 benchmarks/e2e_accuracy.py --out "$OUT" 2>&1 | quiet
+      VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 360 python3 benchmarks/e2e_accuracy.py --out "$OUT" --runs "${ACC_RUNS:-cuda-bf16,torch-fp32}" 2>&1 | quiet
       RC[$step]=${PIPESTATUS[0]} ;;
     serve)
       say "serve ($(left)s left)"

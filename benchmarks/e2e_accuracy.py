@@ -35,7 +35,11 @@ TEXTS = [
 RUNS = {
     "cuda-bf16": {"dtype": "bfloat16", "env": {}, "max_abs": 0.25, "mean_abs": 0.05},
     "torch-fp32": {"dtype": "float32", "env": {"VLLM_SPARSE24_KERNEL": "torch"}, "max_abs": 1e-3, "mean_abs": 1e-3},
+    "cuda-bf16-tp2": {"dtype": "bfloat16", "env": {}, "tp": 2, "max_abs": 0.25, "mean_abs": 0.05},
 }
+# TP=2 against TP=1 (both bf16, CUDA kernel): only the all-reduce order and bf16 rounding of the
+# partial sums differ; a wrong K shard of a row-parallel layer moves logprobs by whole nats
+TP_VS_TP1 = {"max_abs": 0.15, "mean_abs": 0.03}
 
 
 def child(args) -> None:
@@ -43,7 +47,8 @@ def child(args) -> None:
 
     spec = json.loads(Path(args.spec).read_text())
     llm = LLM(spec["model"], quantization="sparse24", dtype=spec["dtype"], max_model_len=512,
-              gpu_memory_utilization=0.3, seed=0, enforce_eager=spec.get("enforce_eager", False))
+              gpu_memory_utilization=0.3, seed=0, enforce_eager=spec.get("enforce_eager", False),
+              tensor_parallel_size=spec.get("tp", 1))
     outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["ids"]],
                         SamplingParams(max_tokens=16, prompt_logprobs=0, temperature=0.0))
     res = []
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.runs.split(","):
         run = RUNS[name]
         spec = {"model": str(work / "sparse24"), "dtype": run["dtype"], "ids": ids,
-                "enforce_eager": name == "torch-fp32"}
+                "enforce_eager": name == "torch-fp32", "tp": run.get("tp", 1)}
         (work / f"{name}.spec.json").write_text(json.dumps(spec))
         res_path = work / f"{name}.json"
         env = dict(os.environ, **run["env"])
@@ -120,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
               f"tol max {run['max_abs']} mean {run['mean_abs']} -> {'PASS' if passed else 'FAIL'}", flush=True)
         for g in summary["runs"][name]["greedy"]:
             print(f"    {g['prompt']!r} -> {g['completion']!r}", flush=True)
+    tp1, tp2 = work / "cuda-bf16.json", work / "cuda-bf16-tp2.json"
+    if tp1.exists() and tp2.exists():
+        a, b = (json.loads(p.read_text())["prompts"] for p in (tp1, tp2))
+        d = torch.cat([(torch.tensor(x["prompt_logprobs"]) - torch.tensor(y["prompt_logprobs"])).abs()
+                       for x, y in zip(a, b, strict=True)])
+        passed = d.max().item() <= TP_VS_TP1["max_abs"] and d.mean().item() <= TP_VS_TP1["mean_abs"]
+        ok &= passed
+        summary["tp2_vs_tp1"] = {"max_abs_diff": d.max().item(), "mean_abs_diff": d.mean().item(),
+                                 "tolerance": TP_VS_TP1, "passed": passed,
+                                 "same_greedy": [x["completion_ids"] == y["completion_ids"] for x, y in zip(a, b, strict=True)]}
+        print(f"[tp2 vs tp1] {summary['tp2_vs_tp1']}", flush=True)
     (out / "e2e-accuracy.json").write_text(json.dumps(summary, indent=2))
     return 0 if ok else 1
 
