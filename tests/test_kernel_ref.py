@@ -49,3 +49,18 @@ def test_choose_kernel_on_cpu_and_forced_unknown(monkeypatch):
     monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "nope")
     with pytest.raises(RuntimeError, match="layer.x: no sparse24 kernel.*VLLM_SPARSE24_KERNEL=nope"):
         choose_kernel(torch.device("cpu"), sparse=True, layer_name="layer.x")
+
+
+def test_choose_kernel_skips_kernels_without_the_model_dtype(monkeypatch):
+    import vllm_sparse24.kernels as K
+
+    class Bf16Only(TorchW8A8Kernel):
+        name = "bf16_only"
+        act_dtypes = (torch.bfloat16,)
+
+    monkeypatch.setattr(K, "_candidates", lambda: [Bf16Only, TorchW8A8Kernel])
+    assert choose_kernel(torch.device("cpu"), True, "l", torch.bfloat16) is Bf16Only
+    assert choose_kernel(torch.device("cpu"), True, "l", torch.float32) is TorchW8A8Kernel
+    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "bf16_only")
+    with pytest.raises(RuntimeError, match=r"l: no sparse24 kernel .*bf16_only: runs \['torch.bfloat16'\], the model is torch.float32"):
+        choose_kernel(torch.device("cpu"), True, "l", torch.float32)

@@ -93,6 +93,7 @@ class Sparse24LinearMethod(LinearMethodBase):
             ChannelQuantScaleParameter(data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader),
         )
         layer.sparse24_full_k = input_size
+        layer.sparse24_act_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         n, k = layer.output_size_per_partition, layer.input_size_per_partition
@@ -116,7 +117,7 @@ class Sparse24LinearMethod(LinearMethodBase):
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
         del layer.weight_scale
-        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name)
+        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name, layer.sparse24_act_dtype)
         self.kernel = kernel_cls(n, k, self.sparse, self.layer_name)
         resident = self.kernel.prepare(weight, scale)
         del weight

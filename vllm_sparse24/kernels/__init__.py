@@ -25,8 +25,11 @@ def _candidates() -> list[type[W8A8LinearKernel]]:
     return [*kernels, TorchW8A8Kernel]
 
 
-def choose_kernel(device: torch.device, sparse: bool, layer_name: str = "") -> type[W8A8LinearKernel]:
-    """First kernel that supports the device; ``VLLM_SPARSE24_KERNEL=<name>`` forces one."""
+def choose_kernel(
+    device: torch.device, sparse: bool, layer_name: str = "", act_dtype: torch.dtype | None = None
+) -> type[W8A8LinearKernel]:
+    """First kernel that supports the device and the model dtype; ``VLLM_SPARSE24_KERNEL=<name>``
+    forces one."""
     device = torch.device(device)
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
@@ -42,6 +45,8 @@ def choose_kernel(device: torch.device, sparse: bool, layer_name: str = "") -> t
         if forced and cls.name != forced:
             continue
         ok, why = cls.is_supported(device, sparse)
+        if ok and act_dtype is not None and cls.act_dtypes is not None and act_dtype not in cls.act_dtypes:
+            ok, why = False, f"runs {[str(d) for d in cls.act_dtypes]}, the model is {act_dtype}"
         if ok:
             return cls
         reasons.append(f"{cls.name}: {why}")

@@ -19,6 +19,8 @@ class UnsupportedDeviceError(RuntimeError):
 
 class W8A8LinearKernel(ABC):
     name: ClassVar[str]
+    # model (activation) dtypes the kernel runs; None = any
+    act_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
 
     def __init__(self, n: int, k: int, sparse: bool, layer_name: str) -> None:
         self.n, self.k, self.sparse, self.layer_name = n, k, sparse, layer_name

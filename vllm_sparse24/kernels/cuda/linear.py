@@ -108,6 +108,7 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 class Sparse24CudaKernel(W8A8LinearKernel):
     name = "sparse24_cuda"
+    act_dtypes = MODEL_DTYPES
 
     def __init__(self, n: int, k: int, sparse: bool, layer_name: str) -> None:
         super().__init__(n, k, sparse, layer_name)
