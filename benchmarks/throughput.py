@@ -111,6 +111,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from offline.export import write_dense_w8a8
     from offline.group import LinearResult
     from offline.model_walk import hf_config_dict
+    from offline.prune.magnitude import magnitude_24
     from vllm_sparse24 import checkpoint as ckpt
     from vllm_sparse24.format import pack_24
     from vllm_sparse24.quant import quantize_weight_per_channel
@@ -146,10 +147,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
                 q, s = quantize_weight_per_channel(wf)
                 int8_res[name] = LinearResult(name, "dense", "rtn", q.cpu(), s.cpu(), 0.0, 0.0, 0.0)
             if want["sparse24"]:
-                grp = wf.reshape(n, -1, 4)
-                drop = grp.abs().topk(2, dim=-1, largest=False).indices
-                ws = grp.scatter(-1, drop, 0.0).reshape(n, k)
-                q, s = quantize_weight_per_channel(ws)
+                q, s = quantize_weight_per_channel(magnitude_24(wf, name=name))
                 values, bitmask = pack_24(q, name=name)  # on the GPU (the 2:4 mask's topk is slow on CPU)
                 sparse_tensors[f"{name}.weight_packed"] = values.cpu()
                 sparse_tensors[f"{name}.weight_bitmask"] = bitmask.cpu()

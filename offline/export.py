@@ -111,13 +111,11 @@ def write_dense_w8a8(
     dtype: torch.dtype,
     overwrite: bool = False,
 ) -> Path:
-    skip = {f"{n}.weight" for n in results}
-    tensors = _float_tensors(model, skip, dtype)
     for name, r in results.items():
         if r.kind != "dense":
             raise ValueError(f"{name}: dense-w8a8 export got a {r.kind} layer")
-        tensors[f"{name}.weight"] = r.q.contiguous()
-        tensors[f"{name}.weight_scale"] = r.scale.float().contiguous()
+    # int-quantized stores dense layers exactly as sparse24 does: weight int8 + weight_scale
+    tensors = sparse24_tensors(model, results, dtype)
     with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
         ckpt.save_safetensors_shards(tensors, tmp)
         cfg = hf_config_dict(model, dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sparse24.quant import QMAX, int8_scale, quantize_weight_per_channel
+from vllm_sparse24.quant import QMAX, int8_scale, quantize_weight_per_channel, quantize_with_scale
 
 __all__ = ["QMAX", "channel_scale", "dequantize", "quantize_with_scale", "quantize_weight_per_channel", "round_to_grid"]
 
@@ -20,12 +20,7 @@ def channel_scale(weight: torch.Tensor) -> torch.Tensor:
 
 def round_to_grid(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The nearest point of the int8 grid ``scale * {-127..127}`` (float, same shape)."""
-    return torch.round(weight.float() / scale).clamp_(-QMAX, QMAX) * scale
-
-
-def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] codes of ``weight`` on a given per-channel ``scale`` [N, 1]."""
-    return torch.round(weight.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return quantize_with_scale(weight, scale).float() * scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

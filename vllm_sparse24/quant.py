@@ -18,18 +18,21 @@ def int8_scale(absmax: torch.Tensor) -> torch.Tensor:
     return (absmax.float() / QMAX).clamp_min(_MIN_SCALE)
 
 
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of ``x`` on the grid ``scale * {-127..127}`` (scale broadcasts against x)."""
+    return torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (q int8 [N, K], scale float32 [N, 1]); zeros stay zeros."""
     scale = int8_scale(w.abs().amax(dim=1, keepdim=True))
-    q = torch.round(w.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    return quantize_with_scale(w, scale), scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q int8 [..., K], scale float32 [..., 1])."""
     scale = int8_scale(x.abs().amax(dim=-1, keepdim=True))
-    q = torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    return quantize_with_scale(x, scale), scale
 
 
 def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:

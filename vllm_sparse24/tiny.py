@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from offline.prune.magnitude import magnitude_24
+
 from .format import pack_24
 from .quant import quantize_weight_per_channel
 from .schema import Sparse24Scheme
@@ -74,10 +76,7 @@ def compress_state(model, legacy: bool = False) -> tuple[dict[str, torch.Tensor]
     for name, p in model.state_dict().items():
         prefix = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in LINEARS:
-            w = p.float()
-            g = w.reshape(w.shape[0], -1, 4)
-            drop = g.abs().topk(2, dim=-1, largest=False).indices
-            w = g.scatter(-1, drop, 0.0).reshape(w.shape)
+            w = magnitude_24(p, name=prefix)
             q, scale = quantize_weight_per_channel(w)
             values, bitmask = pack_24(q, name=prefix)
             if legacy:
