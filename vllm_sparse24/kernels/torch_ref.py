@@ -4,7 +4,7 @@ The int8 x int8 products are summed in a float32 GEMM of integer-valued operands
 product (|q| <= 127) is exact and the sum is exact up to 2^24, i.e. K <= 1040 terms at
 full range; beyond that the float32 rounding (~6e-8 relative) is far below the int8 error.
 Why not an int8 GEMM here: on the AVX2-only CPU of our CI, vLLM's oneDNN int8 kernel
-returned ~14% relative error (int16 saturation in vpmaddubsw without VNNI) and
+returned ~14% relative error (likely int16 saturation in vpmaddubsw without VNNI) and
 ``torch._int_mm`` ran 30x slower than the float32 GEMM (see README, "CPU path").
 """
 
