@@ -28,9 +28,28 @@ if "--ext" in sys.argv:
             bias = torch.randn(n, device="cuda").to(dt)
             out = kern.apply(t, x, bias)
             torch.cuda.synchronize()
-            q, s = quantize_per_token(x)
-            ref = (q.double() @ w.double().t()) * s.double() * ws.double().reshape(1, -1) + bias.double()
+            if kern.activations_quantized(m):
+                q, s = quantize_per_token(x)
+                acc = (q.double() @ w.double().t()) * s.double()
+            else:  # the C++ decode kernel: W8A16
+                acc = x.double() @ w.double().t()
+            ref = acc * ws.double().reshape(1, -1) + bias.double()
             print(dt, m, "rel err", float((out.double() - ref).norm() / ref.norm()), flush=True)
+    print("ext_decode", kern.describe()["ext_decode"], flush=True)
+    worst = [0.0, 0.0]
+    for dt in (torch.bfloat16, torch.float16):  # the decode kernel alone, every config
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device="cuda").to(dt)
+            bias = torch.randn(n, device="cuda").to(dt)
+            ref = (x.double() @ w.double().t()) * ws.double().reshape(1, -1) + bias.double()
+            for kind in (0, 1):
+                for rows in (16, 32, 64):
+                    for warps in (1, 3, 16):
+                        out = ext.decode_direct()(x, t["weight_cslt"], t["weight_scale"], bias, rows, warps, 64, kind)
+                        torch.cuda.synchronize()
+                        err = float((out.double() - ref).norm() / ref.norm())
+                        worst[kind] = max(worst[kind], err)
+    print("decode kernels (0: dense mma, 1: mma.sp), every config: worst rel err", worst, flush=True)
     sys.exit(0)
 from vllm_sparse24.kernels.cuda import cslt, layout  # noqa: E402
 from vllm_sparse24.kernels.cuda.decode_kernel import DecodeConfig, sparse24_decode  # noqa: E402

@@ -27,7 +27,7 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "## pytest tests/test_gpu_kernels.py tests/test_cslt_layout.py" >> "$LOG"
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py tests/test_cslt_layout.py 2>&1 \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_cslt_layout.py 2>&1 \
     | tee "$OUT/tests.log" | tail -30
   cat "$OUT/tests.log" >> "$LOG"
   TESTS=$(tail -1 "$OUT/tests.log")

@@ -1,7 +1,8 @@
 """The C++/CUDA prefill op (sparse24_ext.cu): quant + cusparseLtMatmul + epilogue in ONE op.
 
 Which path a layer uses (Sparse24CudaKernel.describe()["path"] says it):
-  * ``ext``: this extension. Needs, on the serving machine: nvcc (CUDA toolkit, matching torch's
+  * ``ext``: this extension; for M <= 16 (where it measured faster than cuSPARSELt, per shape) its
+    decode kernel: W8A16 dense mma on the same compressed buffer, one launch, no quant pass. Needs, on the serving machine: nvcc (CUDA toolkit, matching torch's
     CUDA major version) and ninja, used once by ``torch.utils.cpp_extension.load`` on the first
     prepare() (~1 min; cached in $VLLM_SPARSE24_EXT_DIR or ~/.cache/vllm_sparse24/ext, keyed by
     source hash, torch version and GPU arch). No cuSPARSELt header or link: the plans are built
@@ -22,7 +23,9 @@ import torch
 
 from . import cslt
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse24_ext.cu")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SRC = os.path.join(_HERE, "sparse24_ext.cu")
+_SRCS = [_SRC, os.path.join(_HERE, "sparse24_ext_py.cpp")]
 _STATE: dict = {"tried": False, "ok": False, "error": None, "mod": None}
 _LOCK = threading.Lock()
 
@@ -34,8 +37,11 @@ def enabled() -> bool:
 def _build_dir() -> str:
     import hashlib
 
-    with open(_SRC, "rb") as f:
-        h = hashlib.sha1(f.read()).hexdigest()[:10]
+    sha = hashlib.sha1()
+    for src in _SRCS:
+        with open(src, "rb") as f:
+            sha.update(f.read())
+    h = sha.hexdigest()[:10]
     cap = torch.cuda.get_device_capability()
     tag = f"{torch.__version__.replace('+', '_')}_sm{cap[0]}{cap[1]}_{h}"
     root = os.environ.get("VLLM_SPARSE24_EXT_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vllm_sparse24", "ext"))
@@ -61,7 +67,7 @@ def build(verbose: bool = False) -> bool:
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
             # a Python module (pybind entry `linear` for eager calls, no dispatcher) that also
             # registers the TORCH_LIBRARY ops (torch.compile, CUDA graphs via torch.ops)
-            _STATE["mod"] = load(name="sparse24_ext", sources=[_SRC], build_directory=_build_dir(),
+            _STATE["mod"] = load(name="sparse24_ext", sources=_SRCS, build_directory=_build_dir(),
                                  extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=verbose)
             L = cslt.lib()
             torch.ops.sparse24_ext.set_lib(_addr(L.lib.cusparseLtMatmul), int(L.handle.ptr.value))
@@ -80,8 +86,33 @@ def _addr(fn) -> int:
 
 
 def direct():
-    """The pybind entry point: same function as torch.ops.sparse24_ext.linear, no dispatcher."""
+    """The pybind entry point: same function as torch.ops.sparse24_ext.linear, no dispatcher. It returns
+    None on bad arguments (it throws nothing, see sparse24_ext_py.cpp): callers raise ``last_error()``."""
     return _STATE["mod"].linear
+
+
+def last_error() -> str:
+    return _STATE["mod"].last_error()
+
+
+def decode_direct():
+    """The M <= 16 kernels alone (tuning, tests), raising RuntimeError on bad arguments."""
+    mod = _STATE["mod"]
+
+    def decode(*args):
+        out = mod.decode(*args)
+        if out is None:
+            raise RuntimeError(mod.last_error())
+        return out
+
+    return decode
+
+
+def set_decode(plan_set: int, max_m: int, meta_rows: int, rows_per_block: tuple[int, int],
+               warps: tuple[int, int], kinds: tuple[int, int]) -> None:
+    """Make ``linear`` of this plan set run the decode kernel for M <= max_m (configs for M <= 8, <= 16;
+    kind 0: dense mma on register-decoded tiles, 1: sparse mma.sp)."""
+    torch.ops.sparse24_ext.set_decode(plan_set, max_m, meta_rows, list(rows_per_block), list(warps), list(kinds))
 
 
 def error() -> str | None:
@@ -106,6 +137,10 @@ def register_fake() -> None:
 
     @torch.library.register_fake("sparse24_ext::linear")
     def _(x, w_cslt, w_scale, bias, plan_set):
+        return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+    @torch.library.register_fake("sparse24_ext::decode")
+    def _(x, w_cslt, w_scale, bias, rows_per_block, warps, meta_rows, kind):
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     _FAKE_REGISTERED = True

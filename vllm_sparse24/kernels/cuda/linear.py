@@ -5,10 +5,13 @@ Default (every M): cuSPARSELt through cached plans (cslt.py), M padded to a buck
 small (decode) buckets get their alg_id / split-k from a cold-weight search (search_cold), the
 others from cusparseLtMatmulSearch. Two implementations of one call, chosen at prepare():
   * path "ext" (ext.py, sparse24_ext.cu): ONE C++ op ``sparse24_ext::linear`` = CUDA per-token
-    quant + cusparseLtMatmul + CUDA epilogue; needs nvcc + ninja once (built on first use);
+    quant + cusparseLtMatmul + CUDA epilogue; needs nvcc + ninja once (built on first use).
+    For M <= 16, where measured faster per shape (``ext_decode``), the op runs its decode kernel
+    instead: W8A16 (activations stay bf16/fp16, int8 weight decoded in registers, dense mma), one
+    launch on the same compressed buffer (see sparse24_ext.cu);
   * path "triton" (fallback, no compiler): Triton quant (quant_kernel.py) + ctypes
     cusparseLtMatmul + Triton epilogue (epilogue_kernel.py) inside ``sparse24::cuda_w8a8_linear``.
-Opt-in (VLLM_SPARSE24_DECODE=1, path "triton" only): Triton decode kernel reading the same buffer
+VLLM_SPARSE24_DECODE=0 turns the C++ decode kernel off. Opt-in (=1, path "triton" only): Triton decode kernel reading the same buffer
 for M <= threshold (decode_kernel.py; correct but slower than cuSPARSELt on H100). The threshold,
 the decode config and every prefill plan (with its searched alg_id / split-k) are measured
 and built in prepare(), per (N, K), so serving never builds a plan. The dispatch happens at
@@ -30,7 +33,8 @@ from .epilogue_kernel import token_scale_bias
 from .layout import check_shape, meta_block_rows
 from .quant_kernel import quantize_per_token_into
 
-DECODE_MAX_TOKENS = 64  # the decode kernel's largest BLOCK_M; the measured threshold is <= this
+DECODE_MAX_TOKENS = 64  # the Triton decode kernel's largest BLOCK_M; the measured threshold is <= this
+EXT_DECODE_MAX = 16  # the C++ decode kernel: two n-tiles of 8 tokens
 THRESHOLD_CANDIDATES = (8, 16, 32, 48, 64)
 COLD_SEARCH_MAX = 64  # buckets <= this (memory bound) get their algorithm from search_cold
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -76,6 +80,25 @@ def _time_us(fn, iters: int = 10) -> float:
     return sorted(times)[1]
 
 
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=device)
+
+
+def _time_cold_us(fn, flush: torch.Tensor, reps: int = 7) -> float:
+    """GPU us of one call with its weight evicted from L2 first (a layer's weight is never
+    L2-resident when serving); CUDA events, median of reps."""
+    fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        flush.max()  # evict by reading (a memset leaves dirty lines whose write-back slows the run)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
+
+
 class _ShapeState:
     """Per (N, K, device): plans, decode config, threshold (shared by layers of that shape)."""
 
@@ -87,6 +110,7 @@ class _ShapeState:
         self.timings: dict[str, float] = {}
         self.ext_set: int | None = None  # plan-set id in the C++ extension (path "ext")
         self.cold: dict[int, float] = {}  # bucket -> us of the cold-searched algorithm
+        self.ext_decode: dict = {}  # the C++ decode kernel: max_m and (rows per block, warps) per n-tiles
 
 
 _SHAPES: dict[tuple[int, int, int], _ShapeState] = {}
@@ -150,6 +174,8 @@ class Sparse24CudaKernel(W8A8LinearKernel):
             if st.threshold == 0 and ext.build():
                 ext.register_fake()
                 st.ext_set = ext.register(self.n, self.k, st.plans)
+                if os.environ.get("VLLM_SPARSE24_DECODE", "") != "0":
+                    self._tune_ext_decode(st, buf, ws, weight.device)
             _SHAPES[key] = st
         self.state = _SHAPES[key]
         self._ext_set = self.state.ext_set
@@ -204,6 +230,46 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         torch.cuda.synchronize(device)
         return st
 
+    def _tune_ext_decode(self, st: _ShapeState, buf: torch.Tensor, ws: torch.Tensor, device: torch.device) -> None:
+        """The C++ op's decode kernels (M <= 16): pick (kind, rows per block, warps) for M <= 8 and M <= 16
+        by cold-L2 timing, then the largest of 8, 16 up to which the pick beats the cuSPARSELt path (timed
+        the same way); the plan set keeps them, so serving only compares M with a number. A kind whose
+        output disagrees with the dense-mma kernel (kind 0, the tested one) on this weight is not used."""
+        dec, lin = ext.decode_direct(), ext.direct()  # lin: arguments made here, never None
+        x = torch.randn(EXT_DECODE_MAX, self.k, dtype=torch.bfloat16, device=device)
+        flush = _flush_buffer(device)
+        mb = self.meta_block_rows
+        kinds = [0]
+        ref = dec(x, buf, ws, None, 16, 4, mb, 0).double()
+        got = dec(x, buf, ws, None, 16, 4, mb, 1).double()
+        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        st.timings["ext_decode_sp_vs_dense_rel_err"] = err
+        if err < 1e-2:
+            kinds.append(1)
+        configs = [(kd, r, w) for kd in kinds for r in (16, 32, 64) if self.n % r == 0 for w in (4, 8, 16)]
+        best, beats = {}, {}
+        for m in (8, EXT_DECODE_MAX):
+            times = {c: _time_cold_us(lambda c=c, m=m: dec(x[:m], buf, ws, None, c[1], c[2], mb, c[0]), flush)
+                     for c in configs}
+            cfg = min(times, key=times.get)
+            t_cslt = _time_cold_us(lambda m=m: lin(x[:m], buf, ws, None, st.ext_set), flush)
+            best[m] = cfg
+            beats[m] = times[cfg] < t_cslt
+            st.timings[f"ext_decode_m{m}"] = round(times[cfg], 2)
+            st.timings[f"ext_decode_m{m}_dense_best"] = round(min(v for c, v in times.items() if c[0] == 0), 2)
+            st.timings[f"ext_cslt_m{m}"] = round(t_cslt, 2)
+        max_m = (EXT_DECODE_MAX if beats[EXT_DECODE_MAX] else 8) if beats[8] else 0
+        b8, b16 = best[8], best[EXT_DECODE_MAX]
+        ext.set_decode(st.ext_set, max_m, mb, (b8[1], b16[1]), (b8[2], b16[2]), (b8[0], b16[0]))
+        st.ext_decode = {"max_m": max_m, "m8": b8, f"m{EXT_DECODE_MAX}": b16, "kinds": kinds}
+        torch.cuda.synchronize(device)
+
+    def activations_quantized(self, m: int) -> bool:
+        """False where M tokens take the C++ decode kernel (W8A16: bf16/fp16 activations, exact
+        products), True for the W8A8 paths (per-token int8 activations)."""
+        st = self.state
+        return not (self._ext_set is not None and st is not None and m <= st.ext_decode.get("max_m", 0))
+
     @staticmethod
     def _bucket_of(st: _ShapeState, m: int) -> int:
         return st.buckets[bisect.bisect_left(st.buckets, m)]
@@ -214,8 +280,12 @@ class Sparse24CudaKernel(W8A8LinearKernel):
             if x.dtype not in MODEL_DTYPES:
                 raise TypeError(f"{self.layer_name}: activations must be bfloat16 or float16, got {x.dtype}")
             x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
-            f = self._ext_op if torch.compiler.is_compiling() else self._ext_direct
-            out = f(x2, tensors["weight_cslt"], tensors["weight_scale"], bias, self._ext_set)
+            if torch.compiler.is_compiling():
+                out = self._ext_op(x2, tensors["weight_cslt"], tensors["weight_scale"], bias, self._ext_set)
+            else:
+                out = self._ext_direct(x2, tensors["weight_cslt"], tensors["weight_scale"], bias, self._ext_set)
+                if out is None:  # bad arguments (the entry point throws nothing)
+                    raise RuntimeError(f"{self.layer_name}: {ext.last_error()}")
             return out if x2 is x else out.reshape(*x.shape[:-1], self.n)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -319,6 +389,7 @@ class Sparse24CudaKernel(W8A8LinearKernel):
     def describe(self) -> dict:
         st = self.state
         return {"path": "ext" if self._ext_set is not None else "triton", "ext_error": ext.error(),
+                "ext_decode": st.ext_decode,
                 "cold_us": st.cold, "threshold": st.threshold, "decode_cfg": vars(st.decode_cfg) if st.decode_cfg else None,
                 "algs": {m: (p.alg_id, p.split_k) for m, p in st.plans.items()}, "timings": st.timings}
 

@@ -10,6 +10,11 @@
 //   set_lib(int matmul_fn, int handle) -> ()
 //   register_plans(int n, int k, int[] m_pads, int[] plans, int[] workspaces) -> int   (plan-set id)
 //   linear(Tensor x, Tensor w_cslt, Tensor w_scale, Tensor? bias, int plan_set) -> Tensor
+//   set_decode(int plan_set, int max_m, int meta_rows, int[] rows_per_block, int[] warps, int[] kinds) -> ()
+//   decode(Tensor x, Tensor w_cslt, Tensor w_scale, Tensor? bias, int rows_per_block, int warps,
+//          int meta_rows, int kind) -> Tensor  (the M <= 16 kernel alone: tuning, tests)
+// linear with M <= the plan set's decode_max_m runs a decode kernel (W8A16, see decode_kernel and
+// decode_sp_kernel) instead.
 // linear: x [M, K] bf16/fp16 (unit stride in K) -> [M, N] in x's dtype; M padded to the smallest
 // registered bucket >= M (chunks of the largest bucket above it). Numerics as the Triton path:
 //   scale_m = max(absmax_m / 127, 1e-12) (IEEE division), q = rint(x / scale_m) (ties to even),
@@ -19,7 +24,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/extension.h>  // pybind11: the eager entry point `linear` without the dispatcher
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +42,9 @@ struct PlanSet {
   std::vector<int64_t> m_pads;  // ascending
   std::vector<const void*> plans;
   std::vector<void*> workspaces;
+  // decode kernel for M <= decode_max_m (0: cuSPARSELt for every M); config per n-tile count (M <= 8, <= 16)
+  int64_t decode_max_m = 0, meta_rows = 64;
+  int64_t dec_rows[2] = {16, 16}, dec_warps[2] = {8, 8}, dec_kind[2] = {0, 0};
 };
 
 MatmulFn g_matmul = nullptr;
@@ -145,6 +152,376 @@ __global__ void epilogue_kernel(const __nv_bfloat16* d, const float* __restrict_
   }
 }
 
+void check_launch(const char* what);
+
+// ---- decode (M <= 16 tokens): W8A16 on the resident cuSPARSELt buffer ------------------------------
+// y[m, n] = (sum_k x[m, k] * W[n, k]) * w_scale[n] + bias[n], x in bf16/fp16 as given (no activation
+// quantization: no extra pass, and the products are exact, so at least W8A8's accuracy), the int8
+// 2:4 weight decoded in registers and fed to dense mma.m16n8k16 (tokens = n of the mma). Memory
+// bound: each weight byte is read once, from the same buffer cuSPARSELt uses for prefill.
+//
+// Why no shuffles are needed: a warp takes a tile of 16 rows x 64 columns per step. In cuSPARSELt's
+// buffer (layout.py), lane L = 4g + t finds at word L of the tile's 128 metadata bytes the nibbles of
+// rows g and g+8 for groups 2t, 2t+1, 8+2t, 9+2t -- exactly the groups whose kept values are bytes
+// [4t, 4t+4) and [16+4t, 16+4t+4) of those rows' 32 value bytes. A dot product may sum K in any
+// order, so mma j (0..3) gives thread t's virtual k slots {2t, 2t+1, 2t+8, 2t+9} to its real group
+// G(j, t) = {2t, 2t+1, 8+2t, 9+2t}[j] (its 4 columns in order), for the A rows g, g+8 and the B column
+// g alike: each thread decodes only what it loaded and loads its B (x) words at those columns.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// one word of 4 int8 -> (v0, v1), (v2, v3) as pairs of T, exactly
+template <typename T> __device__ __forceinline__ void i8x4_to_pairs(uint32_t w, uint32_t& p01, uint32_t& p23);
+template <> __device__ __forceinline__ void i8x4_to_pairs<__nv_bfloat16>(uint32_t w, uint32_t& p01, uint32_t& p23) {
+  // fp32 bits 0x4B0000uu = 2^23 + uu with uu = v + 128; minus (2^23 + 128) is v, and an integer
+  // |v| <= 128 is exact in bf16 = the high half of its fp32
+  const uint32_t u = w ^ 0x80808080u;
+  const float m = 8388736.0f;
+  const float f0 = __uint_as_float(prmt(u, 0x4B000000u, 0x7440u)) - m;
+  const float f1 = __uint_as_float(prmt(u, 0x4B000000u, 0x7441u)) - m;
+  const float f2 = __uint_as_float(prmt(u, 0x4B000000u, 0x7442u)) - m;
+  const float f3 = __uint_as_float(prmt(u, 0x4B000000u, 0x7443u)) - m;
+  p01 = prmt(__float_as_uint(f0), __float_as_uint(f1), 0x7632u);
+  p23 = prmt(__float_as_uint(f2), __float_as_uint(f3), 0x7632u);
+}
+template <> __device__ __forceinline__ void i8x4_to_pairs<__half>(uint32_t w, uint32_t& p01, uint32_t& p23) {
+  // fp16 bits 0x64uu = 1024 + uu; minus 1152 (0x6480) is v
+  const uint32_t u = w ^ 0x80808080u;
+  const uint32_t h01 = prmt(u, 0x64646464u, 0x5140u), h23 = prmt(u, 0x64646464u, 0x5342u);
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(p01) : "r"(h01), "r"(0x64806480u));
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(p23) : "r"(h23), "r"(0x64806480u));
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                               uint32_t a3, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// the warps of a block add their [16 R rows x 8 NT tokens] fp32 tiles in shared memory; then
+// out[tok, row] = sum * w_scale[row] (+ bias[row]) for the block's rows and the M tokens
+template <typename T, int R, int NT>
+__device__ __forceinline__ void reduce_store(const float (&acc)[R][NT][4], float* red, int warp, int nw, int g, int t,
+                                             int m, int row0, int n, const float* __restrict__ ws,
+                                             const T* __restrict__ bias, T* __restrict__ out) {
+  constexpr int ROWS = 16 * R;
+  float* my = red + warp * (NT * 8 * ROWS);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int rl = r * 16 + g, tk = nt * 8 + 2 * t;
+      my[tk * ROWS + rl] = acc[r][nt][0];
+      my[(tk + 1) * ROWS + rl] = acc[r][nt][1];
+      my[tk * ROWS + rl + 8] = acc[r][nt][2];
+      my[(tk + 1) * ROWS + rl + 8] = acc[r][nt][3];
+    }
+  __syncthreads();
+  const int m_here = m < NT * 8 ? m : NT * 8;
+  for (int i = threadIdx.x; i < ROWS * m_here; i += blockDim.x) {
+    const int rl = i % ROWS, tk = i / ROWS;
+    float s = 0.0f;
+    for (int w = 0; w < nw; ++w) s += red[w * (NT * 8 * ROWS) + tk * ROWS + rl];
+    const int col = row0 + rl;
+    float y = s * ws[col];
+    if (bias != nullptr) y += to_f<T>(bias[col]);
+    out[(int64_t)tk * n + col] = from_f<T>(y);
+  }
+}
+
+constexpr int DECODE_MAX_M = 16;
+constexpr int DECODE_MAX_THREADS = 512;
+
+// grid: N / (16 R) blocks, each 16 R rows x all K; its warps split the 64-column steps (interleaved)
+// and meet in shared memory. NT n-tiles of 8 tokens (M <= 8 NT).
+template <typename T, int R, int NT>
+__global__ void __launch_bounds__(DECODE_MAX_THREADS) decode_kernel(
+    const T* __restrict__ x, int64_t stride_x, int m, const uint8_t* __restrict__ buf, const float* __restrict__ ws,
+    const T* __restrict__ bias, T* __restrict__ out, int n, int k, int meta_rows) {
+  constexpr int U = (R * NT >= 4) ? 2 : 4;  // steps in flight per warp (registers)
+  constexpr int ROWS = 16 * R;
+  extern __shared__ float red[];  // [warps][NT * 8][ROWS]
+  __shared__ uint2 lut[16];       // nibble (i0 | i1 << 2) -> prmt selectors of dense positions 0-1, 2-3
+  if (threadIdx.x < 16) {
+    const int i0 = threadIdx.x & 3, i1 = threadIdx.x >> 2;
+    uint32_t s[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) s[q] = q == i0 ? 0x10u : (q == i1 ? 0x32u : 0x44u);
+    lut[threadIdx.x] = make_uint2(s[0] | s[1] << 8, s[2] | s[3] << 8);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int kt_n = k >> 6;
+  const int64_t half_k = k >> 1;
+  const int row0 = blockIdx.x * ROWS;
+  const uint8_t* meta = buf + (int64_t)n * half_k;
+  const int64_t meta_step = (int64_t)(meta_rows >> 4) * 128;  // bytes between k-tiles of a row tile
+  const uint8_t* vp[R];
+  const uint8_t* mp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int rr = row0 + r * 16;
+    vp[r] = buf + (int64_t)(rr + g) * half_k + 4 * t;
+    mp[r] = meta + ((int64_t)(rr / meta_rows) * kt_n * (meta_rows >> 4) + (rr % meta_rows) / 16) * 128 + lane * 4;
+  }
+  const T* xp[NT];
+  bool xv[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = nt * 8 + g;
+    xv[nt] = tok < m;
+    xp[nt] = x + (int64_t)(xv[nt] ? tok : 0) * stride_x;
+  }
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
+
+  for (int kt0 = warp; kt0 < kt_n; kt0 += nw * U) {
+    uint32_t av[U][R][4], ev[U][R];
+    uint2 xb[U][NT][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kt = kt0 + u * nw;
+      const bool ok = kt < kt_n;  // a step past the end decodes zeros: contributes nothing
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = vp[r] + (int64_t)kt * 32;
+        av[u][r][0] = ok ? __ldg(reinterpret_cast<const unsigned int*>(p)) : 0u;
+        av[u][r][1] = ok ? __ldg(reinterpret_cast<const unsigned int*>(p + 16)) : 0u;
+        av[u][r][2] = ok ? __ldg(reinterpret_cast<const unsigned int*>(p + 8 * half_k)) : 0u;
+        av[u][r][3] = ok ? __ldg(reinterpret_cast<const unsigned int*>(p + 8 * half_k + 16)) : 0u;
+        ev[u][r] = ok ? __ldg(reinterpret_cast<const unsigned int*>(mp[r] + kt * meta_step)) : 0u;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = kt * 64 + 4 * ((j >> 1) * 8 + 2 * t + (j & 1));
+          xb[u][nt][j] = (ok && xv[nt]) ? __ldg(reinterpret_cast<const uint2*>(xp[nt] + col)) : make_uint2(0u, 0u);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        uint32_t pg[4], ph[4];  // row g / g+8: the kept pair of real group G(j, t)
+        i8x4_to_pairs<T>(av[u][r][0], pg[0], pg[1]);
+        i8x4_to_pairs<T>(av[u][r][1], pg[2], pg[3]);
+        i8x4_to_pairs<T>(av[u][r][2], ph[0], ph[1]);
+        i8x4_to_pairs<T>(av[u][r][3], ph[2], ph[3]);
+        const uint32_t e = ev[u][r];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int sh = (j >> 1) * 16 + (j & 1) * 4;  // byte 0/2: row g, byte 1/3: row g+8
+          const uint2 sg = lut[(e >> sh) & 15u], s8 = lut[(e >> (sh + 8)) & 15u];
+          const uint32_t a0 = prmt(pg[j], 0u, sg.x), a2 = prmt(pg[j], 0u, sg.y);
+          const uint32_t a1 = prmt(ph[j], 0u, s8.x), a3 = prmt(ph[j], 0u, s8.y);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[r][nt], a0, a1, a2, a3, xb[u][nt][j].x, xb[u][nt][j].y);
+        }
+      }
+  }
+  reduce_store<T, R, NT>(acc, red, warp, nw, g, t, m, row0, n, ws, bias, out);
+}
+
+
+// ---- the same product on the SPARSE tensor cores: mma.sp.m16n8k16, no decompression ----------------
+// mma.sp m16n8k16 (bf16/fp16) takes A as the kept pair of one 4-column chunk per thread (chunk t of
+// rows g, g+8) and ONE metadata word per quad, from the lane the selector F names: nibble c of bits
+// 15:0 for row g's chunk c, bits 31:16 for row g+8. Lane (g, F)'s cuSPARSELt word holds exactly the
+// nibbles of groups {2F, 2F+1, 8+2F, 9+2F} of rows g, g+8 (byte 0: row g groups 2F|2F+1, byte 1:
+// row g+8, bytes 2, 3: groups 8+2F|9+2F); prmt 0x3120 turns it into that format. So mma F of a
+// 64-column tile gives virtual chunk c to real group G_F(c) = {2F, 2F+1, 8+2F, 9+2F}[c]: thread t
+// needs the kept pair of group G_F(t) = the (t & 1) half of word F of value bytes [16 (t >> 1), +16),
+// one 16-byte load per row per tile for all four mma; its B words are x at columns 8F + 2t and
+// 32 + 8F + 2t (virtual k 2t, 2t+1 -> chunk t >> 1, positions 2 (t & 1) + {0, 1}; k 2t+8 -> chunk 2 + ...).
+template <typename T> __device__ __forceinline__ uint32_t i8_pair(uint32_t w, uint32_t half);
+template <> __device__ __forceinline__ uint32_t i8_pair<__nv_bfloat16>(uint32_t w, uint32_t half) {
+  // bf16 0x43mm = 128 + m (m < 128): (128 + (b & 0x7f)) - (128 or 256 when b's sign bit is set) = b,
+  // exact; fma with 1.0 as the subtraction (bf16x2 sub needs sm_90, fma.bf16x2 is sm_80)
+  const uint32_t sel = half ? 0x4342u : 0x4140u;
+  const uint32_t v = prmt(w & 0x7f7f7f7fu, 0x43434343u, sel);
+  const uint32_t neg_off = prmt(w & 0x80808080u, 0xC3C3C3C3u, sel) | 0xC300C300u;
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(0x3F803F80u), "r"(neg_off));
+  return d;
+}
+template <> __device__ __forceinline__ uint32_t i8_pair<__half>(uint32_t w, uint32_t half) {
+  const uint32_t v = prmt(w ^ 0x80808080u, 0x64646464u, half ? 0x5342u : 0x5140u);  // 1024 + b + 128
+  uint32_t d;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(v), "r"(0x64806480u));
+  return d;
+}
+
+template <typename T, int F> __device__ __forceinline__ void mma_sp16816(float* c, uint32_t a0, uint32_t a1,
+                                                                         uint32_t b0, uint32_t b1, uint32_t e);
+#define S24_MMA_SP(TY, PTXT)                                                                                    \
+  template <> __device__ __forceinline__ void mma_sp16816<TY, 0>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
+                                                                 uint32_t b1, uint32_t e) {                     \
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
+        "{%0,%1,%2,%3}, %8, 0;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
+  }                                                                                                             \
+  template <> __device__ __forceinline__ void mma_sp16816<TY, 1>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
+                                                                 uint32_t b1, uint32_t e) {                     \
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
+        "{%0,%1,%2,%3}, %8, 1;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
+  }                                                                                                             \
+  template <> __device__ __forceinline__ void mma_sp16816<TY, 2>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
+                                                                 uint32_t b1, uint32_t e) {                     \
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
+        "{%0,%1,%2,%3}, %8, 2;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
+  }                                                                                                             \
+  template <> __device__ __forceinline__ void mma_sp16816<TY, 3>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
+                                                                 uint32_t b1, uint32_t e) {                     \
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
+        "{%0,%1,%2,%3}, %8, 3;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
+  }
+S24_MMA_SP(__nv_bfloat16, "bf16")
+S24_MMA_SP(__half, "f16")
+#undef S24_MMA_SP
+
+template <typename T, int NT>
+__device__ __forceinline__ void sp_tile(float (&acc)[NT][4], const uint4& ag, const uint4& ah, uint32_t e,
+                                        const uint32_t (&xb)[NT][8], uint32_t half) {
+  const uint32_t em = prmt(e, 0u, 0x3120u);
+  const uint32_t wg[4] = {ag.x, ag.y, ag.z, ag.w}, wh[4] = {ah.x, ah.y, ah.z, ah.w};
+#define S24_F(F)                                                                                   \
+  {                                                                                                \
+    const uint32_t a0 = i8_pair<T>(wg[F], half), a1 = i8_pair<T>(wh[F], half);                     \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                              \
+        mma_sp16816<T, F>(acc[nt], a0, a1, xb[nt][2 * F], xb[nt][2 * F + 1], em);                   \
+  }
+  S24_F(0) S24_F(1) S24_F(2) S24_F(3)
+#undef S24_F
+}
+
+template <typename T, int R, int NT>
+__global__ void __launch_bounds__(DECODE_MAX_THREADS) decode_sp_kernel(
+    const T* __restrict__ x, int64_t stride_x, int m, const uint8_t* __restrict__ buf, const float* __restrict__ ws,
+    const T* __restrict__ bias, T* __restrict__ out, int n, int k, int meta_rows) {
+  // steps in flight per warp, ~(9 R + 8 NT) load registers each, under the 128-register cap; 4 where it
+  // fits, so that a 4096-wide K over 16 warps is one round of loads (ptxas: no or a few bytes of spill)
+  constexpr int U = R * NT <= 2 ? 4 : (R * NT == 4 ? 2 : 1);
+  extern __shared__ float red[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int kt_n = k >> 6;
+  const int64_t half_k = k >> 1;
+  const int row0 = blockIdx.x * (16 * R);
+  const uint8_t* meta = buf + (int64_t)n * half_k;
+  const int64_t meta_step = (int64_t)(meta_rows >> 4) * 128;
+  const uint8_t* vp[R];
+  const uint8_t* mp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int rr = row0 + r * 16;
+    vp[r] = buf + (int64_t)(rr + g) * half_k + (t >> 1) * 16;
+    mp[r] = meta + ((int64_t)(rr / meta_rows) * kt_n * (meta_rows >> 4) + (rr % meta_rows) / 16) * 128 + lane * 4;
+  }
+  const T* xp[NT];
+  bool xv[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = nt * 8 + g;
+    xv[nt] = tok < m;
+    xp[nt] = x + (int64_t)(xv[nt] ? tok : 0) * stride_x + 2 * t;
+  }
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
+
+  for (int kt0 = warp; kt0 < kt_n; kt0 += nw * U) {
+    uint4 ag[U][R], ah[U][R];
+    uint32_t ev[U][R];
+    uint32_t xb[U][NT][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kt = kt0 + u * nw;
+      const bool ok = kt < kt_n;  // past the end: zero values and valid metadata (keep 0, 1)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = vp[r] + (int64_t)kt * 32;
+        ag[u][r] = ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+        ah[u][r] = ok ? __ldg(reinterpret_cast<const uint4*>(p + 8 * half_k)) : make_uint4(0u, 0u, 0u, 0u);
+        ev[u][r] = ok ? __ldg(reinterpret_cast<const unsigned int*>(mp[r] + kt * meta_step)) : 0x44444444u;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          const T* q = xp[nt] + kt * 64 + 8 * f;
+          xb[u][nt][2 * f] = (ok && xv[nt]) ? __ldg(reinterpret_cast<const unsigned int*>(q)) : 0u;
+          xb[u][nt][2 * f + 1] = (ok && xv[nt]) ? __ldg(reinterpret_cast<const unsigned int*>(q + 32)) : 0u;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) sp_tile<T, NT>(acc[r], ag[u][r], ah[u][r], ev[u][r], xb[u], (uint32_t)(t & 1));
+  }
+  reduce_store<T, R, NT>(acc, red, warp, nw, g, t, m, row0, n, ws, bias, out);
+}
+
+template <typename T, int R, int NT>
+void launch_decode_t(const at::Tensor& x, const at::Tensor& w, const float* ws, const T* bias, T* out, int n, int k,
+                     int warps, int meta_rows, int kind, cudaStream_t st) {
+  auto kern = kind == 1 ? decode_sp_kernel<T, R, NT> : decode_kernel<T, R, NT>;
+  const size_t smem = (size_t)warps * NT * 8 * 16 * R * sizeof(float);
+  if (smem > 48 * 1024) {  // above the default dynamic limit (64 rows x 16 tokens x 16 warps)
+    static bool raised[2] = {false, false};
+    if (!raised[kind]) {
+      TORCH_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess,
+                  "sparse24_ext.decode: cannot get ", smem, " bytes of shared memory");
+      raised[kind] = true;
+    }
+  }
+  kern<<<(unsigned)(n / (16 * R)), warps * 32, smem, st>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), (int)x.size(0),
+      reinterpret_cast<const uint8_t*>(w.data_ptr()), ws, bias, out, n, k, meta_rows);
+  check_launch("decode");
+}
+
+// kind 0: dense mma on registers-decoded tiles; kind 1: sparse mma.sp (no decode of the 2:4 pattern)
+template <typename T>
+void launch_decode(const at::Tensor& x, const at::Tensor& w, const float* ws, const T* bias, T* out, int n, int k,
+                   int rows_per_block, int warps, int meta_rows, int kind, cudaStream_t st) {
+  const bool two = x.size(0) > 8;
+#define S24_DEC(RR)                                                                                   \
+  if (rows_per_block == 16 * RR) {                                                                    \
+    if (two) launch_decode_t<T, RR, 2>(x, w, ws, bias, out, n, k, warps, meta_rows, kind, st);        \
+    else launch_decode_t<T, RR, 1>(x, w, ws, bias, out, n, k, warps, meta_rows, kind, st);            \
+    return;                                                                                           \
+  }
+  S24_DEC(1) S24_DEC(2) S24_DEC(4)
+#undef S24_DEC
+  TORCH_CHECK(false, "sparse24_ext.decode: rows_per_block must be 16, 32 or 64, got ", rows_per_block);
+}
+
 void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   TORCH_CHECK(e == cudaSuccess, "sparse24_ext: ", what, " launch failed: ", cudaGetErrorString(e));
@@ -202,6 +579,77 @@ int64_t register_plans(int64_t n, int64_t k, c10::IntArrayRef m_pads, c10::IntAr
   return static_cast<int64_t>(g_sets.size()) - 1;
 }
 
+// x [M <= 16, K] (unit stride in K); bias, if any, already in x's dtype, contiguous
+at::Tensor decode_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& ws, const at::Tensor* bias,
+                       int64_t n, int64_t k, int64_t rows_per_block, int64_t warps, int64_t meta_rows,
+                       int64_t kind, cudaStream_t stream) {
+  const int64_t m = x_in.size(0);
+  TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, "sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m);
+  TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, "sparse24_ext.decode: warps must be 1..",
+              DECODE_MAX_THREADS / 32);
+  TORCH_CHECK(kind == 0 || kind == 1, "sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind);
+  TORCH_CHECK(n % rows_per_block == 0 && k % 64 == 0 && meta_rows % 16 == 0 && n % meta_rows == 0,
+              "sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block,
+              " meta_rows=", meta_rows);
+  TORCH_CHECK(w.numel() >= n * k * 5 / 8, "sparse24_ext.decode: compressed weight has ", w.numel(),
+              " bytes, expected >= ", n * k * 5 / 8);
+  // 8-byte loads of x: rows 8-byte aligned
+  const at::Tensor x = (x_in.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 8 == 0)
+                           ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty({m, n}, x.options());
+  const float* wsp = ws.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16)
+    launch_decode<__nv_bfloat16>(x, w, wsp, bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr,
+                                 reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), (int)n, (int)k, (int)rows_per_block,
+                                 (int)warps, (int)meta_rows, (int)kind, stream);
+  else
+    launch_decode<__half>(x, w, wsp, bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr,
+                          reinterpret_cast<__half*>(out.data_ptr()), (int)n, (int)k, (int)rows_per_block, (int)warps,
+                          (int)meta_rows, (int)kind, stream);
+  return out;
+}
+
+void set_decode(int64_t set_id, int64_t max_m, int64_t meta_rows, c10::IntArrayRef rows_per_block,
+                c10::IntArrayRef warps, c10::IntArrayRef kinds) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), "sparse24_ext.set_decode: unknown plan set ", set_id);
+  TORCH_CHECK(max_m >= 0 && max_m <= DECODE_MAX_M && rows_per_block.size() == 2 && warps.size() == 2 &&
+                  kinds.size() == 2,
+              "sparse24_ext.set_decode: max_m in [0, ", DECODE_MAX_M, "], two configs (M <= 8, M <= 16)");
+  PlanSet* ps = g_sets[set_id];
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(ps->n % rows_per_block[i] == 0 && warps[i] >= 1 && warps[i] * 32 <= DECODE_MAX_THREADS &&
+                    (kinds[i] == 0 || kinds[i] == 1),
+                "sparse24_ext.set_decode: bad config");
+    ps->dec_rows[i] = rows_per_block[i];
+    ps->dec_warps[i] = warps[i];
+    ps->dec_kind[i] = kinds[i];
+  }
+  ps->meta_rows = meta_rows;
+  ps->decode_max_m = max_m;
+}
+
+// the decode kernel alone, with an explicit config (tuning, tests)
+at::Tensor decode(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
+                  int64_t rows_per_block, int64_t warps, int64_t meta_rows, int64_t kind) {
+  const int64_t n = ws.numel(), k = x.size(1);
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "sparse24_ext.decode: x must be CUDA [M, K], unit stride in K");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "sparse24_ext.decode: x must be bfloat16 or float16");
+  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.is_contiguous(), "sparse24_ext.decode: bad weight");
+  TORCH_CHECK(ws.is_cuda() && ws.scalar_type() == at::kFloat && ws.is_contiguous(), "sparse24_ext.decode: bad w_scale");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  at::Tensor b;
+  const at::Tensor* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "sparse24_ext.decode: bias must have N elements");
+    b = bias->to(dt).contiguous();
+    bp = &b;
+  }
+  return decode_impl(x, w, ws, bp, n, k, rows_per_block, warps, meta_rows, kind, stream);
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
                   int64_t set_id) {
   PlanSet* ps;
@@ -231,6 +679,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws
     bp = &b;
   }
   if (m == 0) return at::empty({0, n}, x.options());
+  if (m <= ps->decode_max_m) {
+    const int nt = m > 8 ? 1 : 0;
+    return decode_impl(x, w, ws, bp, n, k, ps->dec_rows[nt], ps->dec_warps[nt], ps->meta_rows, ps->dec_kind[nt],
+                       stream);
+  }
   const int64_t top = ps->m_pads.back();
   auto opts8 = x.options().dtype(at::kChar);
   auto optsb = x.options().dtype(at::kBFloat16);
@@ -278,11 +731,34 @@ TORCH_LIBRARY(sparse24_ext, m) {
   m.def("set_lib(int matmul_fn, int handle) -> ()", &set_lib);
   m.def("register_plans(int n, int k, int[] m_pads, int[] plans, int[] workspaces) -> int", &register_plans);
   m.def("linear(Tensor x, Tensor w_cslt, Tensor w_scale, Tensor? bias, int plan_set) -> Tensor");
+  m.def("set_decode(int plan_set, int max_m, int meta_rows, int[] rows_per_block, int[] warps, int[] kinds) -> ()",
+        &set_decode);
+  m.def("decode(Tensor x, Tensor w_cslt, Tensor w_scale, Tensor? bias, int rows_per_block, int warps, "
+        "int meta_rows, int kind) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sparse24_ext, CUDA, m) { m.impl("linear", &linear); }
-
-// eager calls skip the dispatcher (several us of host time); torch.compile uses the op above
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("linear", &linear, "sparse24 W8A8 2:4 linear (same as torch.ops.sparse24_ext.linear)");
+TORCH_LIBRARY_IMPL(sparse24_ext, CUDA, m) {
+  m.impl("linear", &linear);
+  m.impl("decode", &decode);
 }
+
+// entry points for the pybind module (sparse24_ext_py.cpp): eager calls skip the dispatcher (several us
+// of host time). That module checks the arguments itself (see there) before calling these.
+namespace sparse24_ext {
+bool plan_set_shape(int64_t set_id, int64_t* n, int64_t* k) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (set_id < 0 || set_id >= (int64_t)g_sets.size()) return false;
+  *n = g_sets[set_id]->n;
+  *k = g_sets[set_id]->k;
+  return true;
+}
+at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                        const c10::optional<at::Tensor>& bias, int64_t set_id) {
+  return linear(x, w, ws, bias, set_id);
+}
+at::Tensor decode_entry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                        const c10::optional<at::Tensor>& bias, int64_t rows_per_block, int64_t warps,
+                        int64_t meta_rows, int64_t kind) {
+  return decode(x, w, ws, bias, rows_per_block, warps, meta_rows, kind);
+}
+}  // namespace sparse24_ext
