@@ -1,6 +1,8 @@
-"""Does a TORCH_CHECK failing inside sparse24_ext.cu reach Python as RuntimeError through the
-dispatcher op (torch.ops.sparse24_ext.decode), and through the pybind entry? Run each in its own
-process: python benchmarks/probe_exceptions.py dispatcher|pybind (rc 139 = the process crashed)."""
+"""Does a bad call of the extension reach Python as RuntimeError: through the dispatcher op
+(torch.ops.sparse24_ext.decode: a TORCH_CHECK in sparse24_ext.cu fails) and through the pybind entry
+(its own checks, std::string messages, None + last_error)? Run each in its own process:
+python benchmarks/probe_exceptions.py dispatcher|pybind (rc 139 = the process crashed). Also prints
+which libstdc++ the process mapped and the host compiler, for the mismatch guess in sparse24_ext_py.cpp."""
 import sys
 
 import torch
@@ -9,6 +11,12 @@ sys.path.insert(0, ".")
 from vllm_sparse24.kernels.cuda import ext  # noqa: E402
 
 assert ext.build(), ext.error()
+if sys.argv[1] == "pybind":
+    import subprocess
+
+    libs = sorted({ln.split()[-1] for ln in open("/proc/self/maps") if "libstdc++" in ln or "libgcc_s" in ln})
+    print("mapped:", libs)
+    print("c++:", subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0])
 ext.register_fake()
 w = torch.zeros(64 * 64, dtype=torch.int8, device="cuda")
 ws = torch.ones(64, device="cuda")

@@ -29,9 +29,25 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+// Error messages are built with std::string, not c10::str/iostreams: on the GPU machines a failing
+// TORCH_CHECK with a formatted message crashed the process (see sparse24_ext_py.cpp); TORCH_CHECK with
+// ONE string argument passes it through without a stream.
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& s, T v) { s += std::to_string(v); }
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (append(s, a), ...);
+  return s;
+}
 
 using MatmulFn = int (*)(const void* handle, const void* plan, const void* alpha, const void* dA,
                          const void* dB, const void* beta, const void* dC, void* dD, void* workspace,
@@ -495,8 +511,7 @@ void launch_decode_t(const at::Tensor& x, const at::Tensor& w, const float* ws, 
   if (smem > 48 * 1024) {  // above the default dynamic limit (64 rows x 16 tokens x 16 warps)
     static bool raised[2] = {false, false};
     if (!raised[kind]) {
-      TORCH_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess,
-                  "sparse24_ext.decode: cannot get ", smem, " bytes of shared memory");
+      TORCH_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess, cat("sparse24_ext.decode: cannot get ", smem, " bytes of shared memory"));
       raised[kind] = true;
     }
   }
@@ -519,12 +534,12 @@ void launch_decode(const at::Tensor& x, const at::Tensor& w, const float* ws, co
   }
   S24_DEC(1) S24_DEC(2) S24_DEC(4)
 #undef S24_DEC
-  TORCH_CHECK(false, "sparse24_ext.decode: rows_per_block must be 16, 32 or 64, got ", rows_per_block);
+  TORCH_CHECK(false, cat("sparse24_ext.decode: rows_per_block must be 16, 32 or 64, got ", rows_per_block));
 }
 
 void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
-  TORCH_CHECK(e == cudaSuccess, "sparse24_ext: ", what, " launch failed: ", cudaGetErrorString(e));
+  TORCH_CHECK(e == cudaSuccess, cat("sparse24_ext: ", what, " launch failed: ", cudaGetErrorString(e)));
 }
 
 template <typename T>
@@ -584,15 +599,11 @@ at::Tensor decode_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Te
                        int64_t n, int64_t k, int64_t rows_per_block, int64_t warps, int64_t meta_rows,
                        int64_t kind, cudaStream_t stream) {
   const int64_t m = x_in.size(0);
-  TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, "sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m);
-  TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, "sparse24_ext.decode: warps must be 1..",
-              DECODE_MAX_THREADS / 32);
-  TORCH_CHECK(kind == 0 || kind == 1, "sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind);
-  TORCH_CHECK(n % rows_per_block == 0 && k % 64 == 0 && meta_rows % 16 == 0 && n % meta_rows == 0,
-              "sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block,
-              " meta_rows=", meta_rows);
-  TORCH_CHECK(w.numel() >= n * k * 5 / 8, "sparse24_ext.decode: compressed weight has ", w.numel(),
-              " bytes, expected >= ", n * k * 5 / 8);
+  TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, cat("sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m));
+  TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, cat("sparse24_ext.decode: warps must be 1..", DECODE_MAX_THREADS / 32));
+  TORCH_CHECK(kind == 0 || kind == 1, cat("sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind));
+  TORCH_CHECK(n % rows_per_block == 0 && k % 64 == 0 && meta_rows % 16 == 0 && n % meta_rows == 0, cat("sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block, " meta_rows=", meta_rows));
+  TORCH_CHECK(w.numel() >= n * k * 5 / 8, cat("sparse24_ext.decode: compressed weight has ", w.numel(), " bytes, expected >= ", n * k * 5 / 8));
   // 8-byte loads of x: rows 8-byte aligned
   const at::Tensor x = (x_in.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 8 == 0)
                            ? x_in : x_in.contiguous();
@@ -612,10 +623,9 @@ at::Tensor decode_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 void set_decode(int64_t set_id, int64_t max_m, int64_t meta_rows, c10::IntArrayRef rows_per_block,
                 c10::IntArrayRef warps, c10::IntArrayRef kinds) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), "sparse24_ext.set_decode: unknown plan set ", set_id);
+  TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), cat("sparse24_ext.set_decode: unknown plan set ", set_id));
   TORCH_CHECK(max_m >= 0 && max_m <= DECODE_MAX_M && rows_per_block.size() == 2 && warps.size() == 2 &&
-                  kinds.size() == 2,
-              "sparse24_ext.set_decode: max_m in [0, ", DECODE_MAX_M, "], two configs (M <= 8, M <= 16)");
+                  kinds.size() == 2, cat("sparse24_ext.set_decode: max_m in [0, ", DECODE_MAX_M, "], two configs (M <= 8, M <= 16)"));
   PlanSet* ps = g_sets[set_id];
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK(ps->n % rows_per_block[i] == 0 && warps[i] >= 1 && warps[i] * 32 <= DECODE_MAX_THREADS &&
@@ -655,13 +665,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws
   PlanSet* ps;
   {
     std::lock_guard<std::mutex> lock(g_mutex);  // uncontended: ~20 ns
-    TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), "sparse24_ext.linear: unknown plan set ", set_id);
+    TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), cat("sparse24_ext.linear: unknown plan set ", set_id));
     TORCH_CHECK(g_matmul != nullptr, "sparse24_ext.linear: set_lib was not called");
     ps = g_sets[set_id];
   }
   const int64_t n = ps->n, k = ps->k;
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.stride(1) == 1,
-              "sparse24_ext.linear: x must be a CUDA [M, ", k, "] tensor with unit stride in K");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.stride(1) == 1, cat("sparse24_ext.linear: x must be a CUDA [M, ", k, "] tensor with unit stride in K"));
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "sparse24_ext.linear: x must be bfloat16 or float16");
   TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.is_contiguous(), "sparse24_ext.linear: bad weight");
@@ -707,8 +716,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws
     void* dp = d.data_ptr();
     int st = g_matmul(g_handle, ps->plans[bi], ws.data_ptr(), w.data_ptr(), xq_ptr, &g_beta, dp, dp,
                       ps->workspaces[bi], &stream, 1);
-    TORCH_CHECK(st == 0, "sparse24_ext.linear: cusparseLtMatmul failed with status ", st, " (m_pad=", m_pad,
-                ", n=", n, ", k=", k, ")");
+    TORCH_CHECK(st == 0, cat("sparse24_ext.linear: cusparseLtMatmul failed with status ", st, " (m_pad=", m_pad, ", n=", n, ", k=", k, ")"));
     if (single && dt == at::kBFloat16) {  // in place on D, no extra allocation
       launch_epilogue<__nv_bfloat16>(d, xs_ptr, bp, reinterpret_cast<__nv_bfloat16*>(dp), mc, (int)n,
                                      stream);

@@ -1,14 +1,16 @@
 // The Python module of the sparse24 extension: eager entry points that skip the dispatcher.
 //
-// On the GPU machines (H100/H200, torch 2.11 + nvcc 13) ANY C++ exception leaving this extension
-// crashed the process (segfault): a TORCH_CHECK in sparse24_ext.cu through the dispatcher op, and
-// even pybind11::error_already_set thrown from this g++-compiled file (benchmarks/probe_exceptions.py;
-// the same code raised RuntimeError in a CPU build). Cause not found. So these entry points throw
-// nothing: they check the arguments here and return None with the message in last_error(), and
-// ext.py / linear.py raise the RuntimeError in Python.
+// On the GPU machines (H100/H200, torch 2.11.0+cu130, extension built by g++ 13.3 / nvcc 13.0, the
+// process mapping libstdc++.so.6.0.33) an error message formatted with iostreams INSIDE this extension
+// crashed the process (segfault): a failing multi-argument TORCH_CHECK (c10::str) in sparse24_ext.cu,
+// through the dispatcher op too, and std::ostringstream in this file even with nothing thrown; the
+// same code raised RuntimeError in a CPU build. Cause not found. With messages built from std::string
+// only (here and in the .cu, whose TORCH_CHECKs take one string), both paths raised RuntimeError on
+// the H100 (benchmarks/probe_exceptions.py, 2026-11-21). These entry points also check their arguments
+// themselves, throw nothing, and return None with the message in last_error() (ext.py / linear.py
+// raise it in Python).
 #include <torch/extension.h>
 
-#include <sstream>
 #include <string>
 
 namespace sparse24_ext {
@@ -23,16 +25,26 @@ at::Tensor decode_entry(const at::Tensor& x, const at::Tensor& w, const at::Tens
 namespace {
 constexpr int64_t kDecodeMaxM = 16, kDecodeMaxWarps = 16;
 
-thread_local std::string g_last_error;
+std::string g_last_error;  // written and read under the GIL (pybind holds it)
+
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, int64_t v) { s += std::to_string(v); }
+void append(std::string& s, int v) { s += std::to_string(v); }
+void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, c10::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += "]";
+}
 
 // false (and the message in g_last_error) when ok is false
 template <typename... Args>
 bool require(bool ok, const char* where, const Args&... parts) {
   if (ok) return true;
-  std::ostringstream msg;
-  msg << "sparse24_ext." << where << ": ";
-  (msg << ... << parts);
-  g_last_error = msg.str();
+  std::string msg = std::string("sparse24_ext.") + where + ": ";
+  (append(msg, parts), ...);
+  g_last_error = msg;
   return false;
 }
 
