@@ -8,7 +8,7 @@
 #   TP_ARGS        extra benchmarks/throughput.py args (default "--num-layers 16")
 #   ACC_RUNS       e2e_accuracy.py runs (default "cuda-bf16,torch-fp32"; cuda-bf16-tp2 needs 2 GPUs)
 #   BUDGET_S       seconds for the whole script (default 540); throughput gets what is left
-#   VLLM_SPARSE24_DECODE  passed through (unset = the plugin's default, cuSPARSELt for every M)
+#   VLLM_SPARSE24_DECODE  passed through (unset = the plugin default; 0 = cuSPARSELt for every M)
 set -u -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/run.log"

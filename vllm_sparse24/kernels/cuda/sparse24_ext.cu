@@ -39,7 +39,6 @@ namespace {
 // TORCH_CHECK with a formatted message crashed the process (see sparse24_ext_py.cpp); TORCH_CHECK with
 // ONE string argument passes it through without a stream.
 void append(std::string& s, const char* v) { s += v; }
-void append(std::string& s, const std::string& v) { s += v; }
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 void append(std::string& s, T v) { s += std::to_string(v); }
 template <typename... A>
@@ -386,36 +385,18 @@ template <> __device__ __forceinline__ uint32_t i8_pair<__half>(uint32_t w, uint
   return d;
 }
 
-template <typename T, int F> __device__ __forceinline__ void mma_sp16816(float* c, uint32_t a0, uint32_t a1,
-                                                                         uint32_t b0, uint32_t b1, uint32_t e);
-#define S24_MMA_SP(TY, PTXT)                                                                                    \
-  template <> __device__ __forceinline__ void mma_sp16816<TY, 0>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
-                                                                 uint32_t b1, uint32_t e) {                     \
-    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
-        "{%0,%1,%2,%3}, %8, 0;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
-  }                                                                                                             \
-  template <> __device__ __forceinline__ void mma_sp16816<TY, 1>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
-                                                                 uint32_t b1, uint32_t e) {                     \
-    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
-        "{%0,%1,%2,%3}, %8, 1;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
-  }                                                                                                             \
-  template <> __device__ __forceinline__ void mma_sp16816<TY, 2>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
-                                                                 uint32_t b1, uint32_t e) {                     \
-    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
-        "{%0,%1,%2,%3}, %8, 2;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
-  }                                                                                                             \
-  template <> __device__ __forceinline__ void mma_sp16816<TY, 3>(float* c, uint32_t a0, uint32_t a1, uint32_t b0, \
-                                                                 uint32_t b1, uint32_t e) {                     \
-    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32." PTXT "." PTXT ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "       \
-        "{%0,%1,%2,%3}, %8, 3;" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));                                                          \
-  }
-S24_MMA_SP(__nv_bfloat16, "bf16")
-S24_MMA_SP(__half, "f16")
-#undef S24_MMA_SP
+// F: the sparsity selector (which lane of each quad supplies the metadata), an immediate operand
+template <typename T, int F>
+__device__ __forceinline__ void mma_sp16816(float* c, uint32_t a0, uint32_t a1, uint32_t b0, uint32_t b1, uint32_t e) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, {%0,%1,%2,%3}, %8, %9;"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e), "n"(F));
+  else
+    asm("mma.sp.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, {%0,%1,%2,%3}, %8, %9;"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e), "n"(F));
+}
 
 template <typename T, int NT>
 __device__ __forceinline__ void sp_tile(float (&acc)[NT][4], const uint4& ag, const uint4& ah, uint32_t e,
@@ -432,6 +413,8 @@ __device__ __forceinline__ void sp_tile(float (&acc)[NT][4], const uint4& ag, co
 #undef S24_F
 }
 
+// (its setup repeats decode_kernel's on purpose: sharing it through a struct of per-thread arrays made
+// ptxas spill in 6 of the 24 instantiations)
 template <typename T, int R, int NT>
 __global__ void __launch_bounds__(DECODE_MAX_THREADS) decode_sp_kernel(
     const T* __restrict__ x, int64_t stride_x, int m, const uint8_t* __restrict__ buf, const float* __restrict__ ws,
