@@ -2,7 +2,7 @@
 (torch.ops.sparse24_ext.decode: a TORCH_CHECK in sparse24_ext.cu fails) and through the pybind entry
 (its own checks, std::string messages, None + last_error)? Run each in its own process:
 python benchmarks/probe_exceptions.py dispatcher|pybind (rc 139 = the process crashed). Also prints
-which libstdc++ the process mapped and the host compiler, for the mismatch guess in sparse24_ext_py.cpp."""
+which libstdc++ the process mapped and the host compiler (the crash it found: sparse24_ext_py.cpp)."""
 import sys
 
 import torch

@@ -111,6 +111,28 @@ def lib() -> _Lib:
     return _LIB
 
 
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer twice the L2 size (>= 64 MiB): reading it evicts whatever the L2 held."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=device)
+
+
+def time_cold_us(fn, flush: torch.Tensor, reps: int = 7, warm: bool = True) -> float:
+    """GPU us of one call of fn with the L2 flushed before it (a layer's weight is never L2-resident
+    when serving; back-to-back runs on one weight that then sits in L2 mislead for small M):
+    CUDA events around each call, median of reps. warm: one untimed call first."""
+    if warm:
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        flush.max()  # evict by reading (a memset left dirty lines whose write-back slowed the run)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(flush.device)
+    return sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
+
+
 class SparseInt8Plan:
     """A cuSPARSELt plan for D[m_pad, n] (bf16) = Xq[m_pad, k] @ W^T * alpha[n]."""
 
@@ -211,9 +233,7 @@ class SparseInt8Plan:
         bound). Used for the small (decode) buckets. Returns {(alg, split_k): us}."""
         xq = torch.randint(-127, 128, (self.m_pad, self.k), dtype=torch.int8, device=self.device)
         d = torch.empty(self.m_pad, self.n, dtype=torch.bfloat16, device=self.device)
-        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
-        flush = torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=self.device)
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        flush = l2_flush_buffer(self.device)
         timings, best = {}, None
         for alg_id in range(self.max_alg_id()):
             for sk in split_ks:
@@ -223,13 +243,7 @@ class SparseInt8Plan:
                     self.run(w_buf, xq, alpha, d)
                 except CusparseLtError:
                     continue
-                for s, e in ev:
-                    flush.max()  # evict by reading (a memset left dirty lines whose write-back slowed the run)
-                    s.record()
-                    self.run(w_buf, xq, alpha, d)
-                    e.record()
-                torch.cuda.synchronize(self.device)
-                us = sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
+                us = time_cold_us(lambda: self.run(w_buf, xq, alpha, d), flush, reps, warm=False)
                 timings[(alg_id, sk)] = us
                 if best is None or us < best[0]:
                     best = (us, alg_id, sk)

@@ -81,25 +81,6 @@ def _time_us(fn, iters: int = 10) -> float:
     return sorted(times)[1]
 
 
-def _flush_buffer(device: torch.device) -> torch.Tensor:
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=device)
-
-
-def _time_cold_us(fn, flush: torch.Tensor, reps: int = 7) -> float:
-    """GPU us of one call with its weight evicted from L2 first (a layer's weight is never
-    L2-resident when serving); CUDA events, median of reps."""
-    fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        flush.max()  # evict by reading (a memset leaves dirty lines whose write-back slows the run)
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
-
-
 class _ShapeState:
     """Per (N, K, device): plans, decode config, threshold (shared by layers of that shape)."""
 
@@ -238,7 +219,7 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         output disagrees with the dense-mma kernel (kind 0, the tested one) on this weight is not used."""
         dec, lin = ext.decode_direct(), ext.direct()  # lin: arguments made here, never None
         x = torch.randn(EXT_DECODE_MAX, self.k, dtype=torch.bfloat16, device=device)
-        flush = _flush_buffer(device)
+        flush = cslt.l2_flush_buffer(device)
         mb = self.meta_block_rows
         kinds = [0]
         ref = dec(x, buf, ws, None, 16, 4, mb, 0).double()
@@ -250,10 +231,10 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         configs = [(kd, r, w) for kd in kinds for r in (16, 32, 64) if self.n % r == 0 for w in (4, 8, 16)]
         best, beats = {}, {}
         for m in (8, EXT_DECODE_MAX):
-            times = {c: _time_cold_us(lambda c=c, m=m: dec(x[:m], buf, ws, None, c[1], c[2], mb, c[0]), flush)
+            times = {c: cslt.time_cold_us(lambda c=c, m=m: dec(x[:m], buf, ws, None, c[1], c[2], mb, c[0]), flush)
                      for c in configs}
             cfg = min(times, key=times.get)
-            t_cslt = _time_cold_us(lambda m=m: lin(x[:m], buf, ws, None, st.ext_set), flush)
+            t_cslt = cslt.time_cold_us(lambda m=m: lin(x[:m], buf, ws, None, st.ext_set), flush)
             best[m] = cfg
             # by a margin: single cold calls are noisy, and a near-tie measured slower under CUDA graphs
             # (down_proj, M=16, H100: 33.1 vs 33.9 us cold, 30.4 vs 28.2 us graph-replayed)
