@@ -7,7 +7,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export VLLM_SPARSE24_EXT_DIR=${VLLM_SPARSE24_EXT_DIR:-/tmp/sparse24_ext}
 LOG="$OUT/run.log"
+# vLLM (for the int8_cutlass rows of kernels.py) when the bundle is carried (carry [".gpu_bundle"])
+if [ -d .gpu_bundle ] && bash .gpu_bundle/install_vllm_bundle.sh .gpu_bundle >/tmp/bundle.log 2>&1; then
+  export PYTHONPATH=/tmp/vllm_site:$PWD:${PYTHONPATH:-} PATH=/tmp/vllm_site/bin:$PATH VLLM_NO_USAGE_STATS=1
+  BUNDLE="vLLM bundle installed: $(python3 -c 'import vllm; print(vllm.__version__)' 2>&1 | tail -1)"
+fi
 {
+echo "${BUNDLE:-no vLLM bundle (no int8_cutlass rows)}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cslt', torch.backends.cusparselt.version())"
 nvcc --version | tail -1; which ninja || python3 -c "import ninja; print('ninja module', ninja.__version__)"

@@ -133,6 +133,37 @@ def time_cold_us(fn, flush: torch.Tensor, reps: int = 7, warm: bool = True) -> f
     return sorted(s.elapsed_time(e) * 1e3 for s, e in ev)[reps // 2]
 
 
+def weight_rotation(buf: torch.Tensor) -> list[torch.Tensor]:
+    """buf and clones of it, together >= 2x the L2 size (at most 7 clones, extra memory < 2x L2): calls
+    that rotate over them read the weight from HBM, as serving does (one layer's weight is not
+    L2-resident when its turn comes)."""
+    l2 = torch.cuda.get_device_properties(buf.device).L2_cache_size
+    copies = max(1, min(8, -(-2 * l2 // max(buf.numel() * buf.element_size(), 1))))
+    return [buf] + [buf.clone() for _ in range(copies - 1)]
+
+
+def time_graph_us(fn, calls: int, reps: int = 5) -> float:
+    """GPU us per call: fn (which makes `calls` calls) captured once in a CUDA graph, its replays timed
+    with CUDA events, median of reps (launch gaps as under vLLM's CUDA graphs, no host time)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up outside the capture (lazy init, workspace growth)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    del g
+    return sorted(a.elapsed_time(b) * 1e3 / calls for a, b in ev)[reps // 2]
+
+
 class SparseInt8Plan:
     """A cuSPARSELt plan for D[m_pad, n] (bf16) = Xq[m_pad, k] @ W^T * alpha[n]."""
 

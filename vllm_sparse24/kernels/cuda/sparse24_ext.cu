@@ -577,16 +577,23 @@ int64_t register_plans(int64_t n, int64_t k, c10::IntArrayRef m_pads, c10::IntAr
   return static_cast<int64_t>(g_sets.size()) - 1;
 }
 
-// x [M <= 16, K] (unit stride in K); bias, if any, already in x's dtype, contiguous
+// Each op checks its arguments once: the dispatcher ops (linear, decode) with TORCH_CHECK, the pybind
+// entries in sparse24_ext_py.cpp with their own checks; both then call linear_run / decode_run, which
+// assume valid arguments.
+
+// bias in x's dtype, contiguous, 16-byte aligned (vector loads); undefined when there is none
+at::Tensor prep_bias(const c10::optional<at::Tensor>& bias, at::ScalarType dt) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  at::Tensor b = bias->scalar_type() == dt && bias->is_contiguous() ? *bias : bias->to(dt).contiguous();
+  if (reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0) b = b.clone();
+  return b;
+}
+
+// x [1 <= M <= 16, K] (unit stride in K), config valid for (n, k)
 at::Tensor decode_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& ws, const at::Tensor* bias,
                        int64_t n, int64_t k, int64_t rows_per_block, int64_t warps, int64_t meta_rows,
                        int64_t kind, cudaStream_t stream) {
   const int64_t m = x_in.size(0);
-  TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, cat("sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m));
-  TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, cat("sparse24_ext.decode: warps must be 1..", DECODE_MAX_THREADS / 32));
-  TORCH_CHECK(kind == 0 || kind == 1, cat("sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind));
-  TORCH_CHECK(n % rows_per_block == 0 && k % 64 == 0 && meta_rows % 16 == 0 && n % meta_rows == 0, cat("sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block, " meta_rows=", meta_rows));
-  TORCH_CHECK(w.numel() >= n * k * 5 / 8, cat("sparse24_ext.decode: compressed weight has ", w.numel(), " bytes, expected >= ", n * k * 5 / 8));
   // 8-byte loads of x: rows 8-byte aligned
   const at::Tensor x = (x_in.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 8 == 0)
                            ? x_in : x_in.contiguous();
@@ -610,8 +617,10 @@ void set_decode(int64_t set_id, int64_t max_m, int64_t meta_rows, c10::IntArrayR
   TORCH_CHECK(max_m >= 0 && max_m <= DECODE_MAX_M && rows_per_block.size() == 2 && warps.size() == 2 &&
                   kinds.size() == 2, cat("sparse24_ext.set_decode: max_m in [0, ", DECODE_MAX_M, "], two configs (M <= 8, M <= 16)"));
   PlanSet* ps = g_sets[set_id];
+  TORCH_CHECK(meta_rows > 0 && meta_rows % 16 == 0 && ps->n % meta_rows == 0, cat("sparse24_ext.set_decode: bad meta_rows ", meta_rows));
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(ps->n % rows_per_block[i] == 0 && warps[i] >= 1 && warps[i] * 32 <= DECODE_MAX_THREADS &&
+    TORCH_CHECK((rows_per_block[i] == 16 || rows_per_block[i] == 32 || rows_per_block[i] == 64) &&
+                    ps->n % rows_per_block[i] == 0 && warps[i] >= 1 && warps[i] * 32 <= DECODE_MAX_THREADS &&
                     (kinds[i] == 0 || kinds[i] == 1),
                 "sparse24_ext.set_decode: bad config");
     ps->dec_rows[i] = rows_per_block[i];
@@ -622,55 +631,53 @@ void set_decode(int64_t set_id, int64_t max_m, int64_t meta_rows, c10::IntArrayR
   ps->decode_max_m = max_m;
 }
 
-// the decode kernel alone, with an explicit config (tuning, tests)
+// the decode kernel alone, with an explicit config (tuning, tests); arguments checked by the caller
+at::Tensor decode_run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                      const c10::optional<at::Tensor>& bias, int64_t rows_per_block, int64_t warps, int64_t meta_rows,
+                      int64_t kind) {
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const at::Tensor b = prep_bias(bias, x.scalar_type());
+  return decode_impl(x, w, ws, b.defined() ? &b : nullptr, ws.numel(), x.size(1), rows_per_block, warps, meta_rows,
+                     kind, stream);
+}
+
 at::Tensor decode(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
                   int64_t rows_per_block, int64_t warps, int64_t meta_rows, int64_t kind) {
-  const int64_t n = ws.numel(), k = x.size(1);
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "sparse24_ext.decode: x must be CUDA [M, K], unit stride in K");
+  const int64_t n = ws.numel(), k = x.size(1), m = x.size(0);
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "sparse24_ext.decode: x must be bfloat16 or float16");
   TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.is_contiguous(), "sparse24_ext.decode: bad weight");
   TORCH_CHECK(ws.is_cuda() && ws.scalar_type() == at::kFloat && ws.is_contiguous(), "sparse24_ext.decode: bad w_scale");
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  at::Tensor b;
-  const at::Tensor* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "sparse24_ext.decode: bias must have N elements");
-    b = bias->to(dt).contiguous();
-    bp = &b;
-  }
-  return decode_impl(x, w, ws, bp, n, k, rows_per_block, warps, meta_rows, kind, stream);
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->is_cuda() && bias->numel() == n), "sparse24_ext.decode: bias must have N elements");
+  TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, cat("sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m));
+  TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, cat("sparse24_ext.decode: warps must be 1..", DECODE_MAX_THREADS / 32));
+  TORCH_CHECK(kind == 0 || kind == 1, cat("sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind));
+  TORCH_CHECK((rows_per_block == 16 || rows_per_block == 32 || rows_per_block == 64) && n % rows_per_block == 0 &&
+                  k % 64 == 0 && meta_rows > 0 && meta_rows % 16 == 0 && n % meta_rows == 0,
+              cat("sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block, " meta_rows=", meta_rows));
+  TORCH_CHECK(w.numel() >= n * k * 5 / 8, cat("sparse24_ext.decode: compressed weight has ", w.numel(), " bytes, expected >= ", n * k * 5 / 8));
+  return decode_run(x, w, ws, bias, rows_per_block, warps, meta_rows, kind);
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
-                  int64_t set_id) {
-  PlanSet* ps;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);  // uncontended: ~20 ns
-    TORCH_CHECK(set_id >= 0 && set_id < (int64_t)g_sets.size(), cat("sparse24_ext.linear: unknown plan set ", set_id));
-    TORCH_CHECK(g_matmul != nullptr, "sparse24_ext.linear: set_lib was not called");
-    ps = g_sets[set_id];
-  }
+PlanSet* plan_set(int64_t set_id) {
+  std::lock_guard<std::mutex> lock(g_mutex);  // uncontended: ~20 ns
+  return set_id >= 0 && set_id < (int64_t)g_sets.size() ? g_sets[set_id] : nullptr;
+}
+
+// x [M, K] of the plan set's K, arguments checked by the caller
+at::Tensor linear_run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                      const c10::optional<at::Tensor>& bias, PlanSet* ps) {
+  TORCH_CHECK(g_matmul != nullptr, "sparse24_ext.linear: set_lib was not called");
   const int64_t n = ps->n, k = ps->k;
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.stride(1) == 1, cat("sparse24_ext.linear: x must be a CUDA [M, ", k, "] tensor with unit stride in K"));
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "sparse24_ext.linear: x must be bfloat16 or float16");
-  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.is_contiguous(), "sparse24_ext.linear: bad weight");
-  TORCH_CHECK(ws.is_cuda() && ws.scalar_type() == at::kFloat && ws.is_contiguous() && ws.numel() == n,
-              "sparse24_ext.linear: w_scale must be float32 [N] contiguous");
   c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t m = x.size(0);
-  at::Tensor b;
-  const at::Tensor* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "sparse24_ext.linear: bias must have N elements");
-    b = bias->scalar_type() == dt && bias->is_contiguous() ? *bias : bias->to(dt).contiguous();
-    if (reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0) b = b.clone();  // 16-byte vector loads
-    bp = &b;
-  }
   if (m == 0) return at::empty({0, n}, x.options());
+  const at::Tensor b = prep_bias(bias, dt);
+  const at::Tensor* bp = b.defined() ? &b : nullptr;
   if (m <= ps->decode_max_m) {
     const int nt = m > 8 ? 1 : 0;
     return decode_impl(x, w, ws, bp, n, k, ps->dec_rows[nt], ps->dec_warps[nt], ps->meta_rows, ps->dec_kind[nt],
@@ -716,6 +723,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws
   return out;
 }
 
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
+                  int64_t set_id) {
+  PlanSet* ps = plan_set(set_id);
+  TORCH_CHECK(ps != nullptr, cat("sparse24_ext.linear: unknown plan set ", set_id));
+  const int64_t n = ps->n, k = ps->k;
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.stride(1) == 1, cat("sparse24_ext.linear: x must be a CUDA [M, ", k, "] tensor with unit stride in K"));
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "sparse24_ext.linear: x must be bfloat16 or float16");
+  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.is_contiguous() && w.numel() >= n * k * 5 / 8,
+              cat("sparse24_ext.linear: w_cslt must be a contiguous CUDA int8 buffer of >= ", n * k * 5 / 8, " bytes"));
+  TORCH_CHECK(ws.is_cuda() && ws.scalar_type() == at::kFloat && ws.is_contiguous() && ws.numel() == n,
+              "sparse24_ext.linear: w_scale must be float32 [N] contiguous");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->is_cuda() && bias->numel() == n), "sparse24_ext.linear: bias must have N elements");
+  return linear_run(x, w, ws, bias, ps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse24_ext, m) {
@@ -737,19 +760,19 @@ TORCH_LIBRARY_IMPL(sparse24_ext, CUDA, m) {
 // of host time). That module checks the arguments itself (see there) before calling these.
 namespace sparse24_ext {
 bool plan_set_shape(int64_t set_id, int64_t* n, int64_t* k) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (set_id < 0 || set_id >= (int64_t)g_sets.size()) return false;
-  *n = g_sets[set_id]->n;
-  *k = g_sets[set_id]->k;
+  PlanSet* ps = plan_set(set_id);
+  if (ps == nullptr) return false;
+  *n = ps->n;
+  *k = ps->k;
   return true;
 }
 at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
                         const c10::optional<at::Tensor>& bias, int64_t set_id) {
-  return linear(x, w, ws, bias, set_id);
+  return linear_run(x, w, ws, bias, plan_set(set_id));
 }
 at::Tensor decode_entry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
                         const c10::optional<at::Tensor>& bias, int64_t rows_per_block, int64_t warps,
                         int64_t meta_rows, int64_t kind) {
-  return decode(x, w, ws, bias, rows_per_block, warps, meta_rows, kind);
+  return decode_run(x, w, ws, bias, rows_per_block, warps, meta_rows, kind);
 }
 }  // namespace sparse24_ext
