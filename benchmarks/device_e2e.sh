@@ -95,3 +95,6 @@ import json; d=json.load(open('$OUT/e2e-serve.json'))
 print('serve passed', d['passed'], 'responses', d['responses'], '/', d['expected'], 'errors', len(d['errors']),
       {k: (round(d[k]['ttft_ms']['p50'], 1), round(d[k]['tpot_ms']['p50'], 2)) for k in ('completion', 'chat') if k in d}, '(TTFT p50 ms, TPOT p50 ms)')"
 cat "$OUT"/throughput-*.md 2>/dev/null
+# the exit status says whether every step passed (it was cat's: 1 whenever no throughput ran)
+for s in $STEPS; do [ "${RC[$s]}" = 0 ] || exit 1; done
+exit 0
