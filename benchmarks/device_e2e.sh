@@ -24,11 +24,10 @@ say "date $(date -u +%FT%TZ) git $(git rev-parse --short HEAD 2>/dev/null) steps
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 # 1. the bundle
-if ! bash .gpu_bundle/install_vllm_bundle.sh .gpu_bundle >>"$LOG" 2>&1; then
+. benchmarks/device_env.sh
+if ! s24_bundle "$LOG"; then
   say "bundle install FAILED"; tail -20 "$LOG"; exit 1
 fi
-export PYTHONPATH=/tmp/vllm_site:$PWD:${PYTHONPATH:-} PATH=/tmp/vllm_site/bin:$PATH
-export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # the openai client of the bundle (3.52) imports httpcore2 + jiter, which the bundle leaves out:
 # carried as wheels in .whl (httpcore2 h11 truststore idna jiter), after the bundle on the path
 if ls .whl/*.whl >/dev/null 2>&1; then

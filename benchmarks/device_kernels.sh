@@ -8,8 +8,8 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export VLLM_SPARSE24_EXT_DIR=${VLLM_SPARSE24_EXT_DIR:-/tmp/sparse24_ext}
 LOG="$OUT/run.log"
 # vLLM (for the int8_cutlass rows of kernels.py) when the bundle is carried (carry [".gpu_bundle"])
-if [ -d .gpu_bundle ] && bash .gpu_bundle/install_vllm_bundle.sh .gpu_bundle >/tmp/bundle.log 2>&1; then
-  export PYTHONPATH=/tmp/vllm_site:$PWD:${PYTHONPATH:-} PATH=/tmp/vllm_site/bin:$PATH VLLM_NO_USAGE_STATS=1
+. benchmarks/device_env.sh
+if s24_bundle /tmp/bundle.log; then
   BUNDLE="vLLM bundle installed: $(python3 -c 'import vllm; print(vllm.__version__)' 2>&1 | tail -1)"
 fi
 {

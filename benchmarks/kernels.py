@@ -15,8 +15,16 @@ copies of the weight (C * bytes >= 128 MB, so weights come from HBM, not the 50 
   operands with both scales fused (the dense W8A8 int8 GEMM vLLM serves with; no quant pass).
   cslt_naive and sparse24_eager: plain eager calls, host time included.
   sparse24_* include the activation quantization, the GEMM and the scales/bias.
+  cslt_gemm_only: the cuSPARSELt GEMM of our plan alone (int8 x already quantized, w_scale as its
+  alpha vector, bf16 out; no activation quant, no per-token scale pass), graph-replayed, at every M
+  whose padded bucket has a plan (M >= 16): the floor of any design built on cuSPARSELt 0.8, whose
+  int8 GEMM takes one scale vector (CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING) and no second one.
 copy_same_bytes_us: per layer, a graph-replayed device copy that moves (reads + writes) as many bytes
 as the compressed weight has, rotated the same way: what one launch can stream at that size.
+read_same_bytes_us: per layer, a graph-replayed torch.sum over a buffer of the compressed weight's
+size (read once, rotated the same way): a stock read-only kernel over those bytes, for scale. It is
+not a floor: at these sizes (10-73 MB) torch's reduction is slower than our decode kernel on o, qkv
+and down (H100, 2026-11-21).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from vllm_sparse24.kernels.cuda.cslt import time_graph_us  # noqa: E402
 from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel  # noqa: E402
 
 
@@ -78,20 +87,6 @@ def median_us(fn, calls, reps):
     return times[len(times) // 2]
 
 
-def graph_us(calls_fn, calls, reps):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        calls_fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        calls_fn()
-    us = median_us(g.replay, calls, reps)
-    del g
-    return us
-
-
 def reps_for(est_us):
     return int(max(3, min(30, 100_000 / max(est_us, 1))))
 
@@ -131,7 +126,7 @@ def bench_shape(model, layer, n, k, ms, rows, info):
                 for w in ws_list:
                     f(w)
             try:
-                us = graph_us(calls, len(ws_list), reps)
+                us = time_graph_us(calls, len(ws_list), reps)
             except Exception as e:  # keep going; record nothing for this impl
                 print(f"  {impl} M={m} failed: {repr(e)[:200]}", flush=True)
                 continue
@@ -146,16 +141,16 @@ def bench_shape(model, layer, n, k, ms, rows, info):
                     f(w)
             us = median_us(calls, len(ws_list), reps)
             rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
-        if m == 16:  # the cuSPARSELt GEMM alone at the decode bucket (graph, rotated weights)
-            plan = kern.state.plans[16]
-            xq16 = torch.randint(-127, 128, (16, k), device=DEV, dtype=torch.int8)
-            d16 = torch.empty(16, n, device=DEV, dtype=torch.bfloat16)
+        if m >= 16 and m16 in kern.state.plans:  # the cuSPARSELt GEMM alone (graph, rotated weights)
+            plan = kern.state.plans[m16]
+            d16 = torch.empty(m16, n, device=DEV, dtype=torch.bfloat16)
 
-            def gemm_calls():
+            def gemm_calls(plan=plan, d16=d16):
                 for tt in tens:
-                    plan.run(tt["weight_cslt"], xq16, tt["weight_scale"], d16)
-            us = graph_us(gemm_calls, len(tens), reps)
+                    plan.run(tt["weight_cslt"], xqc, tt["weight_scale"], d16)
+            us = time_graph_us(gemm_calls, len(tens), reps)
             rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": "cslt_gemm_only", "us": round(us, 2)})
+            del d16
         line = " ".join(f"{r['impl']}={r['us']}" for r in rows if r["layer"] == f"{model}.{layer}" and r["M"] == m)
         print(f"{model}.{layer} M={m}: {line}", flush=True)
     return kern, tens
@@ -201,7 +196,20 @@ def copy_same_bytes_us(nbytes, reps=30):
     def calls():
         for a, b in zip(src, dst, strict=True):
             b.copy_(a)
-    return graph_us(calls, len(src), reps)
+    return time_graph_us(calls, len(src), reps)
+
+
+def read_same_bytes_us(nbytes, reps=30):
+    """Graph-replayed read-only passes (torch.sum) over nbytes, rotated past L2."""
+    src = [torch.ones(nbytes // 4, dtype=torch.int32, device=DEV) for _ in range(copies_for(nbytes))]
+    outs = [torch.empty((), dtype=torch.int32, device=DEV) for _ in src]
+
+    def calls():
+        for a, o in zip(src, outs, strict=True):
+            torch.sum(a, 0, dtype=torch.int32, out=o)
+    us = time_graph_us(calls, len(src), reps)
+    assert int(outs[0]) == nbytes // 4, "read_same_bytes_us: the sum did not read every element"
+    return us
 
 
 def copy_bandwidth():
@@ -253,7 +261,7 @@ def main():
     VLLM_OPS = _vllm_ops()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.2f} TB/s (read+written)", flush=True)
-    overhead, decode_bw, copy_same = {}, {}, {}
+    overhead, decode_bw, copy_same, read_same = {}, {}, {}, {}
     for model in args.models.split(","):
         for layer, (n, k) in MODELS[model].items():
             kern, tens = bench_shape(model, layer, n, k, ms if model.endswith("8b") else [m for m in ms], rows, info)
@@ -262,25 +270,26 @@ def main():
             overhead[name]["pieces_M1024"] = kern.host_profile(tens[0], torch.randn(1024, k, device=DEV, dtype=torch.bfloat16))
             g1 = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "sparse24_graph" and r["M"] == 1]
             copy_same[name] = round(copy_same_bytes_us(n * k * 5 // 8), 2)
+            read_same[name] = round(read_same_bytes_us(n * k * 5 // 8), 2)
             if g1:
                 decode_bw[name] = n * k * 5 / 8 / g1[0] / 1e6
                 print(f"{name}: decode M=1 {g1[0]} us; a copy moving the same {n * k * 5 // 8 / 1e6:.1f} MB "
-                      f"{copy_same[name]} us", flush=True)
-            gg = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "cslt_gemm_only"]
+                      f"{copy_same[name]} us, a read of them {read_same[name]} us", flush=True)
+            gg = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "cslt_gemm_only" and r["M"] == 16]
             if gg:
                 decode_bw[name + " (GEMM alone, M=16)"] = n * k * 5 / 8 / gg[0] / 1e6
             print(f"{name}: host us/call {overhead[name]}; decode M=1 bandwidth "
                   f"{decode_bw.get(name, 0):.2f} TB/s = {decode_bw.get(name, 0) / bw:.0%} of copy", flush=True)
             del kern, tens
             torch.cuda.empty_cache()
-            save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same)  # partial results survive a timeout
-    path = save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same)
+            save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same)  # partial results survive a timeout
+    path = save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same)
     plot(rows, path.replace(".json", ".png"))
     print("wrote", path)
     summarize(json.load(open(path)))
 
 
-def save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same):
+def save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same):
     import triton
     vllm_version = None
     if VLLM_OPS is not None:
@@ -289,7 +298,8 @@ def save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same):
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "date": date,
            "vllm": vllm_version,
            "command": " ".join(["python"] + sys.argv), "rows": rows,
-           "copy_tbps": bw, "host_overhead_us": overhead, "decode_tbps_m1": decode_bw, "copy_same_bytes_us": copy_same, "tuning": info,
+           "copy_tbps": bw, "host_overhead_us": overhead, "decode_tbps_m1": decode_bw, "copy_same_bytes_us": copy_same,
+           "read_same_bytes_us": read_same, "tuning": info,
            "notes": __doc__}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernels-{gpu}-{date}.json")
@@ -310,6 +320,11 @@ def summarize(res):
             print(f"  {layer} prefill eager min vs int8 {min(p[1] for p in pre):.2f}x (need 1.8), vs bf16 {min(p[2] for p in pre):.2f}x (need 2.2)")
         if dec:
             print(f"  {layer} decode graph  min vs int8 {min(d[1] for d in dec):.2f}x (need 1.5), vs bf16 {min(d[2] for d in dec):.2f}x (need 2.5)")
+        gem = [(t[(layer, m, "int8_intmm")] / t[(layer, m, "cslt_gemm_only")], t[(layer, m, "bf16")] / t[(layer, m, "cslt_gemm_only")])
+               for m in (1024, 2048, 4096, 8192) if (layer, m, "cslt_gemm_only") in t and (layer, m, "int8_intmm") in t]
+        if gem:
+            print(f"  {layer} bare cuSPARSELt GEMM (no quant, no token scale), M 1024..8192: min vs int8 "
+                  f"{min(g[0] for g in gem):.2f}x, vs bf16 {min(g[1] for g in gem):.2f}x (the ceiling of the prefill path)")
         for base in ("int8_cutlass", "fp8"):
             r = [t[(layer, m, base)] / t[(layer, m, "sparse24_eager")] for m in (1024, 2048, 4096, 8192, 16384)
                  if (layer, m, base) in t and (layer, m, "sparse24_eager") in t]
@@ -320,7 +335,9 @@ def summarize(res):
 
     for name, bwv in res["decode_tbps_m1"].items():
         same = res.get("copy_same_bytes_us", {}).get(name)
+        read = res.get("read_same_bytes_us", {}).get(name)
         ceiling = f"; a copy of the same bytes {same} us" if same else ""
+        ceiling += f", a read of them {read} us" if read else ""
         print(f"  {name} decode M=1 {bwv:.2f} TB/s = {bwv / res['copy_tbps']:.0%} of copy (need 75%){ceiling}")
     for name, o in res["host_overhead_us"].items():
         print(f"  {name} host us/call {json.dumps({k: {a: round(b, 1) for a, b in v.items()} for k, v in o.items()})}"

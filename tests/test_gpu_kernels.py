@@ -94,14 +94,21 @@ def _kernel(n, k, w, ws, name="test.layer"):
     return kern, kern.prepare(w, ws)
 
 
+def _random_layer(n: int, k: int, seed: int, ws_min: float = 1e-4):
+    """(generator, random 2:4 int8 weight, per-channel scales in [ws_min, ws_min + 1e-3), kernel, its
+    tensors); the generator goes on to make the test's inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    w = random_24(n, k, gen)
+    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + ws_min).to(DEV)
+    kern, t = _kernel(n, k, w, ws)
+    return gen, w, ws, kern, t
+
+
 @pytest.mark.parametrize("n,k", [(512, 4096), (4096, 1024), (960, 576)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_linear_matches_reference(n, k, dt):
-    gen = torch.Generator().manual_seed(n + k)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
+    gen, w, ws, kern, t = _random_layer(n, k, n + k)
     bias = (torch.randn(n, generator=gen)).to(dt).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
     thr = kern.state.threshold
     for m in [1, 3, 16, 17, 64, 65, 1000, 1500]:
         for b in (None, bias):
@@ -118,10 +125,7 @@ def test_both_paths_at_every_small_m(monkeypatch):
     """Force the decode kernel and the cuSPARSELt path on the same inputs for M = 1..64."""
     monkeypatch.setenv("VLLM_SPARSE24_DECODE", "1")  # decode is opt-in; tune it for this shape
     n, k = 256, 1024
-    gen = torch.Generator().manual_seed(5)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
+    gen, w, ws, kern, t = _random_layer(n, k, 5, ws_min=0.0)
     saved = kern.state.threshold
     try:
         for m in [1, 2, 3, 7, 8, 15, 16, 31, 33, 48, 63, 64]:
@@ -139,11 +143,8 @@ def test_both_paths_at_every_small_m(monkeypatch):
 
 def test_cuda_graph_replay_equals_eager():
     n, k = 1024, 2048
-    gen = torch.Generator().manual_seed(9)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
+    gen, w, ws, kern, t = _random_layer(n, k, 9, ws_min=0.0)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
     for m in [1, 8, kern.state.threshold + 1, 300]:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
         eager = kern.apply(t, x, bias)
@@ -165,10 +166,7 @@ def test_cuda_graph_replay_equals_eager():
 
 def test_torch_compile_fullgraph():
     n, k = 512, 1024
-    gen = torch.Generator().manual_seed(11)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
+    gen, w, ws, kern, t = _random_layer(n, k, 11, ws_min=0.0)
 
     def f(x):
         return kern.apply(t, x * 2, None) + 1
@@ -201,10 +199,7 @@ def _nvcc_present() -> bool:
 def test_ext_path_used_and_matches_triton_path():
     """The C++ op (path ext) is built where nvcc is, and agrees with the Triton + ctypes path."""
     n, k = 768, 2048
-    gen = torch.Generator().manual_seed(21)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
+    gen, w, ws, kern, t = _random_layer(n, k, 21)
     if kern.describe()["path"] != "ext":
         if _nvcc_present() and ext.enabled():
             pytest.fail(f"extension did not build: {ext.error()}")
@@ -235,10 +230,7 @@ def test_ext_path_used_and_matches_triton_path():
 def test_cold_search(monkeypatch):
     monkeypatch.setenv("VLLM_SPARSE24_COLD_SEARCH", "1")
     n, k = 320, 640
-    gen = torch.Generator().manual_seed(23)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
+    gen, w, ws, kern, t = _random_layer(n, k, 23)
     assert set(kern.state.cold) == {16, 32, 48, 64}
     for m in [1, 9, 16, 40, 64]:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
@@ -269,7 +261,7 @@ def test_ext_decode_kernel_every_config(n, k):
         for m in (1, 3, 8, 9, 16):
             x = (torch.randn(m, k, generator=gen) * 2).to(dt).to(DEV)
             for kind in (0, 1):  # dense mma on decoded tiles / sparse mma.sp
-                for rows in (16, 32, 64):
+                for rows in (16, 32, 48, 64):
                     if n % rows:
                         continue
                     for warps in (1, 4, 16):
@@ -292,10 +284,7 @@ def test_ext_decode_kernel_every_config(n, k):
 def test_ext_decode_dispatch_and_graph():
     """linear() takes the decode kernel for M <= the tuned max_m, under a CUDA graph too."""
     n, k = 2048, 4096
-    gen = torch.Generator().manual_seed(31)
-    w = random_24(n, k, gen)
-    ws = (torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4).to(DEV)
-    kern, t = _kernel(n, k, w, ws)
+    gen, w, ws, kern, t = _random_layer(n, k, 31)
     if kern.describe()["path"] != "ext":
         _ext_or_skip()
     info = kern.describe()["ext_decode"]

@@ -216,7 +216,7 @@ class Sparse24CudaKernel(W8A8LinearKernel):
         st.timings["ext_decode_sp_vs_dense_rel_err"] = err
         if err < 1e-2:
             kinds.append(1)
-        configs = [(kd, r, w) for kd in kinds for r in (16, 32, 64) if self.n % r == 0 for w in (4, 8, 16)]
+        configs = [(kd, r, w) for kd in kinds for r in (16, 32, 48, 64) if self.n % r == 0 for w in (4, 8, 16)]
         best, t_dec, t_cslt = {}, {}, {}
         for m in (8, EXT_DECODE_MAX):
             times = {c: graph_us(lambda b, c=c, m=m: dec(x[:m], b, ws, None, c[1], c[2], mb, c[0])) for c in configs}

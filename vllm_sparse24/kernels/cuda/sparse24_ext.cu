@@ -258,6 +258,8 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][NT][4], float
 
 constexpr int DECODE_MAX_M = 16;
 constexpr int DECODE_MAX_THREADS = 512;
+// rows per block the decode kernels are instantiated for (launch_decode); 48 fills 128 SMs at N = 6144
+constexpr bool decode_rows_ok(int64_t rows) { return rows == 16 || rows == 32 || rows == 48 || rows == 64; }
 
 // grid: N / (16 R) blocks, each 16 R rows x all K; its warps split the 64-column steps (interleaved)
 // and meet in shared memory. NT n-tiles of 8 tokens (M <= 8 NT).
@@ -265,7 +267,7 @@ template <typename T, int R, int NT>
 __global__ void __launch_bounds__(DECODE_MAX_THREADS) decode_kernel(
     const T* __restrict__ x, int64_t stride_x, int m, const uint8_t* __restrict__ buf, const float* __restrict__ ws,
     const T* __restrict__ bias, T* __restrict__ out, int n, int k, int meta_rows) {
-  constexpr int U = (R * NT >= 4) ? 2 : 4;  // steps in flight per warp (registers)
+  constexpr int U = (R * NT >= 3) ? 2 : 4;  // steps in flight per warp (registers)
   constexpr int ROWS = 16 * R;
   extern __shared__ float red[];  // [warps][NT * 8][ROWS]
   __shared__ uint2 lut[16];       // nibble (i0 | i1 << 2) -> prmt selectors of dense positions 0-1, 2-3
@@ -413,15 +415,16 @@ __device__ __forceinline__ void sp_tile(float (&acc)[NT][4], const uint4& ag, co
 #undef S24_F
 }
 
-// (its setup repeats decode_kernel's on purpose: sharing it through a struct of per-thread arrays made
-// ptxas spill in 6 of the 24 instantiations)
+// (its setup repeats decode_kernel's on purpose: moving it into shared inline helpers changed the code
+// ptxas made for the configs gate_up and down use, and measured 5-14% slower there (H100, 2026-11-21);
+// a struct of per-thread arrays made ptxas spill in 6 of the 24 instantiations)
 template <typename T, int R, int NT>
 __global__ void __launch_bounds__(DECODE_MAX_THREADS) decode_sp_kernel(
     const T* __restrict__ x, int64_t stride_x, int m, const uint8_t* __restrict__ buf, const float* __restrict__ ws,
     const T* __restrict__ bias, T* __restrict__ out, int n, int k, int meta_rows) {
   // steps in flight per warp, ~(9 R + 8 NT) load registers each, under the 128-register cap; 4 where it
   // fits, so that a 4096-wide K over 16 warps is one round of loads (ptxas: no or a few bytes of spill)
-  constexpr int U = R * NT <= 2 ? 4 : (R * NT == 4 ? 2 : 1);
+  constexpr int U = R * NT <= 2 ? 4 : (R * NT <= 4 ? 2 : 1);
   extern __shared__ float red[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -491,7 +494,7 @@ void launch_decode_t(const at::Tensor& x, const at::Tensor& w, const float* ws, 
                      int warps, int meta_rows, int kind, cudaStream_t st) {
   auto kern = kind == 1 ? decode_sp_kernel<T, R, NT> : decode_kernel<T, R, NT>;
   const size_t smem = (size_t)warps * NT * 8 * 16 * R * sizeof(float);
-  if (smem > 48 * 1024) {  // above the default dynamic limit (64 rows x 16 tokens x 16 warps)
+  if (smem + 1024 > 48 * 1024) {  // over the default 48 KB with decode_kernel's static lut (48 rows x 8 tokens x 16 warps: 48 KB)
     static bool raised[2] = {false, false};
     if (!raised[kind]) {
       TORCH_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess, cat("sparse24_ext.decode: cannot get ", smem, " bytes of shared memory"));
@@ -515,9 +518,9 @@ void launch_decode(const at::Tensor& x, const at::Tensor& w, const float* ws, co
     else launch_decode_t<T, RR, 1>(x, w, ws, bias, out, n, k, warps, meta_rows, kind, st);            \
     return;                                                                                           \
   }
-  S24_DEC(1) S24_DEC(2) S24_DEC(4)
+  S24_DEC(1) S24_DEC(2) S24_DEC(3) S24_DEC(4)
 #undef S24_DEC
-  TORCH_CHECK(false, cat("sparse24_ext.decode: rows_per_block must be 16, 32 or 64, got ", rows_per_block));
+  TORCH_CHECK(false, cat("sparse24_ext.decode: rows_per_block must be 16, 32, 48 or 64, got ", rows_per_block));
 }
 
 void check_launch(const char* what) {
@@ -619,7 +622,7 @@ void set_decode(int64_t set_id, int64_t max_m, int64_t meta_rows, c10::IntArrayR
   PlanSet* ps = g_sets[set_id];
   TORCH_CHECK(meta_rows > 0 && meta_rows % 16 == 0 && ps->n % meta_rows == 0, cat("sparse24_ext.set_decode: bad meta_rows ", meta_rows));
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK((rows_per_block[i] == 16 || rows_per_block[i] == 32 || rows_per_block[i] == 64) &&
+    TORCH_CHECK(decode_rows_ok(rows_per_block[i]) &&
                     ps->n % rows_per_block[i] == 0 && warps[i] >= 1 && warps[i] * 32 <= DECODE_MAX_THREADS &&
                     (kinds[i] == 0 || kinds[i] == 1),
                 "sparse24_ext.set_decode: bad config");
@@ -654,7 +657,7 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws
   TORCH_CHECK(m >= 1 && m <= DECODE_MAX_M, cat("sparse24_ext.decode: needs 1 <= M <= ", DECODE_MAX_M, ", got ", m));
   TORCH_CHECK(warps >= 1 && warps * 32 <= DECODE_MAX_THREADS, cat("sparse24_ext.decode: warps must be 1..", DECODE_MAX_THREADS / 32));
   TORCH_CHECK(kind == 0 || kind == 1, cat("sparse24_ext.decode: kind must be 0 (dense mma) or 1 (mma.sp), got ", kind));
-  TORCH_CHECK((rows_per_block == 16 || rows_per_block == 32 || rows_per_block == 64) && n % rows_per_block == 0 &&
+  TORCH_CHECK(decode_rows_ok(rows_per_block) && n % rows_per_block == 0 &&
                   k % 64 == 0 && meta_rows > 0 && meta_rows % 16 == 0 && n % meta_rows == 0,
               cat("sparse24_ext.decode: N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block, " meta_rows=", meta_rows));
   TORCH_CHECK(w.numel() >= n * k * 5 / 8, cat("sparse24_ext.decode: compressed weight has ", w.numel(), " bytes, expected >= ", n * k * 5 / 8));
@@ -775,4 +778,5 @@ at::Tensor decode_entry(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         int64_t meta_rows, int64_t kind) {
   return decode_run(x, w, ws, bias, rows_per_block, warps, meta_rows, kind);
 }
+bool decode_rows_supported(int64_t rows_per_block) { return decode_rows_ok(rows_per_block); }
 }  // namespace sparse24_ext

@@ -20,6 +20,7 @@ at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w, const at::Tens
 at::Tensor decode_entry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
                         const c10::optional<at::Tensor>& bias, int64_t rows_per_block, int64_t warps,
                         int64_t meta_rows, int64_t kind);
+bool decode_rows_supported(int64_t rows_per_block);
 }  // namespace sparse24_ext
 
 namespace {
@@ -83,7 +84,7 @@ pybind11::object decode_py(const at::Tensor& x, const at::Tensor& w, const at::T
               x.size(0)) &&
       require(kind == 0 || kind == 1, "decode", "kind must be 0 (dense mma) or 1 (mma.sp), got ", kind) &&
       require(warps >= 1 && warps <= kDecodeMaxWarps, "decode", "warps must be 1..", kDecodeMaxWarps, ", got ", warps) &&
-      require((rows_per_block == 16 || rows_per_block == 32 || rows_per_block == 64) && n % rows_per_block == 0 &&
+      require(sparse24_ext::decode_rows_supported(rows_per_block) && n % rows_per_block == 0 &&
                   k % 64 == 0 && meta_rows > 0 && meta_rows % 16 == 0 && n % meta_rows == 0,
               "decode", "N=", n, " K=", k, " do not fit rows_per_block=", rows_per_block, " meta_rows=", meta_rows);
   if (!ok) return pybind11::none();
