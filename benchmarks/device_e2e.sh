@@ -6,7 +6,10 @@
 #   bash benchmarks/device_e2e.sh [accuracy] [serve] [throughput]        (default: all three)
 # Settings (environment):
 #   TP_ARGS        extra benchmarks/throughput.py args (default "--num-layers 16")
-#   ACC_RUNS       e2e_accuracy.py runs (default "cuda-bf16,torch-fp32"; cuda-bf16-tp2 needs 2 GPUs)
+#   ACC_RUNS       e2e_accuracy.py runs (default "cuda-bf16,torch-fp32"; cuda-bf16-tp2 needs 2 GPUs;
+#                  smollm2-* need models/smollm2-sparse24 on the machine, or the parts .carry_smol*/ that
+#                  benchmarks/smollm2_carry.py pack made, carried in earlier calls: it is unpacked here)
+#   ACC_TIMEOUT    seconds for the accuracy step (default 360)
 #   BUDGET_S       seconds for the whole script (default 540); throughput gets what is left
 #   VLLM_SPARSE24_DECODE  passed through (unset = the plugin default; 0 = cuSPARSELt for every M)
 set -u -o pipefail
@@ -69,7 +72,10 @@ for step in $STEPS; do
   case $step in
     accuracy)  # in-process engines: a first start on a fresh machine hung in the multiprocess engine once
       say "accuracy ($(left)s left)"
-      VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 360 python3 benchmarks/e2e_accuracy.py --out "$OUT" --runs "${ACC_RUNS:-cuda-bf16,torch-fp32}" 2>&1 | quiet
+      if [[ "${ACC_RUNS:-}" == *smollm2* && ! -d models/smollm2-sparse24 ]]; then
+        python3 benchmarks/smollm2_carry.py unpack --out models/smollm2-sparse24 2>&1 | tee -a "$LOG" | tail -3
+      fi
+      VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout "${ACC_TIMEOUT:-360}" python3 benchmarks/e2e_accuracy.py --out "$OUT" --runs "${ACC_RUNS:-cuda-bf16,torch-fp32}" 2>&1 | quiet
       RC[$step]=${PIPESTATUS[0]} ;;
     serve)
       say "serve ($(left)s left)"

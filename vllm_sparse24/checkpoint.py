@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fsutil import atomic_output_dir  # noqa: F401  (part of this module's API)
 from .schema import K_MULTIPLE, Sparse24ConfigError, Sparse24Scheme
 
 SPARSE_SUFFIXES = ("weight_packed", "weight_bitmask", "weight_scale")
@@ -130,24 +128,6 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
 
 
 # -- writing ------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds."""
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_safetensors_shards(
