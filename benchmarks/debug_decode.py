@@ -14,7 +14,7 @@ if "--ext" in sys.argv:
     from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel
     from vllm_sparse24.quant import quantize_per_token
 
-    n, k = 512, 1024
+    n, k = 768, 1024  # 768 rows: every rows-per-block config (16, 32, 48, 64) divides it
     w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
     drop = torch.rand(n, k // 4, 4, device="cuda").topk(2, dim=-1).indices
     w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
@@ -43,7 +43,7 @@ if "--ext" in sys.argv:
             bias = torch.randn(n, device="cuda").to(dt)
             ref = (x.double() @ w.double().t()) * ws.double().reshape(1, -1) + bias.double()
             for kind in (0, 1):
-                for rows in (16, 32, 64):
+                for rows in (16, 32, 48, 64):
                     for warps in (1, 3, 16):
                         out = ext.decode_direct()(x, t["weight_cslt"], t["weight_scale"], bias, rows, warps, 64, kind)
                         torch.cuda.synchronize()

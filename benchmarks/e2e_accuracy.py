@@ -99,10 +99,8 @@ def _engine(name: str, spec: dict, env_extra: dict, work: Path, timeout: int) ->
 
 def smollm2_run(name: str, args, work: Path) -> dict:
     """One SmolLM2 run against the reference file; returns its e2e-accuracy.json entry."""
-    import hashlib
-
     import torch
-    from smollm2_carry import _stats, passes, tolerance_for
+    from smollm2_carry import _sha256_file, _stats, passes, tolerance_for
     from transformers import AutoTokenizer
 
     run = SMOL_RUNS[name]
@@ -118,12 +116,9 @@ def smollm2_run(name: str, args, work: Path) -> dict:
     st = model / "model.safetensors"
     if not st.exists():
         return fail(f"{st} missing (restore it: python3 benchmarks/smollm2_carry.py unpack --out {model})")
-    h = hashlib.sha256()
-    with open(st, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    if h.hexdigest() != want:
-        return fail(f"{st} has sha256 {h.hexdigest()[:12]}, the reference was computed on {want[:12]}")
+    have = _sha256_file(st)
+    if have != want:
+        return fail(f"{st} has sha256 {have[:12]}, the reference was computed on {want[:12]}")
     wins = ref["windows"][: args.windows or None]
     ids = [w["token_ids"] for w in wins]
     spec = {"model": str(model), "dtype": run["dtype"], "ids": ids, "enforce_eager": run.get("enforce_eager", False),
