@@ -5,7 +5,7 @@ activation fake-quant (tests/tiny_llama.reference_logprobs); greedy generations 
     python benchmarks/e2e_accuracy.py --out DIR [--runs cuda-bf16,torch-fp32]
 
 Runs (each vLLM engine in its own process):
-  * ``cuda-bf16``: dtype bfloat16, the CUDA kernel (cuSPARSELt / Triton decode), CUDA graphs;
+  * ``cuda-bf16``: dtype bfloat16, the CUTLASS kernel (libsparse24), torch.compile + CUDA graphs;
     tolerance max |dlogprob| <= 0.25 and mean <= 0.05 nats (bf16 activations and residual stream
     against a float64 reference; the int8 activation grid sees bf16-rounded inputs).
   * ``torch-fp32``: dtype float32, ``VLLM_SPARSE24_KERNEL=torch`` (the reference kernel on the

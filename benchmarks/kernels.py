@@ -1,30 +1,24 @@
 # ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
-"""Linear-layer kernel benchmark: bf16 / int8 / fp8 dense vs 2:4 sparse (issue 4).
+"""Linear-layer GEMM benchmark on a Hopper GPU: vLLM's dense kernels vs the sparse24 CUTLASS GEMM.
 
-Run on a GPU: python benchmarks/kernels.py [--quick] [--out DIR]
-Writes DIR/kernels-<gpu>-<date>.json ({"gpu", "torch", "date", "command", "rows": [{layer, N, K,
-M, impl, us}], ...}) and a PNG of speedup vs M, and prints host overhead per call and decode
-bandwidth on compressed bytes.
+    python benchmarks/kernels.py [--models llama3-8b,llama3-70b] [--ms 1,2,...] [--search] [--out DIR]
 
-Timing: median of repeats, CUDA events. Each timed unit runs R calls that rotate over C
-copies of the weight (C * bytes >= 128 MB, so weights come from HBM, not the 50 MB L2).
-  bf16 / int8_intmm / fp8 / sparse24_graph: the R calls captured in one CUDA graph, replayed
-  (GPU time only). int8_intmm is torch._int_mm alone (int32 out, no quant, no dequant; M < 17
-  padded to 32, as it requires); fp8 is torch._scaled_mm with row-wise scales (M padded to 16),
-  bf16 is x @ W^T. int8_cutlass (only when vLLM is importable) is vLLM's cutlass_scaled_mm on int8
-  operands with both scales fused (the dense W8A8 int8 GEMM vLLM serves with; no quant pass).
-  cslt_naive and sparse24_eager: plain eager calls, host time included.
-  sparse24_* include the activation quantization, the GEMM and the scales/bias.
-  cslt_gemm_only: the cuSPARSELt GEMM of our plan alone (int8 x already quantized, w_scale as its
-  alpha vector, bf16 out; no activation quant, no per-token scale pass), graph-replayed, at every M
-  whose padded bucket has a plan (M >= 16): the floor of any design built on cuSPARSELt 0.8, whose
-  int8 GEMM takes one scale vector (CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING) and no second one.
-copy_same_bytes_us: per layer, a graph-replayed device copy that moves (reads + writes) as many bytes
-as the compressed weight has, rotated the same way: what one launch can stream at that size.
-read_same_bytes_us: per layer, a graph-replayed torch.sum over a buffer of the compressed weight's
-size (read once, rotated the same way): a stock read-only kernel over those bytes, for scale. It is
-not a floor: at these sizes (10-73 MB) torch's reduction is slower than our decode kernel on o, qkv
-and down (H100, 2026-11-21).
+Impls (per layer shape and token count M; every GEMM takes operands already quantized, as both
+vLLM's fp8 path and ours get their activation quant fused into the previous op under torch.compile):
+  bf16          cuBLAS bf16 (x @ W^T)
+  int8_cutlass  vLLM cutlass_scaled_mm, int8 x int8, per-token x per-channel scales fused
+  fp8_cutlass   vLLM cutlass_scaled_mm, e4m3 x e4m3, per-token x per-channel scales fused
+  sparse24      ours: 2:4 int8, both scales + bias fused, the config dispatch.py picks for M
+  sparse24_fp8  ours: 2:4 e4m3, the same
+With --search, every library config of the input dtype is also timed per shape and M (rows with
+"impl": "cfg:<name>[/s<splits>][/w<swizzle>]"), and the best per cell is printed as a table to
+paste into dispatch.GEMM_TABLE.
+
+Timing: CUDA-graph replay of R calls (R from a first estimate, >= 10), median of 5 replays, CUDA
+events. Calls rotate over C copies of the weight (C x bytes >= 256 MB, several times the 60 MB L2),
+so weights come from HBM as in serving. Writes DIR/kernels-<gpu>-<date>.json
+({"gpu", "date", "torch", "vllm", "command", "rows": [{model, layer, N, K, M, impl, us, tbps}]})
+and a PNG of speedup over fp8_cutlass vs M.
 """
 
 from __future__ import annotations
@@ -40,308 +34,320 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_sparse24.kernels.cuda.cslt import time_graph_us  # noqa: E402
-from vllm_sparse24.kernels.cuda.linear import Sparse24CudaKernel  # noqa: E402
-
-
-def _vllm_ops():
-    try:
-        from vllm import _custom_ops as ops
-        return ops if hasattr(ops, "cutlass_scaled_mm") else None
-    except Exception as e:  # not installed (CPU dev machine) or its _C does not load
-        print(f"vLLM not importable ({type(e).__name__}): no int8_cutlass rows", flush=True)
-        return None
+from vllm_sparse24.kernels.cuda import lib  # noqa: E402
+from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, make_plan, sparse_mm  # noqa: E402
+from vllm_sparse24.kernels.dispatch import DTYPE_NAMES  # noqa: E402
 
 MODELS = {
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
     "llama3-70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
 }
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-ROTATE_BYTES = 128 << 20
-VLLM_OPS = None  # vllm._custom_ops when importable (main)
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+ROTATE_BYTES = 256 << 20
+FP8_MAX = 448.0
 DEV = "cuda"
 
 
-def prune24(n, k):
-    w = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
-    drop = torch.rand(n, k // 4, 4, device=DEV).topk(2, dim=-1).indices
-    return w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+def vllm_ops():
+    try:
+        from vllm import _custom_ops as ops
+
+        return ops
+    except Exception as e:  # vLLM not installed here
+        print(f"vLLM not importable ({type(e).__name__}: {e}): no int8_cutlass / fp8_cutlass rows", flush=True)
+        return None
 
 
-def copies_for(nbytes):
-    return max(1, min(8, -(-ROTATE_BYTES // nbytes)))
-
-
-def median_us(fn, calls, reps):
-    fn()
+def graph_us(calls, reps: int) -> float:
+    """GPU us per call: `calls()` issues `reps` calls; captured once, replayed, median of 5."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        calls()  # warm up (lazy init outside capture)
+    torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        calls()
     times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    times.sort()
-    return times[len(times) // 2]
+    for _ in range(6):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    del g
+    return sorted(times[1:])[2]
 
 
-def reps_for(est_us):
-    return int(max(3, min(30, 100_000 / max(est_us, 1))))
+def copies(nbytes: int) -> int:
+    return max(1, -(-ROTATE_BYTES // max(nbytes, 1)))
 
 
-def bench_shape(model, layer, n, k, ms, rows, info):
-    wb = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for _ in range(copies_for(2 * n * k))]
-    wi = [prune24(n, k) for _ in range(copies_for(n * k))]
-    ws = torch.rand(n, 1, device=DEV) * 1e-3 + 1e-4
-    wf8 = [w.to(torch.float8_e4m3fn) for w in wi[: copies_for(n * k)]]
-    wsf8 = ws.reshape(1, n)
-    wc = [torch._cslt_compress(w) for w in wi[: copies_for(n * k * 5 // 8)]]
-    kern = Sparse24CudaKernel(n, k, True, f"{model}.{layer}")
-    t0 = time.perf_counter()
-    tens = [kern.prepare(w, ws) for w in wi[: copies_for(n * k * 5 // 8)]]
-    info[f"{model}.{layer}"] = {"prepare_s": round(time.perf_counter() - t0, 2), **kern.describe()}
+def prune24(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    drop = g.float().abs().topk(2, dim=-1, largest=False).indices
+    return g.scatter(-1, drop, torch.zeros_like(g[..., :2])).reshape(n, k)
+
+
+class Shape:
+    """Operands of one layer shape, the weights in `copies` rotated copies."""
+
+    def __init__(self, n: int, k: int, ops, gen: torch.Generator):
+        self.n, self.k, self.ops = n, k, ops
+        wf = torch.randn(n, k, device=DEV, generator=gen)
+        self.ws = (torch.rand(n, device=DEV, generator=gen) * 1e-2 + 1e-4)
+        self.bias = torch.randn(n, device=DEV, generator=gen).to(torch.bfloat16)
+        w8 = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int16, generator=gen).to(torch.int8)
+        wf8 = (wf * 100).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        self.c_bf16 = copies(n * k * 2)
+        self.c_dense8 = copies(n * k)
+        self.c_sparse = copies(n * k * 5 // 8)
+        self.bf16 = [wf.to(torch.bfloat16) for _ in range(self.c_bf16)]
+        self.i8 = [w8.clone() for _ in range(self.c_dense8)] if ops else []
+        self.f8 = [wf8.clone() for _ in range(self.c_dense8)] if ops else []
+        s8 = compress_24(prune24(w8))
+        sf8 = compress_24(prune24(wf8.view(torch.int8)).view(torch.float8_e4m3fn))
+        self.s8 = [(s8[0].clone(), s8[1].clone()) for _ in range(self.c_sparse)]
+        self.sf8 = [(sf8[0].clone(), sf8[1].clone()) for _ in range(self.c_sparse)]
+        self.ws2 = self.ws.reshape(-1, 1)
+        del wf
+
+    def free(self):
+        for name in ("bf16", "i8", "f8", "s8", "sf8"):
+            setattr(self, name, [])
+
+
+def time_impl(calls_one, ncopies: int) -> float:
+    """calls_one(i) issues one call on weight copy i; R calls per graph, R chosen from one timed call."""
+    calls_one(0)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    calls_one(min(1, ncopies - 1))
+    b.record()
+    b.synchronize()
+    est_us = a.elapsed_time(b) * 1e3  # eager: an upper bound of the GPU time
+    reps = max(10, ncopies, min(200, int(3000 / max(est_us, 1.0))))
+    reps = -(-reps // ncopies) * ncopies
+    return graph_us(lambda: [calls_one(i % ncopies) for i in range(reps)], reps)
+
+
+def bench_shape(model, layer, sh: Shape, ms, search: bool, plans, rows, gen):
+    n, k, ops = sh.n, sh.k, sh.ops
+    ids = lib.config_ids()
+    so = lib.lib()
     for m in ms:
-        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        mi = max(m, 32) if m <= 16 else m
-        xq = torch.randint(-127, 128, (mi, k), device=DEV, dtype=torch.int8)
-        m16 = -(-m // 16) * 16
-        xf8 = torch.randn(m16, k, device=DEV).to(torch.float8_e4m3fn)
-        xsf8 = torch.rand(m16, 1, device=DEV)
-        xqc = torch.randint(-127, 128, (m16, k), device=DEV, dtype=torch.int8)
-        est = 2 * m * n * k / 400e12 * 1e6 + 5
-        reps = reps_for(est * 4)
-        impls = {
-            "bf16": (wb, lambda w: x @ w.t()),
-            "int8_intmm": (wi, lambda w: torch._int_mm(xq, w.t())),
-            "fp8": (wf8, lambda w: torch._scaled_mm(xf8, w.t(), scale_a=xsf8, scale_b=wsf8, out_dtype=torch.bfloat16)),
-            "sparse24_graph": (tens, lambda t: kern.apply(t, x, None)),
-        }
-        if VLLM_OPS is not None:
-            xqm, xsm = xq[:m], torch.rand(m, 1, device=DEV)
-            impls["int8_cutlass"] = (wi, lambda w: VLLM_OPS.cutlass_scaled_mm(xqm, w.t(), xsm, ws, torch.bfloat16))
-        for impl, (ws_list, f) in impls.items():
-            def calls(ws_list=ws_list, f=f):
-                for w in ws_list:
-                    f(w)
+        x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+        xs = (x.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+        xq8 = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
+        xs8 = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        xqf8 = (x.float() / xs8).to(torch.float8_e4m3fn)
+        impls = {"bf16": (lambda i: torch.nn.functional.linear(x, sh.bf16[i]), sh.c_bf16, n * k * 2)}
+        if ops is not None:
+            impls["int8_cutlass"] = (lambda i: ops.cutlass_scaled_mm(xq8, sh.i8[i].t(), xs, sh.ws2, torch.bfloat16,
+                                                                     sh.bias), sh.c_dense8, n * k)
+            impls["fp8_cutlass"] = (lambda i: ops.cutlass_scaled_mm(xqf8, sh.f8[i].t(), xs8, sh.ws2, torch.bfloat16,
+                                                                    sh.bias), sh.c_dense8, n * k)
+        impls["sparse24"] = (lambda i: sparse_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plans["int8"]),
+                             sh.c_sparse, n * k * 5 // 8)
+        impls["sparse24_fp8"] = (lambda i: sparse_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]),
+                                 sh.c_sparse, n * k * 5 // 8)
+        if search:
+            for name, cid in ids.items():
+                if "_bf16_" not in name:
+                    continue
+                fp8 = name.startswith("e4m3")
+                xq_, xs_, w_ = (xqf8, xs8, sh.sf8) if fp8 else (xq8, xs, sh.s8)
+                variants = [(1, 1)]
+                if name.endswith("coopsk") and m <= 256:
+                    variants = [(1, 1), (2, 1), (4, 1)]
+                elif not name.endswith("_ws") and m >= 1024:
+                    variants = [(1, 1), (1, 4)]
+                for splits, swz in variants:
+                    out = torch.empty(m, n, dtype=torch.bfloat16, device=DEV)
+                    wsb = []  # sized on the first call (a config that cannot run the shape fails there)
+
+                    def call(i, cid=cid, xq_=xq_, xs_=xs_, w_=w_, splits=splits, swz=swz, wsb=wsb, out=out):
+                        if not wsb:
+                            need = lib.workspace_bytes(cid, m, n, k, splits)
+                            wsb.append(torch.empty(max(need, 1), dtype=torch.uint8, device=DEV))
+                        rc = so.s24_gemm(cid, w_[i][0].data_ptr(), w_[i][1].data_ptr(), xq_.data_ptr(),
+                                         xs_.data_ptr(), sh.ws.data_ptr(), sh.bias.data_ptr(), out.data_ptr(),
+                                         m, n, k, splits, swz, wsb[0].data_ptr(), wsb[0].numel(),
+                                         torch.cuda.current_stream().cuda_stream)
+                        if rc:
+                            lib.check(rc, name)
+                    tag = f"cfg:{name}" + (f"/s{splits}" if splits > 1 else "") + (f"/w{swz}" if swz > 1 else "")
+                    impls[tag] = (call, sh.c_sparse, n * k * 5 // 8)
+        for impl, (fn, nc, nbytes) in impls.items():
             try:
-                us = time_graph_us(calls, len(ws_list), reps)
-            except Exception as e:  # keep going; record nothing for this impl
-                print(f"  {impl} M={m} failed: {repr(e)[:200]}", flush=True)
+                us = time_impl(fn, nc)
+            except Exception as e:  # a config that cannot run this shape: record why, go on
+                rows.append({"model": model, "layer": layer, "N": n, "K": k, "M": m, "impl": impl,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
-            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
-        for impl, ws_list, f in [
-            ("cslt_naive", wc, lambda w: torch._cslt_sparse_mm(w, xqc.t(), alpha=ws.reshape(-1),
-                                                               out_dtype=torch.bfloat16, transpose_result=True)),
-            ("sparse24_eager", tens, lambda t: kern.apply(t, x, None)),
-        ]:
-            def calls(ws_list=ws_list, f=f):
-                for w in ws_list:
-                    f(w)
-            us = median_us(calls, len(ws_list), reps)
-            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2)})
-        if m >= 16 and m16 in kern.state.plans:  # the cuSPARSELt GEMM alone (graph, rotated weights)
-            plan = kern.state.plans[m16]
-            d16 = torch.empty(m16, n, device=DEV, dtype=torch.bfloat16)
-
-            def gemm_calls(plan=plan, d16=d16):
-                for tt in tens:
-                    plan.run(tt["weight_cslt"], xqc, tt["weight_scale"], d16)
-            us = time_graph_us(gemm_calls, len(tens), reps)
-            rows.append({"layer": f"{model}.{layer}", "N": n, "K": k, "M": m, "impl": "cslt_gemm_only", "us": round(us, 2)})
-            del d16
-        line = " ".join(f"{r['impl']}={r['us']}" for r in rows if r["layer"] == f"{model}.{layer}" and r["M"] == m)
-        print(f"{model}.{layer} M={m}: {line}", flush=True)
-    return kern, tens
+            rows.append({"model": model, "layer": layer, "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2),
+                         "tbps": round(nbytes / us / 1e6, 3)})
+        cells = {r["impl"]: r.get("us") for r in rows if r["layer"] == layer and r["M"] == m and r["model"] == model}
+        fp8 = cells.get("fp8_cutlass")
+        line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8")
+                        if cells.get(i))
+        ratio = f" sparse24/fp8={fp8 / cells['sparse24']:.2f}x" if fp8 and cells.get("sparse24") else ""
+        print(f"{model} {layer} M={m}: {line}{ratio}", flush=True)
 
 
-def host_overhead(kern, t, k, m):
-    """Host us per call: perf_counter_ns around 100 back-to-back calls, enqueued behind a ~25 ms
-    GPU sleep so the GPU is busy and never stalls the host (pure enqueue cost); median of 5."""
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    labels = [("apply", lambda: kern.apply(t, x, None)),
-              ("triton_path_custom_op", lambda: torch.ops.sparse24.cuda_w8a8_linear(
-                  x, t["weight_cslt"], t["weight_scale"], None, kern.handle))]
-    if kern._ext_set is not None:
-        labels.insert(1, ("ext_op_dispatcher", lambda: torch.ops.sparse24_ext.linear.default(
-            x, t["weight_cslt"], t["weight_scale"], None, kern._ext_set)))
-        labels.insert(1, ("ext_direct", lambda: kern._ext_direct(
-            x, t["weight_cslt"], t["weight_scale"], None, kern._ext_set)))
-    res = {}
-    for label, f in labels:
-        for _ in range(20):
-            f()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(5):
-            torch.cuda._sleep(50_000_000)
-            n = 100
-            t0 = time.perf_counter_ns()
-            for _ in range(n):
-                f()
-            t1 = time.perf_counter_ns()
-            torch.cuda.synchronize()
-            samples.append((t1 - t0) / n / 1e3)
-        res[label] = sorted(samples)[2]
-    return res
+def best_configs(rows):
+    """Per (model, layer, M): the fastest cfg:* row for int8 and for fp8."""
+    best = {}
+    for r in rows:
+        if not r["impl"].startswith("cfg:") or "us" not in r:
+            continue
+        kind = "e4m3" if r["impl"].startswith("cfg:e4m3") else "int8"
+        key = (r["model"], r["layer"], r["M"], kind)
+        if key not in best or r["us"] < best[key][1]:
+            best[key] = (r["impl"][4:], r["us"])
+    return best
 
 
-def copy_same_bytes_us(nbytes, reps=30):
-    """Graph-replayed device copies moving nbytes (nbytes / 2 read + written), rotated past L2."""
-    half = nbytes // 2
-    src = [torch.empty(half, dtype=torch.uint8, device=DEV) for _ in range(copies_for(nbytes))]
-    dst = [torch.empty_like(a) for a in src]
-
-    def calls():
-        for a, b in zip(src, dst, strict=True):
-            b.copy_(a)
-    return time_graph_us(calls, len(src), reps)
-
-
-def read_same_bytes_us(nbytes, reps=30):
-    """Graph-replayed read-only passes (torch.sum) over nbytes, rotated past L2."""
-    src = [torch.ones(nbytes // 4, dtype=torch.int32, device=DEV) for _ in range(copies_for(nbytes))]
-    outs = [torch.empty((), dtype=torch.int32, device=DEV) for _ in src]
-
-    def calls():
-        for a, o in zip(src, outs, strict=True):
-            torch.sum(a, 0, dtype=torch.int32, out=o)
-    us = time_graph_us(calls, len(src), reps)
-    assert int(outs[0]) == nbytes // 4, "read_same_bytes_us: the sum did not read every element"
-    return us
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    us = median_us(lambda: b.copy_(a), 1, 10)
-    return 2 * a.numel() / us / 1e6  # TB/s read + written
+def propose_table(res: dict, classes: dict[str, list[str]]) -> dict:
+    """From a --search result: per shape class (layers of MODELS) and measured M, the searched config
+    (name[/s<splits>][/w<swizzle>]) with the least summed time over the class's layers, relative to
+    each layer's best; adjacent M with the same pick merge into one bucket."""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in res["rows"]:
+        if r["impl"].startswith("cfg:i8_bf16") and "us" in r:
+            times.setdefault((r["model"], r["layer"], r["M"]), {})[r["impl"][4:]] = r["us"]
+    table = {}
+    for cls, layers in classes.items():
+        picks = []
+        for m in sorted({key[2] for key in times}):
+            cells = [times[(mo, la, m)] for mo, la in (x.split(":") for x in layers) if (mo, la, m) in times]
+            common = set.intersection(*(set(c) for c in cells)) if cells else set()
+            if not common:
+                continue
+            best = min(common, key=lambda cfg: sum(c[cfg] / min(c.values()) for c in cells))
+            loss = max(c[best] / min(c.values()) for c in cells)
+            picks.append((m, best, round(loss, 3)))
+        merged = []
+        for m, cfg, loss in picks:
+            if merged and merged[-1][1] == cfg:
+                merged[-1] = (m, cfg, max(loss, merged[-1][2]))
+            else:
+                merged.append((m, cfg, loss))
+        table[cls] = merged
+    return table
 
 
 def plot(rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    layers = sorted({r["layer"] for r in rows})
-    fig, axes = plt.subplots(2, (len(layers) + 1) // 2, figsize=(5 * ((len(layers) + 1) // 2), 8), squeeze=False)
-    for ax, layer in zip(axes.flat, layers, strict=False):
-        t = {(r["impl"], r["M"]): r["us"] for r in rows if r["layer"] == layer}
-        ms = sorted({m for (_, m) in t})
-        for impl, base, style in [("sparse24_graph", "bf16", "-"), ("sparse24_eager", "bf16", "--"),
-                                  ("sparse24_graph", "int8_intmm", "-"), ("sparse24_eager", "int8_intmm", "--"),
-                                  ("fp8", "bf16", ":")]:
-            xs = [m for m in ms if (impl, m) in t and (base, m) in t]
-            ax.plot(xs, [t[(base, m)] / t[(impl, m)] for m in xs], style, marker=".", label=f"{base} / {impl}")
-        ax.axhline(1, color="gray", lw=0.5)
+
+    cells = {}
+    for r in rows:
+        if "us" in r:
+            cells[(r["model"], r["layer"], r["M"], r["impl"])] = r["us"]
+    keys = sorted({(r["model"], r["layer"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
+    for ax, (model, layer) in zip(axes[0], keys, strict=True):
+        ms = sorted({r["M"] for r in rows if (r["model"], r["layer"]) == (model, layer)})
+        for impl, style in (("bf16", ":"), ("int8_cutlass", "--"), ("sparse24", "-o"), ("sparse24_fp8", "-x")):
+            pts = [(m, cells[(model, layer, m, "fp8_cutlass")] / cells[(model, layer, m, impl)]) for m in ms
+                   if (model, layer, m, impl) in cells and (model, layer, m, "fp8_cutlass") in cells]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, markersize=3)
+        ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_title(layer)
-        ax.set_xlabel("M tokens")
-        ax.set_ylabel("speedup")
-    axes.flat[0].legend(fontsize=7)
+        ax.set_title(f"{model} {layer}", fontsize=9)
+        ax.set_xlabel("tokens M")
+    axes[0][0].set_ylabel("speedup over vLLM fp8 (cutlass_scaled_mm)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=110)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
-    ap.add_argument("--quick", action="store_true", help="fewer M values")
-    ap.add_argument("--ms", default="", help="comma-separated M values (default: all)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ms-70b", default="1,8,16,64,2048,8192", help="token counts for the 70B shapes")
+    ap.add_argument("--search", action="store_true", help="also time every library config (see module doc)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--propose", default=None, metavar="SEARCH_JSON",
+                    help="print a GEMM_TABLE proposal from a --search result (no GPU) and exit")
+    ap.add_argument("--classes", default="narrow=llama3-8b:qkv,llama3-8b:o,llama3-8b:down,llama3-70b:qkv,llama3-70b:o;"
+                    "wide=llama3-8b:gate_up,llama3-70b:gate_up,llama3-70b:down",
+                    help="shape classes for --propose: name=model:layer,...;name=...")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_SPARSE24_MAX_TOKENS", "8192")
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    if args.propose:
+        classes = {c.split("=")[0]: c.split("=")[1].split(",") for c in args.classes.split(";")}
+        for cls, rows in propose_table(json.load(open(args.propose)), classes).items():
+            print(f"{cls}:")
+            for m, cfg, loss in rows:
+                print(f"  M <= {m:5d}: {cfg:42s} (worst layer {loss:.3f}x its own best)")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    ops = vllm_ops()
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
     date = datetime.date.today().isoformat()
-    rows, info = [], {}
-    ms = [1, 16, 1024, 8192] if args.quick else MS
-    if args.ms:
-        ms = [int(v) for v in args.ms.split(",")]
-    global VLLM_OPS
-    VLLM_OPS = _vllm_ops()
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw:.2f} TB/s (read+written)", flush=True)
-    overhead, decode_bw, copy_same, read_same = {}, {}, {}, {}
+    ms = [int(m) for m in args.ms.split(",")]
+    rows = []
+    t0 = time.time()
     for model in args.models.split(","):
         for layer, (n, k) in MODELS[model].items():
-            kern, tens = bench_shape(model, layer, n, k, ms if model.endswith("8b") else [m for m in ms], rows, info)
-            name = f"{model}.{layer}"
-            overhead[name] = {f"M{m}": host_overhead(kern, tens[0], k, m) for m in (1, 256)}
-            overhead[name]["pieces_M1024"] = kern.host_profile(tens[0], torch.randn(1024, k, device=DEV, dtype=torch.bfloat16))
-            g1 = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "sparse24_graph" and r["M"] == 1]
-            copy_same[name] = round(copy_same_bytes_us(n * k * 5 // 8), 2)
-            read_same[name] = round(read_same_bytes_us(n * k * 5 // 8), 2)
-            if g1:
-                decode_bw[name] = n * k * 5 / 8 / g1[0] / 1e6
-                print(f"{name}: decode M=1 {g1[0]} us; a copy moving the same {n * k * 5 // 8 / 1e6:.1f} MB "
-                      f"{copy_same[name]} us, a read of them {read_same[name]} us", flush=True)
-            gg = [r["us"] for r in rows if r["layer"] == name and r["impl"] == "cslt_gemm_only" and r["M"] == 16]
-            if gg:
-                decode_bw[name + " (GEMM alone, M=16)"] = n * k * 5 / 8 / gg[0] / 1e6
-            print(f"{name}: host us/call {overhead[name]}; decode M=1 bandwidth "
-                  f"{decode_bw.get(name, 0):.2f} TB/s = {decode_bw.get(name, 0) / bw:.0%} of copy", flush=True)
-            del kern, tens
+            if time.time() - t0 > args.budget_s:
+                print(f"time budget spent: {model} {layer} not run", flush=True)
+                continue
+            sh = Shape(n, k, ops, gen)
+            plans = {"int8": make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV)),
+                     "e4m3": make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV))}
+            model_ms = [int(m) for m in args.ms_70b.split(",")] if model == "llama3-70b" else ms
+            bench_shape(model, layer, sh, model_ms, args.search, plans, rows, gen)
+            sh.free()
             torch.cuda.empty_cache()
-            save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same)  # partial results survive a timeout
-    path = save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same)
-    plot(rows, path.replace(".json", ".png"))
-    print("wrote", path)
-    summarize(json.load(open(path)))
-
-
-def save(args, gpu, date, rows, bw, overhead, decode_bw, info, copy_same, read_same):
-    import triton
     vllm_version = None
-    if VLLM_OPS is not None:
+    if ops is not None:
         import vllm
+
         vllm_version = vllm.__version__
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "date": date,
-           "vllm": vllm_version,
-           "command": " ".join(["python"] + sys.argv), "rows": rows,
-           "copy_tbps": bw, "host_overhead_us": overhead, "decode_tbps_m1": decode_bw, "copy_same_bytes_us": copy_same,
-           "read_same_bytes_us": read_same, "tuning": info,
-           "notes": __doc__}
+    res = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "vllm": vllm_version, "command": "python " + " ".join(sys.argv), "seconds": round(time.time() - t0),
+           "dtype_names": sorted(set(DTYPE_NAMES.values())), "rows": rows}
+    if args.search:
+        res["best"] = [{"model": a, "layer": b, "M": m, "kind": kind, "config": c, "us": us}
+                       for (a, b, m, kind), (c, us) in sorted(best_configs(rows).items())]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels-{gpu}-{date}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    return path
+    stem = os.path.join(args.out, f"kernels-{gpu}-{date}" + ("-search" if args.search else ""))
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    plot(rows, stem + ".png")
+    print(f"wrote {stem}.json/.png ({res['seconds']} s)")
+    summarize(res)
 
 
 def summarize(res):
-    t = {(r["layer"], r["M"], r["impl"]): r["us"] for r in res["rows"]}
-    print("\nacceptance (llama3-8b):")
-    for layer in sorted({r["layer"] for r in res["rows"] if r["layer"].startswith("llama3-8b")}):
-        pre = [(m, t[(layer, m, "int8_intmm")] / t[(layer, m, "sparse24_eager")], t[(layer, m, "bf16")] / t[(layer, m, "sparse24_eager")])
-               for m in (1024, 2048, 4096, 8192, 16384) if (layer, m, "sparse24_eager") in t and (layer, m, "int8_intmm") in t]
-        dec = [(m, t[(layer, m, "int8_intmm")] / t[(layer, m, "sparse24_graph")], t[(layer, m, "bf16")] / t[(layer, m, "sparse24_graph")])
-               for m in (1, 2, 4, 8, 16) if (layer, m, "sparse24_graph") in t and (layer, m, "int8_intmm") in t]
-        if pre:
-            print(f"  {layer} prefill eager min vs int8 {min(p[1] for p in pre):.2f}x (need 1.8), vs bf16 {min(p[2] for p in pre):.2f}x (need 2.2)")
-        if dec:
-            print(f"  {layer} decode graph  min vs int8 {min(d[1] for d in dec):.2f}x (need 1.5), vs bf16 {min(d[2] for d in dec):.2f}x (need 2.5)")
-        gem = [(t[(layer, m, "int8_intmm")] / t[(layer, m, "cslt_gemm_only")], t[(layer, m, "bf16")] / t[(layer, m, "cslt_gemm_only")])
-               for m in (1024, 2048, 4096, 8192) if (layer, m, "cslt_gemm_only") in t and (layer, m, "int8_intmm") in t]
-        if gem:
-            print(f"  {layer} bare cuSPARSELt GEMM (no quant, no token scale), M 1024..8192: min vs int8 "
-                  f"{min(g[0] for g in gem):.2f}x, vs bf16 {min(g[1] for g in gem):.2f}x (the ceiling of the prefill path)")
-        for base in ("int8_cutlass", "fp8"):
-            r = [t[(layer, m, base)] / t[(layer, m, "sparse24_eager")] for m in (1024, 2048, 4096, 8192, 16384)
-                 if (layer, m, base) in t and (layer, m, "sparse24_eager") in t]
-            d = [t[(layer, m, base)] / t[(layer, m, "sparse24_graph")] for m in (1, 2, 4, 8, 16)
-                 if (layer, m, base) in t and (layer, m, "sparse24_graph") in t]
-            if r and d:
-                print(f"  {layer} vs {base}: prefill eager min {min(r):.2f}x, decode graph min {min(d):.2f}x")
-
-    for name, bwv in res["decode_tbps_m1"].items():
-        same = res.get("copy_same_bytes_us", {}).get(name)
-        read = res.get("read_same_bytes_us", {}).get(name)
-        ceiling = f"; a copy of the same bytes {same} us" if same else ""
-        ceiling += f", a read of them {read} us" if read else ""
-        print(f"  {name} decode M=1 {bwv:.2f} TB/s = {bwv / res['copy_tbps']:.0%} of copy (need 75%){ceiling}")
-    for name, o in res["host_overhead_us"].items():
-        print(f"  {name} host us/call {json.dumps({k: {a: round(b, 1) for a, b in v.items()} for k, v in o.items()})}"
-              " (need <= 15)")
+    cells = {(r["model"], r["layer"], r["M"], r["impl"]): r["us"] for r in res["rows"] if "us" in r}
+    print("acceptance (sparse24 vs fp8_cutlass, fused scales+bias):")
+    for (model, layer, m, impl), us in sorted(cells.items()):
+        if impl == "sparse24" and (model, layer, m, "fp8_cutlass") in cells:
+            r = cells[(model, layer, m, "fp8_cutlass")] / us
+            rf = cells.get((model, layer, m, "sparse24_fp8"))
+            extra = f"  fp8-sparse {cells[(model, layer, m, 'fp8_cutlass')] / rf:.2f}x" if rf else ""
+            print(f"  {model:10s} {layer:8s} M={m:5d}: {r:.2f}x{extra}")
+    if "best" in res:
+        print("best configs (int8):")
+        for b in res["best"]:
+            if b["kind"] == "int8":
+                print(f"  {b['model']} {b['layer']} M={b['M']}: {b['config']} {b['us']}")
+    errs = [r for r in res["rows"] if "error" in r]
+    if errs:
+        print(f"{len(errs)} rows failed, e.g. {errs[0]}")
 
 
 if __name__ == "__main__":

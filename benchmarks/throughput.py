@@ -3,11 +3,10 @@
     python benchmarks/throughput.py --out DIR [--config llama3-8b|CONFIG.json] [--num-layers 8]
         [--engines bf16,w8a8_int8,fp8,sparse24] [--workloads prefill_256x1024x16,...] [--tp 1]
 
-One random Llama-shaped model (default: Llama-3-8B's shape, ``--num-layers`` shrinks the depth
-so a run fits the device's 10-minute call) is written three times from the SAME random weights
-(speed does not depend on the values):
-  * ``bf16``: dense bfloat16 checkpoint (``fp8`` = the same checkpoint with vLLM's own
-    ``--quantization fp8``, dynamic W8A8);
+One random Llama-shaped model (default: Llama-3-8B's shape; ``--num-layers`` changes the depth)
+per engine (speed does not depend on the values):
+  * ``bf16``: vLLM's dummy weights (``load_format="dummy"``) in a config-only folder; ``fp8`` = the
+    same with vLLM's own ``--quantization fp8`` (dynamic W8A8, weights quantized at load);
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
     compressor's ``dense-w8a8`` writer (``offline.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
@@ -17,12 +16,18 @@ same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
 ``vllm bench throughput``: requests/s = n / elapsed, total tok/s = (prompt + generated) / elapsed,
 output tok/s = generated / elapsed, elapsed = the median of ``--repeats`` (3) ``LLM.generate`` calls
 over all requests (``ignore_eos``, greedy, no detokenization) after a warm-up generate.
-Writes throughput-<gpu>-<date>.json (schema of issue 5) + .png + .md into --out.
+Writes throughput-<gpu>-<date>.json + .png + .md into --out.
+
+``--profile`` then runs each of ``--profile-engines`` once more in an in-process engine
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler sees the engine's kernels, CUDA graphs
+included) on ``--profile-workloads`` and prints, per engine and workload, wall time, summed GPU
+kernel time and the top kernels; written to profile-<gpu>-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -49,7 +54,7 @@ LLAMA3_8B = {
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-DATE = os.environ.get("BENCH_DATE", "2026-11-21")
+PROFILE_WORKLOADS = "prefill_64x1024x1,decode_8x128x256"
 
 
 def workload_shape(name: str) -> tuple[int, int, int]:
@@ -120,6 +125,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
 
     want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines,
             "sparse24": "sparse24" in engines}
+    need_weights = want["w8a8_int8"] or want["sparse24"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.time()
@@ -128,22 +134,20 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     def rnd(*shape, std=0.02):
         return (torch.randn(*shape, generator=g, device=dev) * std).to(torch.bfloat16)
 
-    common = {"model.embed_tokens.weight": rnd(v, h).cpu(), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    if not cfg.get("tie_word_embeddings"):
+    common = {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if need_weights:
+        common["model.embed_tokens.weight"] = rnd(v, h).cpu()
+    if need_weights and not cfg.get("tie_word_embeddings"):
         common["lm_head.weight"] = rnd(v, h).cpu()
-    dense_bf16: dict = {}
     int8_res: dict = {}
     sparse_tensors: dict = {}
-    for layer in range(n_layers):
+    for layer in range(n_layers if need_weights else 0):
         p = f"model.layers.{layer}"
         common[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         common[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         for lin, (n, k) in linear_shapes(cfg).items():
             name = f"{p}.{lin}"
-            w = rnd(n, k)
-            if want["bf16"]:
-                dense_bf16[f"{name}.weight"] = w.cpu()
-            wf = w.float()
+            wf = rnd(n, k).float()
             if want["w8a8_int8"]:
                 q, s = quantize_weight_per_channel(wf)
                 int8_res[name] = LinearResult(name, "dense", "rtn", q.cpu(), s.cpu(), 0.0, 0.0, 0.0)
@@ -155,12 +159,10 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
                 sparse_tensors[f"{name}.weight_scale"] = s.float().cpu()
     secs = {"generate_s": round(time.time() - t0, 1)}
     report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}
-    if want["bf16"]:
+    if want["bf16"]:  # vLLM's dummy weights: a config-only folder
         t = time.time()
-        model = _stub_model(cfg, {**common, **dense_bf16})
         with ckpt.atomic_output_dir(root / "bf16", overwrite=True) as tmp:
-            ckpt.save_safetensors_shards(model.state_dict(), tmp)
-            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model, torch.bfloat16), indent=2))
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(_stub_model(cfg, common), torch.bfloat16), indent=2))
         secs["bf16_write_s"] = round(time.time() - t, 1)
     if want["w8a8_int8"]:
         t = time.time()
@@ -200,6 +202,7 @@ def run_engine(args) -> None:
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
     t0 = time.time()
     llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
+              load_format="dummy" if model == "bf16" else "auto",
               skip_tokenizer_init=True, max_model_len=args.max_model_len, seed=0,
               gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tp,
               max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -231,6 +234,52 @@ def run_engine(args) -> None:
         Path(args.result_json).write_text(json.dumps(rows))
 
 
+def run_profile(args) -> None:
+    """In-process engine (set by the parent): time each workload, then profile one more run of it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = args._profile
+    model = {"fp8": "bf16"}.get(eng, eng)
+    quant = {"fp8": "fp8", "sparse24": "sparse24"}.get(eng)
+    cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
+    llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
+              load_format="dummy" if model == "bf16" else "auto", skip_tokenizer_init=True,
+              max_model_len=args.max_model_len, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+    result = {}
+    for wi, wl in enumerate(args.profile_workloads.split(",")):
+        n, inp, out = workload_shape(wl)
+        ps = [TokensPrompt(prompt_token_ids=p) for p in make_prompts(n, inp, cfg["vocab_size"], args.seed + wi)]
+        sp = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0, detokenize=False)
+        llm.generate(ps, sp, use_tqdm=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate(ps, sp, use_tqdm=False)
+            torch.cuda.synchronize()
+        evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        gpu_ms = sum(e.self_device_time_total for e in evs) / 1e3
+        evs.sort(key=lambda e: -e.self_device_time_total)
+        steps = out if out > 1 else 1
+        top = [{"kernel": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count,
+                "us_per_call": round(e.self_device_time_total / max(e.count, 1), 2),
+                "share": round(e.self_device_time_total / 1e3 / gpu_ms, 4)} for e in evs[: args.profile_top]]
+        result[wl] = {"wall_ms": round(wall_ms, 1), "gpu_kernel_ms": round(gpu_ms, 1), "steps": steps,
+                      "gpu_busy": round(gpu_ms / wall_ms, 3), "layers": cfg["num_hidden_layers"], "top": top}
+        print(f"PROFILE {eng} {wl}: wall {wall_ms:.1f} ms, GPU kernels {gpu_ms:.1f} ms "
+              f"({gpu_ms / wall_ms * 100:.0f}% busy; {gpu_ms / steps:.3f} ms/step over {steps} steps)", flush=True)
+        for row in top:
+            print(f"  {row['ms']:9.2f} ms {row['share'] * 100:5.1f}%  n={row['calls']:6d} "
+                  f"{row['us_per_call']:9.2f} us/call  {row['kernel'][:110]}", flush=True)
+    Path(args.result_json).write_text(json.dumps(result))
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -243,14 +292,16 @@ def add_ratios(rows: list[dict]) -> None:
         dense = [by[(e, r["workload"])][metric] for e in ("w8a8_int8", "fp8") if (e, r["workload"]) in by]
         r["vs_bf16"] = round(r[metric] / base[metric], 3) if base else None
         r["vs_best_w8a8"] = round(r[metric] / max(dense), 3) if dense else None
+        fp8 = by.get(("fp8", r["workload"]))
+        r["vs_fp8"] = round(r[metric] / fp8[metric], 3) if fp8 else None
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | engine | req/s | total tok/s | output tok/s | metric | vs bf16 | vs best dense W8A8 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| workload | engine | req/s | total tok/s | output tok/s | metric | vs bf16 | vs vLLM fp8 | vs best dense W8A8 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['engine']} | {r['requests_s']:.2f} | {r['total_tok_s']:,.0f} | "
-                     f"{r['output_tok_s']:,.0f} | {r['metric']} | {r['vs_bf16']} | {r['vs_best_w8a8']} |")
+                     f"{r['output_tok_s']:,.0f} | {r['metric']} | {r['vs_bf16']} | {r.get('vs_fp8')} | {r['vs_best_w8a8']} |")
     return "\n".join(lines)
 
 
@@ -314,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-build", action="store_true", help="reuse checkpoints in --ckpt-dir")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--replot", default=None, help="redraw the PNG (+ MD) of a results JSON and exit")
+    ap.add_argument("--date", default=datetime.date.today().isoformat(), help="date stamped on the results (default: today)")
+    ap.add_argument("--profile", action="store_true", help="after the throughput runs, profile --profile-engines")
+    ap.add_argument("--profile-engines", default="sparse24,fp8")
+    ap.add_argument("--profile-workloads", default=PROFILE_WORKLOADS)
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels listed per engine and workload")
+    ap.add_argument("--_profile", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
@@ -338,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.num_layers)
     if args._engine:
         run_engine(args)
+        return 0
+    if args._profile:
+        run_profile(args)
         return 0
     deadline = time.time() + args.time_budget
     root = Path(args.ckpt_dir)
@@ -377,7 +437,39 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             failed[e] = rc
         report(args, argv, cfg, rows, failed, out, final=e == engines[-1])
+    if args.profile:
+        profile_all(args, argv, me, out, deadline, failed)
     return 1 if failed else 0
+
+
+def profile_all(args, argv, me: list[str], out: Path, deadline: float, failed: dict) -> None:
+    profiles = {}
+    for e in args.profile_engines.split(","):
+        remaining = deadline - time.time()
+        if remaining < 30:
+            failed[f"profile:{e}"] = "skipped: --time-budget spent"
+            continue
+        rj = out / f".profile-{e}.json"
+        rj.unlink(missing_ok=True)
+        cmd = me + ["--_profile", e, "--result-json", str(rj), "--profile-workloads", args.profile_workloads,
+                    "--profile-top", str(args.profile_top), "--max-model-len", str(args.max_model_len),
+                    "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                    "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--dtype", args.dtype]
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # torch.profiler must see the engine's kernels
+        try:
+            rc = run_group(cmd, min(args.engine_timeout, remaining - 5))
+        finally:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if rj.exists():
+            profiles[e] = json.loads(rj.read_text())
+            rj.unlink()
+        if rc != 0:
+            failed[f"profile:{e}"] = rc
+    gpu = gpu_name()
+    tag = gpu.lower().replace("nvidia", "").strip().split()[0] if gpu not in ("cpu", "unknown") else gpu
+    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = {"gpu": gpu, "date": args.date, "command": command, "profiles": profiles}
+    (out / f"profile-{tag}-{args.date}.json").write_text(json.dumps(res, indent=2))
 
 
 def run_group(cmd: list[str], timeout: float):
@@ -408,7 +500,7 @@ def report(args, argv, cfg, rows, failed, out: Path, final: bool) -> None:
     gpu = gpu_name()
     tag = gpu.lower().replace("nvidia", "").strip().split()[0] if gpu not in ("cpu", "unknown") else gpu
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"gpu": gpu, **versions, "date": DATE, "command": command,
+    result = {"gpu": gpu, **versions, "date": args.date, "command": command,
               "model": {"config": args.config, "num_hidden_layers": cfg["num_hidden_layers"],
                         "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
                         "vocab_size": cfg["vocab_size"]},
@@ -416,13 +508,13 @@ def report(args, argv, cfg, rows, failed, out: Path, final: bool) -> None:
                            "max_num_batched_tokens": args.max_num_batched_tokens,
                            "max_model_len": args.max_model_len, "prefix_caching": False,
                            "enforce_eager": args.enforce_eager, "repeats": args.repeats,
-                           "VLLM_SPARSE24_DECODE": os.environ.get("VLLM_SPARSE24_DECODE", "unset (plugin default: the C++ decode kernel for M <= 16 where tuned faster, cuSPARSELt otherwise)"),
+                           "bf16_fp8_weights": "vLLM dummy (load_format=dummy)",
                            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
               "rows": rows, "failed_engines": failed}
-    stem = out / f"throughput-{tag}-{DATE}"
+    stem = out / f"throughput-{tag}-{args.date}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     title = (f"{gpu}, Llama-3-8B shape x {cfg['num_hidden_layers']} layers, vLLM {versions['vllm']}, "
-             f"torch {versions['torch']}, {DATE}")
+             f"torch {versions['torch']}, {args.date}")
     md = f"{title}\n\n{table(rows)}\n"
     Path(f"{stem}.md").write_text(md)
     if rows:

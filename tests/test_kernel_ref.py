@@ -46,21 +46,48 @@ def test_custom_op_compiles_fullgraph():
 
 def test_choose_kernel_on_cpu_and_forced_unknown(monkeypatch):
     assert choose_kernel(torch.device("cpu"), sparse=True) is TorchW8A8Kernel
+    assert choose_kernel(torch.device("cpu"), sparse=False) is TorchW8A8Kernel
     monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "nope")
-    with pytest.raises(RuntimeError, match="layer.x: no sparse24 kernel.*VLLM_SPARSE24_KERNEL=nope"):
+    with pytest.raises(RuntimeError, match=r"layer.x: no sparse24 kernel named VLLM_SPARSE24_KERNEL=nope; choose one of \['cutlass', 'torch', 'vllm_cutlass_int8'\]"):
+        choose_kernel(torch.device("cpu"), sparse=True, layer_name="layer.x")
+    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
+    with pytest.raises(RuntimeError, match="layer.x: VLLM_SPARSE24_KERNEL=cutlass needs a CUDA device, got cpu"):
         choose_kernel(torch.device("cpu"), sparse=True, layer_name="layer.x")
 
 
-def test_choose_kernel_skips_kernels_without_the_model_dtype(monkeypatch):
-    import vllm_sparse24.kernels as K
+def _fake_gpu(monkeypatch, cap, name):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
 
-    class Bf16Only(TorchW8A8Kernel):
-        name = "bf16_only"
-        act_dtypes = (torch.bfloat16,)
 
-    monkeypatch.setattr(K, "_candidates", lambda: [Bf16Only, TorchW8A8Kernel])
-    assert choose_kernel(torch.device("cpu"), True, "l", torch.bfloat16) is Bf16Only
-    assert choose_kernel(torch.device("cpu"), True, "l", torch.float32) is TorchW8A8Kernel
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "bf16_only")
-    with pytest.raises(RuntimeError, match=r"l: no sparse24 kernel .*bf16_only: runs \['torch.bfloat16'\], the model is torch.float32"):
-        choose_kernel(torch.device("cpu"), True, "l", torch.float32)
+def test_choose_kernel_on_gpus(monkeypatch, tmp_path):
+    """Hopper: the CUTLASS kernel, and a clear error when its library is not built; other GPUs are
+    refused (sm_90a code only) unless the torch reference kernel is forced; float32 models take it."""
+    from vllm_sparse24.kernels.cuda.dense_linear import VllmCutlassInt8Kernel
+    from vllm_sparse24.kernels.cuda.sparse24_linear import CutlassSparse24Kernel
+
+    cuda0 = torch.device("cuda", 0)
+    _fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
+    with pytest.raises(RuntimeError, match=r"l0: sparse24's CUDA kernels are built for Hopper .*NVIDIA A100 is 8.0"):
+        choose_kernel(cuda0, sparse=True, layer_name="l0")
+    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "torch")
+    assert choose_kernel(cuda0, sparse=True, layer_name="l0") is TorchW8A8Kernel
+    monkeypatch.delenv("VLLM_SPARSE24_KERNEL")
+    _fake_gpu(monkeypatch, (9, 0), "NVIDIA H200")
+    assert choose_kernel(cuda0, True, "l0", torch.float32) is TorchW8A8Kernel
+    monkeypatch.setenv("VLLM_SPARSE24_LIB", str(tmp_path / "missing.so"))
+    from vllm_sparse24.kernels.cuda import lib
+
+    lib.lib.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"l0: the sparse24 CUDA library is not built .*python -m vllm_sparse24.build"):
+            choose_kernel(cuda0, True, "l0", torch.bfloat16)
+    finally:
+        lib.lib.cache_clear()
+    monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
+    monkeypatch.setattr(VllmCutlassInt8Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
+    assert choose_kernel(cuda0, True, "l0", torch.bfloat16) is CutlassSparse24Kernel
+    assert choose_kernel(cuda0, False, "l0", torch.float16) is VllmCutlassInt8Kernel
+    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
+    with pytest.raises(RuntimeError, match="l0: VLLM_SPARSE24_KERNEL=cutlass does not serve dense layers"):
+        choose_kernel(cuda0, False, "l0", torch.bfloat16)

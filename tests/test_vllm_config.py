@@ -31,7 +31,7 @@ def test_entry_point_registers_sparse24():
 
     assert "sparse24" in QUANTIZATION_METHODS
     assert get_quantization_config("sparse24") is Sparse24Config
-    assert Sparse24Config.get_min_capability() == 80
+    assert Sparse24Config.get_min_capability() == 90
 
 
 @pytest.mark.parametrize("flag", [None, "sparse24"])
@@ -64,8 +64,8 @@ def test_fused_shards_must_share_a_kind():
     assert type(method).__name__ == "Sparse24LinearMethod" and method.sparse
 
 
-def test_gpu_below_sm80_is_refused(monkeypatch):
+def test_gpu_other_than_hopper_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
-    with pytest.raises(UnsupportedDeviceError, match=r"l0: .*>= 8.0 .*Tesla T4 is 7.5"):
+    with pytest.raises(UnsupportedDeviceError, match=r"l0: .*Hopper .*Tesla T4 is 7.5"):
         choose_kernel(torch.device("cuda", 0), sparse=True, layer_name="l0")

@@ -118,8 +118,17 @@ class Sparse24LinearMethod(LinearMethodBase):
             raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
         del layer.weight_scale
         kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name, layer.sparse24_act_dtype)
-        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name)
-        resident = self.kernel.prepare(weight, scale)
+        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name, layer.sparse24_act_dtype)
+        try:
+            resident = self.kernel.prepare(weight, scale)
+        except torch.OutOfMemoryError as e:
+            need = n * k * (5 / 8 if self.sparse else 1) / 2**20
+            raise torch.OutOfMemoryError(
+                f"{self.layer_name}: out of GPU memory preparing the {'2:4 sparse' if self.sparse else 'dense'} "
+                f"int8 weight [{n}, {k}]: it needs {need:.1f} MiB resident plus {n * k / 2**20:.1f} MiB "
+                "while it is converted (freed after). Lower max_model_len / gpu_memory_utilization pressure, "
+                f"or shard the model over more GPUs (tensor_parallel_size). ({e})"
+            ) from e
         del weight
         self.resident_names = list(resident)
         for name, t in resident.items():

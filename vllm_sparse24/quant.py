@@ -1,7 +1,7 @@
 """Symmetric int8 quantization as the plugin computes it (pure torch, no vLLM import).
 
-Weights: per output channel, scale = max|w_row| / 127, q = round(w / scale).
-Activations: dynamic per token, scale = max|x_row| / 127, q = round(x / scale).
+Weights: per output channel, scale = max|w_row| * float32(1/127), q = round(w / scale).
+Activations: dynamic per token, scale = max|x_row| * float32(1/127), q = round(x / scale).
 Rounding is to nearest, ties to even (torch.round), clamped to [-127, 127].
 """
 
@@ -15,7 +15,9 @@ _MIN_SCALE = 1e-12
 
 
 def int8_scale(absmax: torch.Tensor) -> torch.Tensor:
-    return (absmax.float() / QMAX).clamp_min(_MIN_SCALE)
+    # times the float32 reciprocal rather than / 127: torch divides by a scalar that way on CUDA but
+    # not on the CPU, so this form gives the same bits on every device (and in the CUDA kernel)
+    return (absmax.float() * (1.0 / QMAX)).clamp_min(_MIN_SCALE)
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ QUANT_METHOD = "sparse24"
 FORMAT_VERSION = 1
 SPARSITY_STRUCTURE = "2:4"
 # K of a sparse layer, per tensor-parallel rank, must be a multiple of this: whole bitmask
-# bytes need 8, and the GPU kernels tile K by 64 (cuSPARSELt int8 wants 32).
+# bytes need 8, and the CUTLASS kernel needs 16-byte rows of the compressed values (K/2 bytes).
 K_MULTIPLE = 64
 LEGACY_SPARSITY_FORMAT = "sparse-24-bitmask"
 

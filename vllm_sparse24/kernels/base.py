@@ -22,8 +22,8 @@ class W8A8LinearKernel(ABC):
     # model (activation) dtypes the kernel runs; None = any
     act_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
 
-    def __init__(self, n: int, k: int, sparse: bool, layer_name: str) -> None:
-        self.n, self.k, self.sparse, self.layer_name = n, k, sparse, layer_name
+    def __init__(self, n: int, k: int, sparse: bool, layer_name: str, act_dtype: torch.dtype | None = None) -> None:
+        self.n, self.k, self.sparse, self.layer_name, self.act_dtype = n, k, sparse, layer_name, act_dtype
 
     @classmethod
     @abstractmethod

@@ -1,0 +1,81 @@
+"""The CUDA library as built (no GPU needed: loading it and its host-side functions touch no device),
+and the GEMM dispatch table it serves."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from vllm_sparse24.kernels.cuda import build, lib
+from vllm_sparse24.kernels.dispatch import GEMM_TABLE, GemmPlan, UnsupportedDeviceError
+
+
+def test_config_rows_parse_in_order():
+    rows = build.config_rows()
+    assert [i for i, _ in rows] == list(range(len(rows))) and len({n for _, n in rows}) == len(rows)
+    for _, name in rows:  # names say what the row is: in_out_MxNxK_cMxN_schedule
+        assert re.fullmatch(r"(i8|e4m3)_(bf16|f16)_\d+x\d+x\d+_c\dx\d_(ws|pp|coop|coopsk)", name), name
+        tk = int(name.split("_")[2].split("x")[2])
+        assert tk >= 128, f"{name}: tile K must stay >= 128 (one resident metadata layout)"
+
+
+def test_dispatch_table_names_only_compiled_configs():
+    names = {n for _, n in build.config_rows()}
+    for key, classes in GEMM_TABLE.items():
+        for rows in classes.values():
+            assert rows and rows[-1][0] is None, key
+            bounds = [b for b, _ in rows[:-1]]
+            assert bounds == sorted(set(bounds)), key
+            for _, choice in rows:
+                assert choice.config in names, (key, choice)
+                assert choice.config.startswith({"int8": "i8_", "e4m3": "e4m3_"}[key[0]] + key[1] + "_"), choice
+
+
+def test_plan_picks_the_bucket_of_m():
+    ids = {n: i for i, n in build.config_rows()}
+    plan = GemmPlan(4096, 4096, torch.int8, torch.bfloat16, ids)
+    rows = GEMM_TABLE[("int8", "bf16")][plan.shape_class]
+    for m in (1, 2, 15, 16, 17, 63, 64, 65, 255, 256, 257, 8192, 100000):
+        want = next(c for b, c in rows if b is None or m <= b)
+        assert plan.pick(m) == (ids[want.config], want.splits, want.swizzle), m
+    with pytest.raises(UnsupportedDeviceError, match="lacks configs"):
+        GemmPlan(4096, 4096, torch.int8, torch.bfloat16, {})
+    with pytest.raises(UnsupportedDeviceError, match="no sparse24 GEMM for torch.float32"):
+        GemmPlan(4096, 4096, torch.float32, torch.bfloat16, ids)
+
+
+def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_SPARSE24_LIB", str(tmp_path / "nope.so"))
+    lib.lib.cache_clear()
+    try:
+        with pytest.raises(lib.Sparse24LibraryError, match=r"nope.so does not exist\): run `python -m vllm_sparse24.build`"):
+            lib.lib()
+    finally:
+        lib.lib.cache_clear()
+
+
+@pytest.fixture
+def built():
+    if not lib.library_path().is_file():
+        pytest.skip(f"library not built ({lib.library_path()}): `python -m vllm_sparse24.build` builds it")
+    lib.lib.cache_clear()
+    lib.config_ids.cache_clear()
+    return lib.lib()
+
+
+def test_built_library_matches_the_table(built):
+    assert lib.config_ids() == {n: i for i, n in build.config_rows()}
+    assert built.s24_config_name(-1) is None and built.s24_config_name(10_000) is None
+
+
+def test_resident_bytes_are_five_eighths(built):
+    for n, k in [(6144, 4096), (28672, 4096), (4096, 14336), (960, 576), (57344, 8192)]:
+        values, meta = lib.compressed_bytes(n, k)
+        assert values == n * k // 2, (n, k)
+        # metadata: 4 bits per group of 4 (n*k/8 bytes), padded to 64-row x 128-column atoms
+        assert meta == -(-n // 64) * 64 * -(-k // 128) * 128 // 8, (n, k)
+        assert (values + meta) / (n * k) <= 0.63 or n % 64 or k % 128
+    with pytest.raises(lib.Sparse24LibraryError, match="multiple of 4"):
+        lib.compressed_bytes(64, 66)

@@ -1,0 +1,175 @@
+"""Build libsparse24 (the CUTLASS sm90 2:4 GEMMs, csrc/) ahead of time: ``python -m vllm_sparse24.build``.
+
+Needs nvcc >= 12.2 (CUDA_HOME, PATH or /usr/local/cuda*) and the CUTLASS headers of the
+``nvidia-cutlass`` wheel (the ``cuda`` extra installs it); no GPU and no torch. Each row of
+csrc/configs.inc is one translation unit (a CUTLASS sparse GEMM takes ~100 s and ~5 GB to compile),
+built ``--jobs`` at a time; objects are cached under ``--build-dir`` by a hash of their sources and
+flags, so a rebuild after an edit recompiles only what changed. The library is linked into a
+temporary file and renamed into place, so a failed build never leaves a half-written library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("vllm_sparse24.build")
+
+CSRC = Path(__file__).parent / "csrc"
+LIB_NAME = "libsparse24_sm90a.so"
+DEFAULT_LIB = Path(__file__).parent / "lib" / LIB_NAME
+MIN_NVCC = (12, 2)
+NVCC_FLAGS = [
+    "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
+    # sm_90a: wgmma.sp and setmaxnreg exist only on the arch-specific target
+    "-gencode=arch=compute_90a,code=sm_90a",
+]
+_ROW = re.compile(r"^S24_CONFIG\(\s*(\d+)\s*,\s*(\w+)", re.M)
+
+
+class BuildError(RuntimeError):
+    """The CUDA library could not be built (missing toolkit or headers, compiler error)."""
+
+
+def config_rows() -> list[tuple[int, str]]:
+    """(id, name) of every row of csrc/configs.inc, in order."""
+    rows = [(int(i), name) for i, name in _ROW.findall((CSRC / "configs.inc").read_text())]
+    if [i for i, _ in rows] != list(range(len(rows))):
+        raise BuildError(f"{CSRC / 'configs.inc'}: config ids must be 0, 1, 2, ... in row order")
+    return rows
+
+
+def find_nvcc() -> str:
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    if shutil.which("nvcc"):
+        candidates.append(shutil.which("nvcc"))
+    candidates += sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)
+    for nvcc in candidates:
+        if os.path.isfile(nvcc) and os.access(nvcc, os.X_OK):
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+            m = re.search(r"release (\d+)\.(\d+)", out)
+            if m and (int(m[1]), int(m[2])) >= MIN_NVCC:
+                return nvcc
+            log.info("skipping %s (release %s; need >= %d.%d)", nvcc, m and m.group(0), *MIN_NVCC)
+    raise BuildError(
+        f"no nvcc >= {MIN_NVCC[0]}.{MIN_NVCC[1]} found (looked at $CUDA_HOME/bin, PATH, /usr/local/cuda*); "
+        "install the CUDA toolkit or set CUDA_HOME"
+    )
+
+
+def find_cutlass() -> list[str]:
+    """Include folders of the CUTLASS headers: $CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel."""
+    roots = []
+    if os.environ.get("CUTLASS_DIR"):
+        roots.append(Path(os.environ["CUTLASS_DIR"]))
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec and spec.submodule_search_locations:
+        roots.append(Path(list(spec.submodule_search_locations)[0]) / "source")
+    for root in roots:
+        inc, util = root / "include", root / "tools" / "util" / "include"
+        if (inc / "cutlass" / "gemm" / "collective" / "builders" / "sm90_sparse_gmma_builder.inl").is_file():
+            return [str(inc), str(util)]
+    raise BuildError(
+        "CUTLASS headers not found: pip install 'nvidia-cutlass==4.2.0.0' (the cuda extra does) "
+        "or set CUTLASS_DIR to a CUTLASS >= 4.2 checkout"
+    )
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+    return h.hexdigest()[:16]
+
+
+def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2) -> Path:
+    """Compile every config + the C ABI and link ``out``; returns its path."""
+    nvcc = find_nvcc()
+    includes = find_cutlass()
+    build_dir = Path(build_dir or Path(tempfile.gettempdir()) / "vllm_sparse24_build")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    headers = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
+                       + [CSRC / "configs.inc"])
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    flags = NVCC_FLAGS + [f"-I{p}" for p in includes] + [f"-I{CSRC}"]
+    units: list[tuple[str, list[str], Path]] = []  # (label, command, object)
+    for cid, name in config_rows():
+        src = CSRC / "gemm_config.cu"
+        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), version, *flags, str(cid))}.o"
+        units.append((name, [nvcc, *flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)], obj))
+    api = CSRC / "api.cu"
+    api_obj = build_dir / f"api_{_digest(headers, api.read_bytes(), version, *flags)}.o"
+    units.append(("api", [nvcc, *flags, "-c", str(api), "-o", str(api_obj)], api_obj))
+
+    todo = [u for u in units if not u[2].is_file()]
+    log.info("nvcc %s, CUTLASS %s; %d of %d units to compile, %d at a time, objects in %s",
+             nvcc, includes[0], len(todo), len(units), jobs, build_dir)
+    t0 = time.time()
+
+    def compile_unit(label: str, cmd: list[str], obj: Path) -> str:
+        tmp = obj.with_suffix(f".tmp{os.getpid()}.o")
+        cmd = [*cmd[:-1], str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tmp.unlink(missing_ok=True)
+            raise BuildError(f"nvcc failed on {label}:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+        os.replace(tmp, obj)
+        return label
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(total=len(todo), desc="nvcc", unit="unit") as bar:
+        futures = [pool.submit(compile_unit, *u) for u in todo]
+        for fut in as_completed(futures):
+            bar.set_postfix_str(fut.result())
+            bar.update()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_lib = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    link = [nvcc, "-shared", "-gencode=arch=compute_90a,code=sm_90a", "-o", str(tmp_lib), *(str(u[2]) for u in units)]
+    proc = subprocess.run(link, capture_output=True, text=True)
+    if proc.returncode:
+        tmp_lib.unlink(missing_ok=True)
+        raise BuildError(f"link failed:\n{' '.join(link)}\n{proc.stderr[-6000:]}")
+    os.replace(tmp_lib, out)
+    log.info("built %s (%.1f MB) in %.0f s", out, out.stat().st_size / 1e6, time.time() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vllm_sparse24.build",
+        description="Compile the sparse24 CUDA library (CUTLASS sm90 2:4 GEMMs) for Hopper GPUs.")
+    ap.add_argument("--out", type=Path, default=DEFAULT_LIB,
+                    help=f"library path (default: {DEFAULT_LIB}; the plugin loads it from there, "
+                         "or from $VLLM_SPARSE24_LIB)")
+    ap.add_argument("--build-dir", type=Path, default=None,
+                    help="object cache (default: <tmp>/vllm_sparse24_build); reruns compile only what changed")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="translation units compiled at once; each needs ~5 GB of memory (default: 2)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        build(args.out, args.build_dir, args.jobs)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

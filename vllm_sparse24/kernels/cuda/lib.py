@@ -1,0 +1,85 @@
+"""ctypes binding of libsparse24 (csrc/sparse24.h): no torch ABI coupling, the library is built once
+by ``python -m vllm_sparse24.build`` and only loaded here (never compiled in a serving process)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from .build import DEFAULT_LIB
+
+ABI_VERSION = 1
+# S24Dtype in csrc/sparse24.h
+INT8, E4M3, BF16, F16 = 0, 1, 2, 3
+
+_c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+
+
+class Sparse24LibraryError(RuntimeError):
+    """libsparse24 is missing, stale, or a call into it failed."""
+
+
+def library_path() -> Path:
+    return Path(os.environ.get("VLLM_SPARSE24_LIB") or DEFAULT_LIB)
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """Load the library once per process and declare its functions."""
+    path = library_path()
+    if not path.is_file():
+        raise Sparse24LibraryError(
+            f"the sparse24 CUDA library is not built ({path} does not exist): run "
+            "`python -m vllm_sparse24.build` once (needs nvcc >= 12.2 and `pip install -e '.[cuda]'` "
+            "for the CUTLASS headers), or point VLLM_SPARSE24_LIB at a built libsparse24_sm90a.so"
+        )
+    try:
+        so = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise Sparse24LibraryError(f"cannot load {path}: {e}") from e
+    so.s24_abi_version.restype = _c_int
+    if so.s24_abi_version() != ABI_VERSION:
+        raise Sparse24LibraryError(
+            f"{path} has ABI {so.s24_abi_version()}, this plugin needs {ABI_VERSION}: rebuild it with "
+            "`python -m vllm_sparse24.build`"
+        )
+    so.s24_num_configs.restype = _c_int
+    so.s24_config_name.restype = ctypes.c_char_p
+    so.s24_config_name.argtypes = [_c_int]
+    so.s24_last_error.restype = ctypes.c_char_p
+    so.s24_compressed_bytes.argtypes = [_c_int, _c_int, ctypes.POINTER(_c_i64), ctypes.POINTER(_c_i64)]
+    so.s24_compress.argtypes = [_c_int, _vp, _vp, _vp, _c_int, _c_int, _vp]
+    so.s24_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
+    so.s24_gemm.argtypes = [_c_int, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int, _c_int,
+                            _vp, _c_i64, _vp]
+    so.s24_quant_int8.argtypes = [_c_int, _vp, _c_i64, _c_int, _c_int, _vp, _vp, _vp]
+    for fn in (so.s24_compressed_bytes, so.s24_compress, so.s24_workspace_bytes, so.s24_gemm, so.s24_quant_int8):
+        fn.restype = _c_int
+    return so
+
+
+def check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise Sparse24LibraryError(f"{what}: {lib().s24_last_error().decode(errors='replace')} (code {rc})")
+
+
+@functools.cache
+def config_ids() -> dict[str, int]:
+    """Config name -> id, as compiled into the loaded library (csrc/configs.inc)."""
+    so = lib()
+    return {so.s24_config_name(i).decode(): i for i in range(so.s24_num_configs())}
+
+
+def compressed_bytes(n: int, k: int) -> tuple[int, int]:
+    """(values bytes, metadata bytes) of the resident form of an [n, k] 2:4 weight."""
+    v, m = _c_i64(), _c_i64()
+    check(lib().s24_compressed_bytes(n, k, ctypes.byref(v), ctypes.byref(m)), f"compressed size of [{n}, {k}]")
+    return v.value, m.value
+
+
+def workspace_bytes(config: int, m: int, n: int, k: int, splits: int) -> int:
+    b = _c_i64()
+    check(lib().s24_workspace_bytes(config, m, n, k, splits, ctypes.byref(b)), f"workspace of config {config}")
+    return b.value

@@ -1,0 +1,146 @@
+"""2:4 sparse W8A8 linear on Hopper: libsparse24's CUTLASS GEMM with both scales and the bias fused.
+
+Resident weight (one copy, made at load time on the GPU by CUTLASS's sm90 compressor from the
+unpacked checkpoint weight): ``values`` [N, K/2] (the kept int8 values, row-major) and ``meta`` (2-bit
+indices of the kept pair of every group of 4, in CUTLASS's reordered metadata layout; see
+``Sm90GemmSparseConfig`` in CUTLASS's ``sm90_sparse_config.inl``: 64-row x 128-column atoms) =
+0.625 bytes per weight for N a multiple of 64 and K a multiple of 128 (padded to those otherwise).
+
+A call: per-token int8 quant (act_quant.py: plain torch ops under torch.compile, so Inductor fuses
+it into the previous norm / activation; one CUDA kernel in eager mode), then the custom op
+``sparse24::cutlass_sparse_mm``, which picks the GEMM config for its M (dispatch.GemmPlan, resolved
+at load time) and launches ONE kernel writing the bf16/fp16 output. Capture-safe under CUDA graphs:
+no allocation but the output, the split-K workspace is allocated at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import W8A8LinearKernel
+from ..dispatch import HOPPER, GemmPlan
+from . import lib
+from .act_quant import quantize_activations
+
+MODEL_DTYPES = (torch.bfloat16, torch.float16)
+_WEIGHT_DTYPES = {torch.int8: lib.INT8, torch.float8_e4m3fn: lib.E4M3}
+# Largest M a workspace is sized for in the open-ended bucket (persistent configs need none there).
+_WORKSPACE_M = 1 << 16
+
+# The op's `plan_id` argument indexes _PLANS. It is a graph constant, so layers of one shape share
+# one plan: vLLM's compiled pieces of identical layers stay identical (one compilation, cached).
+_PLANS: list[GemmPlan] = []
+_PLAN_IDS: dict[tuple, int] = {}
+_WORKSPACES: dict[int, torch.Tensor] = {}  # device index -> split-K / stream-K workspace
+
+
+def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2:4 weight [N, K] (int8 or float8_e4m3fn, on the GPU) -> (values [N, K/2], meta uint8 [...])."""
+    if weight.dtype not in _WEIGHT_DTYPES or weight.dim() != 2 or weight.device.type != "cuda":
+        raise ValueError(f"compress_24: expected a 2-D int8/float8_e4m3fn CUDA tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    n, k = weight.shape
+    values_bytes, meta_bytes = lib.compressed_bytes(n, k)
+    if values_bytes != n * k // 2:
+        raise ValueError(f"compress_24: K={k} must be a multiple of 32")
+    weight = weight.contiguous()
+    values = torch.empty(n, k // 2, dtype=weight.dtype, device=weight.device)
+    meta = torch.empty(meta_bytes, dtype=torch.uint8, device=weight.device)
+    stream = torch.cuda.current_stream(weight.device).cuda_stream
+    lib.check(lib.lib().s24_compress(_WEIGHT_DTYPES[weight.dtype], weight.data_ptr(), values.data_ptr(),
+                                     meta.data_ptr(), n, k, stream), f"compress [{n}, {k}]")
+    return values, meta
+
+
+def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device) -> int:
+    """Resolve the GEMM configs of one layer shape and size the shared workspace; returns the plan id
+    that ``sparse_mm`` / the custom op take."""
+    idx = torch.device(device).index or 0
+    key = (n, k, weight_dtype, out_dtype, idx)
+    if key in _PLAN_IDS:
+        return _PLAN_IDS[key]
+    plan = GemmPlan(n, k, weight_dtype, out_dtype, lib.config_ids())
+    need = max(lib.workspace_bytes(cfg, m, n, k, splits) for m, (cfg, splits, _) in plan.buckets(_WORKSPACE_M))
+    if need > 0 and (idx not in _WORKSPACES or _WORKSPACES[idx].numel() < need):
+        _WORKSPACES[idx] = torch.empty(need, dtype=torch.uint8, device=device)
+    _PLANS.append(plan)
+    _PLAN_IDS[key] = len(_PLANS) - 1
+    return _PLAN_IDS[key]
+
+
+def sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
+    """out [M, N] = (xq @ W^T) * x_scale * w_scale + bias, in the plan's output dtype."""
+    plan = _PLANS[plan_id]
+    m = xq.shape[0]
+    out = torch.empty(m, plan.n, dtype=plan.out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    if not xq.is_contiguous():
+        xq = xq.contiguous()
+    if not x_scale.is_contiguous():
+        x_scale = x_scale.contiguous()
+    if bias is not None and (bias.dtype != plan.out_dtype or not bias.is_contiguous()):
+        bias = bias.to(plan.out_dtype).contiguous()
+    cfg, splits, swizzle = plan.pick(m)
+    ws = _WORKSPACES.get(xq.device.index or 0)
+    rc = lib.lib().s24_gemm(
+        cfg, values.data_ptr(), meta.data_ptr(), xq.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), m, plan.n, plan.k, splits, swizzle,
+        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        torch.cuda.current_stream().cuda_stream)
+    if rc:
+        lib.check(rc, f"sparse24 GEMM m={m} n={plan.n} k={plan.k}")
+    return out
+
+
+@torch.library.custom_op("sparse24::cutlass_sparse_mm", mutates_args=())
+def cutlass_sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                      w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
+    return sparse_mm(xq, x_scale, values, meta, w_scale, bias, plan_id)
+
+
+@cutlass_sparse_mm.register_fake
+def _(xq, x_scale, values, meta, w_scale, bias, plan_id):
+    plan = _PLANS[plan_id]
+    return xq.new_empty((xq.shape[0], plan.n), dtype=plan.out_dtype)
+
+
+class CutlassSparse24Kernel(W8A8LinearKernel):
+    name = "cutlass"
+    act_dtypes = MODEL_DTYPES
+
+    @classmethod
+    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
+        if not sparse:
+            return False, "serves 2:4 sparse layers only"
+        device = torch.device(device)
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != HOPPER:
+            return False, "needs a Hopper (sm90) GPU"
+        try:
+            lib.lib()
+        except lib.Sparse24LibraryError as e:
+            return False, str(e)
+        return True, None
+
+    def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.n, self.k):
+            raise ValueError(f"{self.layer_name}: expected int8 weight [{self.n}, {self.k}], "
+                             f"got {weight.dtype} {tuple(weight.shape)}")
+        if self.n % 8:
+            raise ValueError(f"{self.layer_name}: N={self.n} output features must be a multiple of 8 "
+                             "(16-byte rows of the bf16/fp16 output); keep this layer dense (dense_layers)")
+        if self.act_dtype not in MODEL_DTYPES:
+            raise ValueError(f"{self.layer_name}: the model dtype must be bfloat16 or float16, got {self.act_dtype}")
+        values, meta = compress_24(weight)
+        self.plan_id = make_plan(self.n, self.k, torch.int8, self.act_dtype, weight.device)
+        ws = weight_scale.reshape(-1).to(device=weight.device, dtype=torch.float32).contiguous()
+        return {"values": values, "meta": meta, "weight_scale": ws}
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        xq, xs = quantize_activations(x.reshape(-1, self.k))
+        args = (xq, xs, tensors["values"], tensors["meta"], tensors["weight_scale"], bias, self.plan_id)
+        # eager: call the implementation directly (no dispatcher round trip); compiled: the opaque op
+        out = cutlass_sparse_mm(*args) if torch.compiler.is_compiling() else sparse_mm(*args)
+        return out.reshape(*shape[:-1], self.n)

@@ -1,0 +1,146 @@
+"""The dispatch rule, in one place: which kernel serves a layer (device, dtype, sparse or dense), and
+which CUTLASS GEMM config serves which token count M on which layer shape.
+
+Kernels:
+  * CPU, float32 models, or ``VLLM_SPARSE24_KERNEL=torch``: ``TorchW8A8Kernel`` (the reference);
+  * Hopper (sm90) sparse layers: ``CutlassSparse24Kernel`` (libsparse24, built ahead of time);
+  * Hopper dense W8A8 layers (``dense_layers``): ``VllmCutlassInt8Kernel`` (vLLM's cutlass_scaled_mm).
+Other GPUs are refused with a message that says so: the CUDA library holds sm_90a code only.
+
+GEMM configs (csrc/configs.inc rows, by name): ``GEMM_TABLE`` maps (input dtype, output dtype) and a
+layer shape class to token-count buckets. Chosen by measurement on an H200 (benchmarks/kernels.py
+--search; the searched table and its timings are in benchmarks/results/ and docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .base import UnsupportedDeviceError, W8A8LinearKernel
+
+KERNEL_ENV = "VLLM_SPARSE24_KERNEL"
+HOPPER = (9, 0)
+
+
+def choose_kernel(
+    device: torch.device, sparse: bool, layer_name: str = "", act_dtype: torch.dtype | None = None
+) -> type[W8A8LinearKernel]:
+    """The kernel class for one layer; raises UnsupportedDeviceError naming the layer and the reason."""
+    from .cuda.dense_linear import VllmCutlassInt8Kernel
+    from .cuda.sparse24_linear import CutlassSparse24Kernel
+    from .torch_ref import TorchW8A8Kernel
+
+    kernels = {k.name: k for k in (CutlassSparse24Kernel, VllmCutlassInt8Kernel, TorchW8A8Kernel)}
+    forced = os.environ.get(KERNEL_ENV) or None
+    if forced is not None and forced not in kernels:
+        raise UnsupportedDeviceError(f"{layer_name}: no sparse24 kernel named {KERNEL_ENV}={forced}; "
+                                     f"choose one of {sorted(kernels)}")
+    device = torch.device(device)
+    if forced == TorchW8A8Kernel.name:
+        return TorchW8A8Kernel
+    if device.type != "cuda":
+        if forced is not None:
+            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} needs a CUDA device, got {device}")
+        return TorchW8A8Kernel
+    cap = torch.cuda.get_device_capability(device)
+    if cap != HOPPER:
+        raise UnsupportedDeviceError(
+            f"{layer_name}: sparse24's CUDA kernels are built for Hopper GPUs (sm90a: H100, H200, GH200); "
+            f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}. {KERNEL_ENV}=torch runs the "
+            "float32 reference kernel instead (correct, slow)"
+        )
+    if act_dtype is not None and act_dtype not in (torch.bfloat16, torch.float16):
+        if forced is not None:
+            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs bfloat16/float16 models, "
+                                         f"the model is {act_dtype}")
+        return TorchW8A8Kernel
+    cls = CutlassSparse24Kernel if sparse else VllmCutlassInt8Kernel
+    if forced is not None and forced != cls.name:
+        raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} does not serve "
+                                     f"{'2:4 sparse' if sparse else 'dense'} layers on CUDA")
+    ok, why = cls.is_supported(device, sparse)
+    if not ok:
+        raise UnsupportedDeviceError(f"{layer_name}: {why}")
+    return cls
+
+
+# ---- GEMM configs by token count ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    config: str  # a csrc/configs.inc row
+    splits: int = 1  # split-K factor (stream-K configs only; 1 = the scheduler's heuristic)
+    swizzle: int = 1  # tile raster swizzle of persistent configs
+
+
+# Shape classes: (name, predicate on (n, k)); the first that matches.
+SHAPE_CLASSES: list[tuple[str, object]] = [
+    ("any", lambda n, k: True),
+]
+
+# (input, output) dtype -> shape class -> [(largest M of the bucket, choice)], ascending; the last
+# bucket's M bound is None (every larger M).
+GEMM_TABLE: dict[tuple[str, str], dict[str, list[tuple[int | None, GemmChoice]]]] = {
+    ("int8", "bf16"): {
+        "any": [
+            (16, GemmChoice("i8_bf16_128x16x256_c1x1_coopsk")),
+            (32, GemmChoice("i8_bf16_128x32x256_c1x1_coopsk")),
+            (64, GemmChoice("i8_bf16_64x64x256_c1x1_ws")),
+            (256, GemmChoice("i8_bf16_128x64x128_c1x1_coop")),
+            (1024, GemmChoice("i8_bf16_128x128x128_c1x2_coop")),
+            (None, GemmChoice("i8_bf16_128x256x128_c2x1_coop")),
+        ],
+    },
+    ("int8", "f16"): {
+        "any": [
+            (64, GemmChoice("i8_f16_64x32x256_c1x1_ws")),
+            (None, GemmChoice("i8_f16_128x128x128_c1x2_coop")),
+        ],
+    },
+    ("e4m3", "bf16"): {
+        "any": [
+            (64, GemmChoice("e4m3_bf16_64x32x256_c1x1_ws")),
+            (1024, GemmChoice("e4m3_bf16_128x128x128_c1x2_coop")),
+            (None, GemmChoice("e4m3_bf16_128x256x128_c2x1_coop")),
+        ],
+    },
+}
+
+DTYPE_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def shape_class(n: int, k: int) -> str:
+    return next(name for name, pred in SHAPE_CLASSES if pred(n, k))
+
+
+class GemmPlan:
+    """The GEMM choices of one layer shape, resolved to library config ids once at load time, so a
+    call only bisects its M (capture-safe: no allocation, no search)."""
+
+    def __init__(self, n: int, k: int, in_dtype: torch.dtype, out_dtype: torch.dtype, config_ids: dict[str, int]):
+        key = (DTYPE_NAMES.get(in_dtype), DTYPE_NAMES.get(out_dtype))
+        if key not in GEMM_TABLE:
+            raise UnsupportedDeviceError(f"no sparse24 GEMM for {in_dtype} weights with {out_dtype} output; "
+                                         f"supported: {sorted(GEMM_TABLE)}")
+        self.n, self.k, self.out_dtype, self.shape_class = n, k, out_dtype, shape_class(n, k)
+        rows = GEMM_TABLE[key][self.shape_class]
+        self.bounds = [b for b, _ in rows[:-1]]
+        self.choices = [c for _, c in rows]
+        missing = [c.config for c in self.choices if c.config not in config_ids]
+        if missing:
+            raise UnsupportedDeviceError(f"the sparse24 library lacks configs {missing}: rebuild it with "
+                                         "`python -m vllm_sparse24.build`")
+        self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
+
+    def pick(self, m: int) -> tuple[int, int, int]:
+        """(config id, splits, swizzle) for M tokens."""
+        return self.calls[bisect.bisect_left(self.bounds, m)]
+
+    def buckets(self, largest_m: int) -> list[tuple[int, tuple[int, int, int]]]:
+        """(largest M, call) of every bucket, the open one capped at ``largest_m`` (workspace sizing)."""
+        return [(b if b is not None else largest_m, call) for b, call in zip([*self.bounds, None], self.calls, strict=True)]
