@@ -1,7 +1,4 @@
-"""``vllm-sparse24 demo``: serve a sparse24 checkpoint with vLLM's OpenAI-compatible server. With
-no --model it first builds the tiny demo model (a random Llama, 2:4 magnitude-pruned, W8A8; a few
-seconds, no download), so a fresh install serves completions offline. Arguments it does not know
-go to the server (e.g. --served-model-name, --max-num-seqs)."""
+"""The ``vllm-sparse24 demo`` command (see DESCRIPTION)."""
 
 from __future__ import annotations
 
@@ -12,6 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+DESCRIPTION = (
+    "Serve a sparse24 checkpoint with vLLM's OpenAI-compatible server. With no --model it first builds "
+    "the tiny demo model (a random Llama, 2:4 magnitude-pruned, W8A8; a few seconds, no download), so a "
+    "fresh install serves completions offline. Arguments it does not know go to the server "
+    "(e.g. --served-model-name, --max-num-seqs)."
+)
 logger = logging.getLogger("vllm_sparse24.demo")
 DEFAULT_DIR = Path("models/tiny-sparse24")
 
@@ -41,7 +44,7 @@ def server_command(model: Path, host: str, port: int, server_args: list[str], cu
 
 
 def build_parser(prog: str = "vllm-sparse24 demo") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     ap.add_argument("--model", type=Path, default=None,
                     help=f"sparse24 checkpoint folder to serve (default: {DEFAULT_DIR}, built first if missing)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
