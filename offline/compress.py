@@ -14,7 +14,7 @@ import torch
 
 from vllm_sparse24.schema import Sparse24Scheme
 
-from .calib import token_samples
+from .calib import calibration_size, token_samples
 from .driver import (
     CompressError,
     CompressOptions,
@@ -24,12 +24,16 @@ from .driver import (
     sequential_compress,
 )
 from .group import LinearResult, compress_group
-from .model_walk import decoder_layers, linear_names, load_model
+from .model_walk import decoder_layers, fused_groups, linear_names, load_model
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORTS = ("sparse24", "dense-w8a8")
+OUTPUT_ERRORS = "relative output error ||WX - W'X|| / ||WX|| on the calibration inputs"
+WEIGHT_ERRORS = ("relative weight error ||W - W'|| / ||W|| (no calibration data, so the output errors "
+                 "were not measured; pass --calib to measure them)")
+RTN_ERRORS = "relative weight error ||W - W'|| / ||W|| (dense W8A8 is round-to-nearest: no calibration data)"
 
 
 def _ignore_patterns(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -57,8 +61,8 @@ def compress(
     method: str = "sparsegpt",
     joint: bool = True,
     calib: str | os.PathLike | None = None,
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
     dampening: float = 0.01,
     block_size: int = 128,
     ignore: tuple[str, ...] = ("lm_head",),
@@ -77,7 +81,12 @@ def compress(
     """Compress a dense model into ``out``; returns the report (also written as
     ``compress_report.json``). ``model``/``tokenizer`` may be passed pre-loaded (they are
     modified in place). ``sensitivity`` (name -> relative output error of an all-sparse run with
-    the same options, e.g. its report's ``rel_error_after``) lets ``auto:P`` skip its probe pass."""
+    the same options, e.g. its report's ``rel_error_after``) lets ``auto:P`` skip its probe pass.
+
+    Wanda and SparseGPT need ``calib``. Magnitude runs without it (no calibration forwards; the
+    report then holds relative weight errors and says that output errors were not measured); with
+    it, magnitude also measures the output errors. ``nsamples`` / ``seqlen`` default by device
+    (:func:`offline.calib.calibration_size`)."""
     from .export import write_dense_w8a8, write_sparse24
 
     t_start = time.perf_counter()
@@ -96,9 +105,14 @@ def compress(
     num_layers = len(layers)
     ignore = _ignore_patterns(tuple(ignore))
     patterns, auto = parse_dense_layers(dense_layers)
+    uses_calib = calib is not None and export == "sparse24"
+    if uses_calib:
+        nsamples, seqlen = calibration_size(device, nsamples, seqlen)
     report: dict[str, Any] = {
         "model": str(model_path), "method": method, "joint": joint, "export": export,
-        "calib": str(calib) if calib else None, "nsamples": nsamples, "seqlen": seqlen,
+        "calib": str(calib) if uses_calib else None, "nsamples": nsamples if uses_calib else None,
+        "seqlen": seqlen if uses_calib else None,
+        "errors": OUTPUT_ERRORS if uses_calib else WEIGHT_ERRORS if export == "sparse24" else RTN_ERRORS,
         "dampening": dampening, "block_size": block_size, "ignore": list(ignore),
         "dense_layers": list(dense_layers), "device": device, "dtype": dtype, "seed": seed,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,18 +130,33 @@ def compress(
             if scheme.layer_kind(n) == "unquantized":
                 continue
             w = model.get_submodule(n).weight
-            # RTN int8 needs no calibration; with H = I the errors are relative weight errors
-            (r,) = compress_group([(n, w)], torch.eye(w.shape[1]), kind="dense", method="magnitude")
+            (r,) = compress_group([(n, w)], None, kind="dense", method="magnitude")  # RTN int8
             results[n] = r
         report["linears"] = {n: r.report() for n, r in results.items()}
         report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
         write_dense_w8a8(out, model, tokenizer, results, ignore, report, tdtype, overwrite)
         return report
 
-    if calib is None:
-        raise CompressError("--calib is required for sparse24 export (calibration text file or folder)")
     scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns)
     kinds = plan_kinds(num_layers, scheme, shapes)
+    if calib is None:
+        if method != "magnitude":
+            raise CompressError(f"--method {method} needs calibration data: pass --calib (a text file, a folder "
+                                "of text files or a HF data set name); only --method magnitude runs without")
+        if auto is not None:
+            raise CompressError("--dense-layers auto:P ranks the linears by their output error on calibration "
+                                "data: pass --calib, or name the dense layers")
+        results = {}
+        for group in fused_groups(num_layers):
+            if kinds[group[0]] == "unquantized":
+                continue
+            weights = [(n, model.get_submodule(n).weight) for n in group]
+            results.update((r.name, r) for r in compress_group(weights, None, kind=kinds[group[0]], method=method))
+        report["linears"] = {n: r.report() for n, r in results.items()}
+        report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
+        write_sparse24(out, model, tokenizer, results, scheme, report, tdtype, overwrite)
+        log.info("compressed without calibration in %.1fs: %s", report["totals"]["seconds"], report["totals"])
+        return report
     opts = CompressOptions(method=method, joint=joint, dampening=dampening, block_size=block_size,
                            ignore=ignore, dense_layers=patterns, dense_auto_percent=auto,
                            device=device, batch_size=batch_size, progress=progress)

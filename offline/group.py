@@ -12,7 +12,7 @@ import torch
 
 from .prune import magnitude_24, sparsegpt_24, wanda_24
 from .quantize import channel_scale, dequantize, quantize_weight_per_channel, quantize_with_scale
-from .stats import relative_output_error
+from .stats import relative_output_error, relative_weight_error
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -26,7 +26,9 @@ class LinearResult:
     method: str
     q: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N, 1]
-    err_before: float  # magnitude 2:4 + round-to-nearest int8 (sparse) / RTN int8 (dense)
+    # relative output errors on the calibration inputs (relative weight errors without calibration):
+    # "before" is magnitude 2:4 + round-to-nearest int8 (sparse) / RTN int8 (dense)
+    err_before: float
     err_after: float
     seconds: float
 
@@ -43,7 +45,7 @@ class LinearResult:
 
 def compress_group(
     weights: Sequence[tuple[str, torch.Tensor]],
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     *,
     kind: str,
     method: str,
@@ -57,17 +59,21 @@ def compress_group(
     OBS loop, scale = absmax / 127 of a first SparseGPT pass without the grid). kind "dense": per-channel int8 only.
     Errors are ||WX - W'X|| / ||WX|| on the calibration inputs; "before" is the naive
     baseline (magnitude 2:4 + round-to-nearest int8) so the gain of the method is visible.
+    ``hessian=None`` (no calibration data; magnitude and dense only): the errors are relative
+    weight errors ||W - W'|| / ||W||.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if kind not in ("sparse", "dense"):
         raise ValueError(f"kind must be 'sparse' or 'dense', got {kind!r}")
-    t0 = time.perf_counter()
     names = [n for n, _ in weights]
+    if hessian is None and kind == "sparse" and method != "magnitude":
+        raise ValueError(f"{names[0]}: {method} needs input statistics (calibration data); only magnitude runs without")
+    t0 = time.perf_counter()
     label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} fused)"
-    dev = hessian.device
+    dev = weights[0][1].device if hessian is None else hessian.device
     w = torch.cat([t.detach().to(dev, torch.float32) for _, t in weights], 0)
-    h = hessian.float()
+    h = None if hessian is None else hessian.float()
     naive_q, naive_s = quantize_weight_per_channel(w if kind == "dense" else magnitude_24(w, label))
     if kind == "dense":
         q, s, used = naive_q, naive_s, "int8-rtn"
@@ -92,6 +98,10 @@ def compress_group(
     seconds = time.perf_counter() - t0
     naive = dequantize(naive_q, naive_s)
     final = dequantize(q, s)
+
+    def error(ref: torch.Tensor, new: torch.Tensor) -> float:
+        return relative_weight_error(ref, new) if h is None else relative_output_error(ref, new, h)
+
     out: list[LinearResult] = []
     row = 0
     for name, t in weights:
@@ -101,8 +111,8 @@ def compress_group(
         ref = w[sl]
         out.append(LinearResult(
             name=name, kind=kind, method=used, q=q[sl].cpu(), scale=s[sl].cpu(),
-            err_before=relative_output_error(ref, naive[sl], h),
-            err_after=relative_output_error(ref, final[sl], h),
+            err_before=error(ref, naive[sl]),
+            err_after=error(ref, final[sl]),
             seconds=seconds * n / w.shape[0],
         ))
     return out

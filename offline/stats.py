@@ -35,3 +35,14 @@ def relative_output_error(w_ref: torch.Tensor, w_new: torch.Tensor, h: torch.Ten
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return float((num.clamp_min(0) / den).sqrt())
+
+
+def relative_weight_error(w_ref: torch.Tensor, w_new: torch.Tensor) -> float:
+    """||W - W'||_F / ||W||_F: the error measure when there is no calibration data (it equals
+    :func:`relative_output_error` with H = I, without forming the K x K identity)."""
+    w_ref = w_ref.float()
+    den = w_ref.norm()
+    num = (w_new.float() - w_ref).norm()
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return float(num / den)

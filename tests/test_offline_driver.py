@@ -201,10 +201,58 @@ def test_k_not_multiple_of_64_names_the_layers(tmp_path):
     assert set(ckpt.validate_checkpoint(tmp_path / "out", ckpt.load_scheme(tmp_path / "out")).values()) == {"dense"}
 
 
-def test_bench_layer_tiny_on_cpu(tmp_path):
-    from offline.bench_layer import main
+def test_compress_layer_benchmark_tiny_on_cpu(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compress_layer import main
 
     doc = main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "b.json")])
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["seconds_per_layer"] == doc["seconds_per_layer"] > 0
     assert saved["shape"]["hidden_size"] == 256 and 0 < saved["mean_rel_error_after"] < 1
+
+
+def test_magnitude_without_calibration_runs_no_forward_and_says_so(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import offline.compress as comp
+    from offline.stats import relative_weight_error
+
+    root, model, calib = tiny
+    with_calib = tmp_path / "with"
+    rep_c = compress(root / "dense", with_calib, method="magnitude", calib=calib, **FAST)
+
+    def no_forwards(*a, **kw):
+        raise AssertionError("magnitude without --calib must not run calibration forwards")
+
+    monkeypatch.setattr(comp, "token_samples", no_forwards)
+    monkeypatch.setattr(comp, "sequential_compress", no_forwards)
+    out = tmp_path / "without"
+    rep = compress(root / "dense", out, method="magnitude", progress=False)
+    assert rep["calib"] is None and rep["nsamples"] is None and "not measured" in rep["errors"]
+    assert "output error" in rep_c["errors"] and rep_c["nsamples"] == FAST["nsamples"]
+    # magnitude 2:4 does not depend on the inputs: the same checkpoint either way
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(with_calib / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the reported error is the relative weight error of the written int8 2:4 weight
+    name = "model.layers.0.self_attn.q_proj"
+    w = unpack_24(a[f"{name}.weight_packed"], a[f"{name}.weight_bitmask"]).double() * a[f"{name}.weight_scale"].double()
+    dense_w = model.get_submodule(name).weight.detach()
+    assert rep["linears"][name]["rel_error_after"] == pytest.approx(relative_weight_error(dense_w, w), rel=1e-5)
+    assert 0.3 < rep["linears"][name]["rel_error_after"] < 1
+
+
+def test_calibration_free_compress_refuses_what_needs_data(tiny, tmp_path):
+    root, _, _ = tiny
+    with pytest.raises(CompressError, match="--method wanda needs calibration data: pass --calib"):
+        compress(root / "dense", tmp_path / "a", method="wanda", progress=False)
+    with pytest.raises(CompressError, match="auto:P ranks the linears.*pass --calib"):
+        compress(root / "dense", tmp_path / "b", method="magnitude", dense_layers=("auto:10",), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_default_calibration_size_by_device():
+    from offline.calib import calibration_size
+
+    assert calibration_size("cpu") == (32, 512)
+    assert calibration_size("cuda:1") == (128, 2048)
+    assert calibration_size("cpu", nsamples=4) == (4, 512)

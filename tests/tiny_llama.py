@@ -1,6 +1,9 @@
-"""The tiny test model (built by vllm_sparse24.tiny) and its float64 reference forward."""
+"""The tiny test model (built by vllm_sparse24.tiny), its legacy compressed-tensors layout and
+its float64 reference forward (test-only builders)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -10,9 +13,50 @@ from vllm_sparse24.tiny import (  # noqa: F401  (re-exported for the tests)
     build_dense,
     build_tokenizer,
     compress_state,
-    legacy_quantization_config,
-    write_checkpoint,
 )
+from vllm_sparse24.tiny import write_checkpoint as write_sparse24
+
+# sparse24 tensor suffix -> the legacy llm-compressor name of the same tensor
+_LEGACY_NAMES = {"weight_packed": "compressed", "weight_bitmask": "bitmask"}
+
+
+def legacy_quantization_config() -> dict:
+    """quantization_config of an llm-compressor sparse-24-bitmask + int8 W8A8 checkpoint."""
+    args_w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    args_a = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args_w, "input_activations": args_a}},
+        "ignore": ["lm_head"],
+        "sparsity_config": {
+            "format": "sparse-24-bitmask", "sparsity_structure": "2:4",
+            "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 0.5,
+        },
+    }
+
+
+def legacy_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sparse24 tensors renamed to the legacy layout (+ the dense ``shape`` of each layer)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        prefix, suffix = name.rsplit(".", 1)
+        out[f"{prefix}.{_LEGACY_NAMES.get(suffix, suffix)}"] = t
+        if suffix == "weight_packed":
+            out[f"{prefix}.shape"] = torch.tensor([t.shape[0], t.shape[1] * 2], dtype=torch.int64).reshape(2, 1)
+    return out
+
+
+def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False) -> dict[str, torch.Tensor]:
+    """The sparse24 checkpoint of ``model`` (vllm_sparse24.tiny), or with ``legacy`` the same
+    weights in the llm-compressor layout; returns the dequantized weights."""
+    if not legacy:
+        return write_sparse24(model, dense_dir, out)
+    tensors, dequant = compress_state(model)
+    write_sparse24(model, dense_dir, out, tensors=legacy_tensors(tensors),
+                   quantization_config=legacy_quantization_config())
+    return dequant
 
 
 @torch.no_grad()

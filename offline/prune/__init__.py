@@ -1,6 +1,7 @@
 """2:4 pruning algorithms: pure functions of a weight matrix (and its input statistics)."""
 
-from .common import PruneError, check_prunable, keep_top2_of_4
+from vllm_sparse24.sparsity import PruneError, check_prunable, keep_top2_of_4
+
 from .magnitude import magnitude_24
 from .sparsegpt import sparsegpt_24
 from .wanda import wanda_24

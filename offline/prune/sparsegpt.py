@@ -24,8 +24,10 @@ from contextlib import contextmanager
 
 import torch
 
+from vllm_sparse24.format import GROUP, KEEP
+from vllm_sparse24.sparsity import PruneError, check_prunable
+
 from ..quantize import QMAX
-from .common import GROUP, KEEP, PruneError, check_prunable
 
 
 def _inverse_cholesky(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import PruneError, check_prunable, keep_top2_of_4
+from vllm_sparse24.sparsity import PruneError, check_prunable, keep_top2_of_4
 
 
 def wanda_24(weight: torch.Tensor, input_sq_norm: torch.Tensor, name: str = "weight") -> torch.Tensor:

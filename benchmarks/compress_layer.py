@@ -1,7 +1,7 @@
 """Seconds per decoder layer of SparseGPT-joint 2:4 + int8 on one random Llama-3-8B-shaped layer.
 
-    python -m offline.bench_layer --out layer.json                 # CUDA, 128 x 2048 tokens, bf16
-    python -m offline.bench_layer --tiny --device cpu --out t.json # smoke test
+    python benchmarks/compress_layer.py --out layer.json                 # CUDA, 128 x 2048 tokens, bf16
+    python benchmarks/compress_layer.py --tiny --device cpu --out t.json # smoke test
 
 Runs exactly the driver's per-layer path (``offline.driver.compress_layer``: Hessians with hooks,
 q/k/v -> o -> gate/up -> down with re-runs, joint OBS loop, outputs for the next layer) and prints
@@ -14,14 +14,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from offline.driver import CompressOptions, compress_layer
-from offline.model_walk import LINEAR_GROUPS
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from offline.driver import CompressOptions, compress_layer  # noqa: E402
+from offline.model_walk import LINEAR_GROUPS  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
              "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0}
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m offline.bench_layer " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python benchmarks/compress_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"seconds per layer: {seconds:.2f}  peak GPU memory: {doc['peak_gpu_memory_gib']} GiB  "
           f"({nsamples} x {seqlen} tokens, {dtype}, {shape['hidden_size']}/{shape['intermediate_size']})")

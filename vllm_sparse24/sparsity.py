@@ -1,15 +1,19 @@
-"""Helpers shared by the 2:4 pruning algorithms (pure torch)."""
+"""Magnitude 2:4 selection (pure torch): which two weights of every group of four to keep.
+
+The plugin side owns it because the demo model needs it and the plugin must not import the
+offline compressor; the compressor's magnitude method is this function, and its Wanda and
+SparseGPT pruners reuse :func:`keep_top2_of_4` and :func:`check_prunable`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-GROUP = 4
-KEEP = 2
+from .format import GROUP, KEEP
 
 
 class PruneError(ValueError):
-    """A weight cannot be pruned 2:4 as asked (shape, statistics)."""
+    """A weight cannot be pruned 2:4 as asked (shape, statistics); the message names it."""
 
 
 def check_prunable(weight: torch.Tensor, name: str = "weight") -> None:
@@ -34,3 +38,11 @@ def keep_top2_of_4(scores: torch.Tensor) -> torch.Tensor:
     idx = g.topk(KEEP, dim=-1).indices
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(n, k)
+
+
+def magnitude_24(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """A 2:4 copy of ``weight`` [N, K] (float32): the 2 largest |w| of every group of 4 along K
+    are kept, the other 2 zeroed."""
+    check_prunable(weight, name)
+    w = weight.float()
+    return w * keep_top2_of_4(w.abs())
