@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -134,7 +135,7 @@ def time_impl(calls_one, ncopies: int) -> float:
     return graph_us(lambda: [calls_one(i % ncopies) for i in range(reps)], reps)
 
 
-def bench_shape(model, layer, sh: Shape, ms, search: bool, plans, rows, gen):
+def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, gen):
     n, k, ops = sh.n, sh.k, sh.ops
     ids = lib.config_ids()
     so = lib.lib()
@@ -156,7 +157,7 @@ def bench_shape(model, layer, sh: Shape, ms, search: bool, plans, rows, gen):
                                  sh.c_sparse, n * k * 5 // 8)
         if search:
             for name, cid in ids.items():
-                if "_bf16_" not in name:
+                if "_bf16_" not in name or not re.search(search, name):
                     continue
                 fp8 = name.startswith("e4m3")
                 xq_, xs_, w_ = (xqf8, xs8, sh.sf8) if fp8 else (xq8, xs, sh.s8)
@@ -240,6 +241,35 @@ def propose_table(res: dict, classes: dict[str, list[str]]) -> dict:
     return table
 
 
+def table_report(paths: list[str]) -> list[dict]:
+    """What dispatch.GEMM_TABLE picks for every (layer, M) of --search results, timed in those runs
+    beside vLLM's fp8 and int8 kernels (a later file's cell replaces an earlier one's)."""
+    from vllm_sparse24.kernels.dispatch import GEMM_TABLE, shape_class
+
+    cells = {}
+    for path in paths:
+        res = json.load(open(path))
+        runs = {}
+        for r in res["rows"]:
+            if "us" in r:
+                runs.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["impl"]] = r["us"]
+        for key, impls in runs.items():
+            cells[key] = {**impls, "_file": os.path.basename(path)}
+    out = []
+    for (model, layer, n, k, m), impls in sorted(cells.items()):
+        rows = GEMM_TABLE[("int8", "bf16")][shape_class(n, k)]
+        choice = next(c for b, c in rows if b is None or m <= b)
+        tag = f"cfg:{choice.config}" + (f"/s{choice.splits}" if choice.splits > 1 else "") + (
+            f"/w{choice.swizzle}" if choice.swizzle > 1 else "")
+        if tag not in impls or "fp8_cutlass" not in impls:
+            continue
+        out.append({"model": model, "layer": layer, "N": n, "K": k, "M": m, "config": tag[4:], "us": impls[tag],
+                    "fp8_cutlass_us": impls["fp8_cutlass"], "int8_cutlass_us": impls.get("int8_cutlass"),
+                    "bf16_us": impls.get("bf16"), "vs_fp8": round(impls["fp8_cutlass"] / impls[tag], 3),
+                    "tbps_compressed": round(n * k * 5 / 8 / impls[tag] / 1e6, 3), "file": impls["_file"]})
+    return out
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -274,7 +304,8 @@ def main():
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--ms-70b", default="1,8,16,64,2048,8192", help="token counts for the 70B shapes")
-    ap.add_argument("--search", action="store_true", help="also time every library config (see module doc)")
+    ap.add_argument("--search", nargs="?", const=".", default=None, metavar="REGEX",
+                    help="also time every library config (whose name matches REGEX; see module doc)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--propose", default=None, metavar="SEARCH_JSON",
@@ -282,7 +313,20 @@ def main():
     ap.add_argument("--classes", default="narrow=llama3-8b:qkv,llama3-8b:o,llama3-8b:down,llama3-70b:qkv,llama3-70b:o;"
                     "wide=llama3-8b:gate_up,llama3-70b:gate_up,llama3-70b:down",
                     help="shape classes for --propose: name=model:layer,...;name=...")
+    ap.add_argument("--table-report", nargs="+", default=None, metavar="SEARCH_JSON",
+                    help="print (and write to --out) what dispatch.GEMM_TABLE picks, timed in these --search results")
     args = ap.parse_args()
+    if args.table_report:
+        rep = table_report(args.table_report)
+        for r in rep:
+            print(f"{r['model']:10s} {r['layer']:8s} M={r['M']:5d} {r['config']:38s} {r['us']:9.2f} us  "
+                  f"fp8 {r['fp8_cutlass_us']:9.2f} us  {r['vs_fp8']:.2f}x  {r['tbps_compressed']:.2f} TB/s")
+        stem = os.path.join(args.out, os.path.basename(args.table_report[0]).replace("-search", "-table").replace(".json", ""))
+        with open(stem + ".json", "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "sources": [os.path.basename(p) for p in args.table_report],
+                       "note": "times measured in the source runs (same GPU run as the fp8/int8 baselines)",
+                       "rows": rep}, f, indent=1)
+        return
     if args.propose:
         classes = {c.split("=")[0]: c.split("=")[1].split(",") for c in args.classes.split(";")}
         for cls, rows in propose_table(json.load(open(args.propose)), classes).items():

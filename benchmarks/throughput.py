@@ -117,11 +117,11 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from offline.export import write_dense_w8a8
     from offline.group import LinearResult
     from offline.model_walk import hf_config_dict
-    from offline.prune.magnitude import magnitude_24
     from vllm_sparse24 import checkpoint as ckpt
     from vllm_sparse24.format import pack_24
     from vllm_sparse24.quant import quantize_weight_per_channel
     from vllm_sparse24.schema import Sparse24Scheme
+    from vllm_sparse24.sparsity import magnitude_24
 
     want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines,
             "sparse24": "sparse24" in engines}

@@ -104,17 +104,20 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2)
     includes = find_cutlass()
     build_dir = Path(build_dir or Path(tempfile.gettempdir()) / "vllm_sparse24_build")
     build_dir.mkdir(parents=True, exist_ok=True)
-    headers = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
-                       + [CSRC / "configs.inc"])
+    # a config's object depends on the shared headers, its own table row and its id, not on the
+    # other rows: appending a row to configs.inc recompiles only that row (and api.cu)
+    headers = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")))
+    table = (CSRC / "configs.inc").read_text()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     flags = NVCC_FLAGS + [f"-I{p}" for p in includes] + [f"-I{CSRC}"]
     units: list[tuple[str, list[str], Path]] = []  # (label, command, object)
+    src = CSRC / "gemm_config.cu"
     for cid, name in config_rows():
-        src = CSRC / "gemm_config.cu"
-        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), version, *flags, str(cid))}.o"
+        row = re.search(rf"^S24_CONFIG\(\s*{cid}\s*,.*$", table, re.M).group(0)
+        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), row, version, *flags)}.o"
         units.append((name, [nvcc, *flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)], obj))
     api = CSRC / "api.cu"
-    api_obj = build_dir / f"api_{_digest(headers, api.read_bytes(), version, *flags)}.o"
+    api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *flags)}.o"
     units.append(("api", [nvcc, *flags, "-c", str(api), "-o", str(api_obj)], api_obj))
 
     todo = [u for u in units if not u[2].is_file()]

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <utility>
@@ -165,11 +166,15 @@ int s24_compress(int dtype, const void* dense, void* values, void* meta, int n, 
 
 int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* bytes) {
   if (config < 0 || config >= kNumConfigs) return fail(-1, "config id out of range");
-  S24GemmArgs a{};
-  a.m = m, a.n = n, a.k = k, a.splits = splits, a.swizzle = 1, a.sm_count = sm_count();
-  int rc = kRun[config](&a, 1, g_err, kErrLen);
-  *bytes = static_cast<int64_t>(a.workspace_bytes);
-  return rc;
+  *bytes = 0;
+  for (int swizzle : {1, 2, 4, 8}) {  // the stream-K workspace depends on the raster swizzle
+    S24GemmArgs a{};
+    a.m = m, a.n = n, a.k = k, a.splits = splits, a.swizzle = swizzle, a.sm_count = sm_count();
+    int rc = kRun[config](&a, 1, g_err, kErrLen);
+    if (rc) return rc;
+    *bytes = std::max(*bytes, static_cast<int64_t>(a.workspace_bytes));
+  }
+  return 0;
 }
 
 int s24_gemm(int config, const void* values, const void* meta, const void* x, const float* x_scale,

@@ -46,12 +46,13 @@ const char* s24_last_error();
 int s24_compressed_bytes(int n, int k, int64_t* values_bytes, int64_t* meta_bytes);
 // dense [n, k] (2:4 pattern, 8-bit dtype) -> values + meta, on the GPU.
 int s24_compress(int dtype, const void* dense, void* values, void* meta, int n, int k, cudaStream_t stream);
+// Workspace a GEMM call needs (the largest over the swizzle values 1, 2, 4, 8).
 int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* bytes);
 int s24_gemm(int config, const void* values, const void* meta, const void* x, const float* x_scale,
              const float* w_scale, const void* bias, void* out, int m, int n, int k, int splits, int swizzle,
              void* workspace, int64_t workspace_bytes, cudaStream_t stream);
 // Dynamic per-token int8 quantization, bit-identical to vllm_sparse24/quant.py:
-// scale = max(absmax / 127, 1e-12), q = clamp(rint(x / scale), -127, 127).
+// scale = max(absmax * float(1/127), 1e-12), q = clamp(rint(x / scale), -127, 127).
 int s24_quant_int8(int in_dtype, const void* x, int64_t row_stride, int m, int k, int8_t* q, float* scale,
                    cudaStream_t stream);
 }
