@@ -137,7 +137,7 @@ def _check_error(err: Exception, folder: Path, files: list[StFile]) -> None:
     assert names_something(str(err), names), f"{type(err).__name__} names no file, tensor or layer: {err}"
 
 
-@fuzz_settings(400)
+@fuzz_settings(1000)
 @given(layers=layer_lists(), legacy=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
 def test_fuzz_mutated_safetensors(layers, legacy, seed, data):
     spec = build_spec(layers, legacy, seed)
@@ -167,7 +167,7 @@ def test_fuzz_mutated_safetensors(layers, legacy, seed, data):
         assert diff is None, f"{ops}: silent wrong load: {diff}"
 
 
-@fuzz_settings(60)
+@fuzz_settings(100)
 @given(layers=layer_lists(), legacy=st.booleans(), seed=st.integers(0, 2**16),
        scale_dtype=st.sampled_from((torch.float32, torch.float16, torch.bfloat16)), data=st.data())
 def test_fuzz_benign_rewrites_load_identically(layers, legacy, seed, scale_dtype, data):
@@ -246,7 +246,7 @@ def test_every_4bit_group_pattern(pattern, where):
     _check_bitmask_case(values, bitmask, "bitmask group patterns")
 
 
-@fuzz_settings(150)
+@fuzz_settings(300)
 @given(n=st.sampled_from((1, 8, 24)), k=st.sampled_from((64, 128, 192)),
        weights=st.sampled_from(((0, 0, 1, 0, 0), (1, 1, 40, 1, 1), (1, 2, 4, 2, 1), (0, 1, 10, 1, 0))),
        seed=st.integers(0, 2**32 - 1))

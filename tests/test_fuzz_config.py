@@ -173,7 +173,7 @@ def _check(folder: Path, cfg_obj, what: str) -> None:
     _check_accepted(q, *value)
 
 
-@fuzz_settings(400)
+@fuzz_settings(800)
 @given(legacy=st.booleans(), data=st.data())
 @example(legacy=False, data=None)
 def test_fuzz_quantization_config(legacy, data):
