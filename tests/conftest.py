@@ -55,3 +55,23 @@ def run_engine(model_dir: Path, out: Path, ids: list[int], *extra: str, check: b
         raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
     result = json.loads(out.read_text()) if proc.returncode == 0 else None
     return result, proc
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many fuzz cases ran, by suite and outcome (a project error class or 'ok'), and the
+    lines other tests asked to show (the server soak's numbers)."""
+    fuzz = sys.modules.get("fuzz_support")
+    if fuzz is not None and fuzz.OUTCOMES:
+        terminalreporter.section("fuzz summary")
+        total = 0
+        for suite, counts in sorted(fuzz.OUTCOMES.items()):
+            n = sum(counts.values())
+            total += n
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            terminalreporter.write_line(f"fuzz {suite}: {n} cases: {detail}")
+        terminalreporter.write_line(f"fuzz total: {total} cases")
+    lines = getattr(sys.modules.get("summary_lines"), "LINES", None)
+    if lines:
+        terminalreporter.section("reliability summary")
+        for line in lines:
+            terminalreporter.write_line(line)

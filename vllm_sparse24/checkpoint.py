@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,11 @@ class CheckpointError(ValueError):
 
 
 def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
-    """tensor name -> (file name, dtype, shape) over every *.safetensors file in folder."""
+    """tensor name -> (file name, dtype, shape) over every *.safetensors file in folder.
+
+    Refuses what safetensors would read ambiguously or vLLM could not load: a name given twice
+    in one header or in two files (one copy would silently win), a dtype torch cannot load.
+    """
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -38,23 +43,66 @@ def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype,
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    sl = fh.get_slice(key)
-                    out[key] = (f.name, _DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+                entries = [(key, fh.get_slice(key)) for key in fh.keys()]
+                entries = [(key, sl.get_dtype(), tuple(sl.get_shape())) for key, sl in entries]
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{f}: cannot read safetensors header ({e}); the file is corrupt or truncated") from e
+        _check_unique_names(f)
+        for key, dtype_name, shape in entries:
+            if key in out:
+                raise CheckpointError(
+                    f"{f.name}: tensor {key!r} is also in {out[key][0]}; each tensor must be in one file only"
+                )
+            if dtype_name not in _DTYPES:
+                raise CheckpointError(
+                    f"{f.name}: tensor {key!r} has dtype {dtype_name}, which torch cannot load "
+                    f"(loadable: {', '.join(sorted(_DTYPES))})"
+                )
+            out[key] = (f.name, _DTYPES[dtype_name], shape)
     return out
 
 
+def _check_unique_names(path: Path) -> None:
+    # JSON parsers, safetensors' included, keep the last of a repeated key without a word;
+    # called after safe_open accepted the header, so its size and JSON are sound
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+    try:
+        pairs = json.loads(raw, object_pairs_hook=lambda kv: kv)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise CheckpointError(f"{path.name}: tensor {key!r} appears twice in the safetensors header")
+        seen.add(key)
+
+
+# safetensors dtype names torch loads (sub-byte F4/F6 are left out: no sparse24 checkpoint
+# holds them, and torch cannot load every shape of them)
 _DTYPES = {
-    "I8": torch.int8, "U8": torch.uint8, "I64": torch.int64, "I32": torch.int32,
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+        "U16": getattr(torch, "uint16", None), "I32": torch.int32, "U32": getattr(torch, "uint32", None),
+        "I64": torch.int64, "U64": getattr(torch, "uint64", None), "F16": torch.float16,
+        "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    }.items()
+    if dtype is not None
 }
 
 
 def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None) -> None:
     if name not in headers:
-        raise CheckpointError(f"missing tensor {name!r} (expected dtype {dtypes[0]}, shape {shape})")
+        prefix = name.rpartition(".")[0]
+        files = sorted({f for key, (f, _, _) in headers.items() if key.rpartition(".")[0] == prefix})
+        where = f"; the other tensors of {prefix} are in {', '.join(files)}" if files else ""
+        raise CheckpointError(f"missing tensor {name!r} (expected dtype {dtypes[0]}, shape {shape}){where}")
     fname, dtype, got = headers[name]
     if dtype not in dtypes:
         raise CheckpointError(f"{fname}: tensor {name!r} has dtype {dtype}, expected {' or '.join(map(str, dtypes))}")
@@ -109,6 +157,12 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                     f"{fname}: {prefix} is a sparse24 layer but is stored dense ({key!r}); expected "
                     f"{prefix}.{packed_key} and {prefix}.{mask_key}"
                 )
+            if kind == "unquantized":
+                # vLLM would cast the int8 codes into the layer's float weight, unscaled
+                raise CheckpointError(
+                    f"{fname}: {key!r} is int8 but the quantization_config leaves {prefix} unquantized "
+                    "(ignore); store it in float or quantize it"
+                )
             if len(shape) != 2:
                 raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
             _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (shape[0], 1))
@@ -117,13 +171,24 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
         "sparse": {packed_key, mask_key, "weight_scale", "bias"} | ({"shape"} if scheme.legacy else set()),
         "dense": {"weight", "weight_scale", "bias"},
     }
-    for key, (fname, _, _) in headers.items():
+    for key, (fname, _, shape) in headers.items():
         prefix, _, suffix = key.rpartition(".")
         if prefix in kinds and suffix not in allowed[kinds[prefix]]:
             raise CheckpointError(
                 f"{fname}: unexpected tensor {key!r}: a {kinds[prefix]} sparse24 layer holds only "
                 f"{sorted(allowed[kinds[prefix]])}"
             )
+        if suffix == "weight_scale" and prefix not in kinds:
+            # a scale without an int8 weight: the weight is missing or has another dtype, which
+            # vLLM would cast into the layer's int8 parameter
+            weight = headers.get(f"{prefix}.weight")
+            found = f"{prefix}.weight has dtype {weight[1]}" if weight else f"no {prefix}.weight"
+            raise CheckpointError(
+                f"{fname}: {key!r} belongs to a quantized layer, but {found}; expected an int8 "
+                f"{prefix}.weight (dense) or {prefix}.{packed_key} + {prefix}.{mask_key} (sparse)"
+            )
+        if scheme.legacy and suffix == "shape" and prefix in kinds and prod(shape) != 2:
+            raise CheckpointError(f"{fname}: tensor {key!r} must hold the 2 values [N, K], got shape {list(shape)}")
     return kinds
 
 
@@ -164,19 +229,24 @@ def write_quantization_config(folder: Path, config: dict[str, Any], scheme: Spar
 
 
 def load_scheme(folder: str | os.PathLike) -> Sparse24Scheme:
+    """The scheme of a checkpoint folder's config.json; CheckpointError naming the file otherwise."""
     path = Path(folder) / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
     q = cfg.get("quantization_config")
     if q is None:
         raise CheckpointError(f"{path}: no quantization_config (not a sparse24 checkpoint)")
-    if Sparse24Scheme.is_legacy_config(q):
-        return Sparse24Scheme.from_compressed_tensors(q)
     try:
+        if Sparse24Scheme.is_legacy_config(q):
+            return Sparse24Scheme.from_compressed_tensors(q)
         return Sparse24Scheme.from_dict(q)
     except Sparse24ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from e

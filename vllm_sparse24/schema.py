@@ -6,12 +6,14 @@ Pure Python + compressed-tensors (no vLLM import).
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import regex
 from compressed_tensors.quantization import QuantizationArgs
-from compressed_tensors.utils.match import match_name
 
 QUANT_METHOD = "sparse24"
 FORMAT_VERSION = 1
@@ -33,6 +35,9 @@ _KEYS = {
 }
 
 LayerKind = Literal["sparse", "dense", "unquantized"]
+# A layer name is matched against a "re:" pattern in microseconds; a pattern that takes longer
+# than this backtracks catastrophically (Python's re has no time limit and would hang the load).
+REGEX_TIMEOUT_S = 0.2
 
 
 class Sparse24ConfigError(ValueError):
@@ -57,9 +62,34 @@ def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any]
             )
 
 
+@functools.lru_cache(maxsize=1024)
+def _compile(pattern: str) -> regex.Pattern:
+    # re decides what is valid (compressed-tensors and vLLM match with re); the regex module
+    # matches, because it can stop a match that runs too long
+    try:
+        re.compile(pattern)
+        return regex.compile(pattern)
+    except (re.error, regex.error, RecursionError, OverflowError, ValueError) as e:
+        raise Sparse24ConfigError(f"'re:{pattern}' is not a valid regular expression ({e})") from e
+
+
+def _match_one(name: str, target: str) -> bool:
+    """compressed_tensors.utils.match_name (re.match for "re:" targets, else equality), bounded in time."""
+    if not target.startswith("re:"):
+        return target == name
+    pattern = target[3:]
+    try:
+        return _compile(pattern).match(name, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError as e:
+        raise Sparse24ConfigError(
+            f"quantization_config: regex {target!r} takes over {REGEX_TIMEOUT_S} s to match layer "
+            f"{name!r} (catastrophic backtracking); simplify it"
+        ) from e
+
+
 def _match(name: str, patterns: Iterable[str]) -> bool:
     # "Linear" is compressed-tensors' class target: every layer we are asked about is linear
-    return any(p == "Linear" or match_name(name, p) for p in patterns)
+    return any(p == "Linear" or _match_one(name, p) for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,7 @@ class Sparse24Scheme:
     # -- native format ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Sparse24Scheme:
+        _require_mapping(cfg, "quantization_config")
         if cfg.get("quant_method") != QUANT_METHOD:
             raise Sparse24ConfigError(
                 f"quantization_config.quant_method={cfg.get('quant_method')!r}, expected {QUANT_METHOD!r}"
@@ -98,7 +129,8 @@ class Sparse24Scheme:
                 f"{FORMAT_VERSION} allows {sorted(_KEYS)}"
             )
         version = cfg.get("format_version")
-        if version != FORMAT_VERSION:
+        # type check first: JSON true and 1.0 compare equal to 1 in Python
+        if type(version) is not int or version != FORMAT_VERSION:
             raise Sparse24ConfigError(
                 f"quantization_config.format_version={version!r} is not supported; this plugin "
                 f"reads format_version {FORMAT_VERSION} (upgrade vllm-sparse24 for newer checkpoints)"
@@ -130,10 +162,10 @@ class Sparse24Scheme:
     # -- legacy compressed-tensors sparse-24-bitmask ----------------------------------
     @staticmethod
     def is_legacy_config(cfg: Mapping[str, Any] | None) -> bool:
-        if not cfg or cfg.get("quant_method") != "compressed-tensors":
+        if not isinstance(cfg, Mapping) or cfg.get("quant_method") != "compressed-tensors":
             return False
-        sparsity = cfg.get("sparsity_config") or {}
-        return sparsity.get("format") == LEGACY_SPARSITY_FORMAT
+        sparsity = cfg.get("sparsity_config")
+        return isinstance(sparsity, Mapping) and sparsity.get("format") == LEGACY_SPARSITY_FORMAT
 
     @classmethod
     def from_compressed_tensors(cls, cfg: Mapping[str, Any]) -> Sparse24Scheme:
@@ -145,6 +177,7 @@ class Sparse24Scheme:
                 f"sparsity_config.sparsity_structure={sparsity.get('sparsity_structure')!r}; only '2:4' is supported"
             )
         groups = cfg.get("config_groups") or {}
+        _require_mapping(groups, "quantization_config.config_groups")
         if not groups:
             raise Sparse24ConfigError(
                 "compressed-tensors sparse-24-bitmask checkpoint without quantization config_groups: "
@@ -152,6 +185,7 @@ class Sparse24Scheme:
             )
         targets: list[str] = []
         for gname, group in groups.items():
+            _require_mapping(group, f"quantization_config.config_groups.{gname}")
             check_quant_args(group.get("weights"), WEIGHT_ARGS, f"config_groups.{gname}.weights")
             check_quant_args(
                 group.get("input_activations"), INPUT_ARGS, f"config_groups.{gname}.input_activations"
@@ -166,7 +200,18 @@ class Sparse24Scheme:
         )
 
 
+def _require_mapping(value: Any, what: str) -> None:
+    if not isinstance(value, Mapping):
+        raise Sparse24ConfigError(f"{what} must be a JSON object, got {type(value).__name__}")
+
+
 def _str_list(value: Any, what: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise Sparse24ConfigError(f"quantization_config.{what} must be a list of module names or 're:' regexes")
+    for i, v in enumerate(value):
+        if v.startswith("re:"):
+            try:
+                _compile(v[3:])
+            except Sparse24ConfigError as e:
+                raise Sparse24ConfigError(f"quantization_config.{what}[{i}]: {e}") from e
     return list(value)
