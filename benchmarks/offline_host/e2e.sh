@@ -22,6 +22,9 @@ for step in $STEPS; do
   t0=$SECONDS
   case $step in
     accuracy)  # in-process engines: readable tracebacks
+      if [[ "${ACC_RUNS:-}" == *smollm2* && ! -d models/smollm2-sparse24 ]]; then  # parts copied in by hand
+        python3 benchmarks/offline_host/checkpoint_parts.py join --out models/smollm2-sparse24 2>&1 | tail -3
+      fi
       VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout "${ACC_TIMEOUT:-300}" python3 benchmarks/e2e_accuracy.py --out "$OUT" \
         --runs "${ACC_RUNS:-cuda-bf16,torch-fp32}" 2>&1 | quiet
       RC[$step]=${PIPESTATUS[0]} ;;
