@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -196,12 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(ROOT))
-        from vllm_sparse24.demo import build_tiny_sparse24
+    sys.path.insert(0, str(ROOT))
+    from vllm_sparse24.demo import model_or_tiny
 
-        model = build_tiny_sparse24(Path(tempfile.mkdtemp(prefix="s24serve-")) / "tiny-sparse24")
+    model = model_or_tiny(args.model, prefix="s24serve-")
     extra = [a for a in args.server_args if a != "--"]
     proc = start_server(model, args.port, args.dtype, out / "e2e-serve-server.log", extra, args.module)
     result: dict = {"model": str(model), "clients": args.clients, "max_tokens": args.max_tokens,

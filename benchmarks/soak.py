@@ -381,12 +381,10 @@ def environment() -> dict:
 def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(ROOT))
-        from vllm_sparse24.demo import build_tiny_sparse24
+    sys.path.insert(0, str(ROOT))
+    from vllm_sparse24.demo import model_or_tiny
 
-        model = build_tiny_sparse24(Path(tempfile.mkdtemp(prefix="s24soak-")) / "tiny-sparse24")
+    model = model_or_tiny(args.model, prefix="s24soak-")
     date = datetime.date.today().isoformat()
     name = f"soak-{args.tag}-{date}"
     port = args.port or free_port()

@@ -30,6 +30,13 @@ def build_tiny_sparse24(out: Path) -> Path:
     return out
 
 
+def model_or_tiny(model: str | None, prefix: str) -> str:
+    """``model``, or (None) the tiny demo checkpoint built in a new temporary folder."""
+    if model is not None:
+        return model
+    return str(build_tiny_sparse24(Path(tempfile.mkdtemp(prefix=prefix)) / "tiny-sparse24"))
+
+
 def server_command(model: Path, host: str, port: int, server_args: list[str], cuda: bool) -> list[str]:
     """The OpenAI server command line for ``model``."""
     # `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`: the latter cannot read
