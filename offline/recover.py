@@ -407,7 +407,8 @@ def recover(
 ) -> dict[str, Any]:
     """Distill ``student_path`` (a sparse24 checkpoint) from ``teacher_path`` (dense HF folder or
     .gguf) into ``out``; returns the report (also written as ``out/recover_report.json``).
-    ``teacher_model``/``teacher_tokenizer`` may be given pre-loaded (not modified)."""
+    ``teacher_model``/``teacher_tokenizer`` may be given pre-loaded (the model is moved to
+    ``opts.device`` and frozen, its weights are not changed)."""
     from .compare import machine_info
     from .export import write_sparse24
 

@@ -41,6 +41,7 @@ class Student:
     scheme: Sparse24Scheme
     kinds: dict[str, str]  # quantized linear prefix -> "sparse" | "dense"
     masks: dict[str, torch.Tensor]  # sparse prefix -> bool [N, K], as read from the bitmask
+    scales: dict[str, torch.Tensor]  # quantized prefix -> float32 [N, 1] weight_scale
     float_dtype: torch.dtype  # dtype of the checkpoint's float tensors (re-export uses it)
     compress_report: dict[str, Any] | None = None
     qat: dict[str, QATLinear] = field(default_factory=dict)  # filled by wrap_quantized
@@ -90,35 +91,41 @@ def load_student(path: str | os.PathLike) -> Student:
 
     state: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     float_dtype = torch.float32
+    raw: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}  # tensor -> its file, for error messages (shards may split a layer)
     for f in _files(p):
         with safe_open(str(f), framework="pt") as fh:
-            keys = set(fh.keys())
-            for key in sorted(keys):
-                prefix, _, suffix = key.rpartition(".")
-                kind = kinds.get(prefix)
-                if kind == "sparse" and suffix == "weight_packed":
-                    bitmask = fh.get_tensor(f"{prefix}.weight_bitmask")
-                    values = fh.get_tensor(key)
-                    n, k = values.shape[0], 2 * values.shape[1]
-                    mask = unpack_bitmask(bitmask, k)
-                    try:
-                        check_24_mask(mask, f"{f}: {prefix}.weight_bitmask")
-                    except Sparse24FormatError as e:
-                        raise RecoverError(f"student {e}") from e
-                    dense = torch.zeros(n, k, dtype=torch.float32)
-                    dense[mask] = values.float().reshape(-1)
-                    state[f"{prefix}.weight"] = dense * fh.get_tensor(f"{prefix}.weight_scale").float()
-                    masks[prefix] = mask
-                elif kind == "dense" and suffix == "weight":
-                    state[key] = fh.get_tensor(key).float() * fh.get_tensor(f"{prefix}.weight_scale").float()
-                elif kind is not None and suffix in ("weight_bitmask", "weight_scale"):
-                    continue
-                else:
-                    t = fh.get_tensor(key)
-                    if t.is_floating_point():
-                        float_dtype = t.dtype
-                    state[key] = t.float()
+            for key in fh.keys():
+                raw[key] = fh.get_tensor(key)
+                where[key] = f
+    for key in sorted(raw):
+        t = raw[key]
+        prefix, _, suffix = key.rpartition(".")
+        kind = kinds.get(prefix)
+        if kind == "sparse" and suffix == "weight_packed":
+            bm_key = f"{prefix}.weight_bitmask"
+            n, k = t.shape[0], 2 * t.shape[1]
+            mask = unpack_bitmask(raw[bm_key], k)
+            try:
+                check_24_mask(mask, f"{where[bm_key]}: {bm_key}")
+            except Sparse24FormatError as e:
+                raise RecoverError(f"student {e}") from e
+            dense = torch.zeros(n, k, dtype=torch.float32)
+            dense[mask] = t.float().reshape(-1)
+            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
+            state[f"{prefix}.weight"] = dense * scales[prefix]
+            masks[prefix] = mask
+        elif kind == "dense" and suffix == "weight":
+            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
+            state[key] = t.float() * scales[prefix]
+        elif kind is not None and suffix in ("weight_bitmask", "weight_scale"):
+            continue
+        else:
+            if t.is_floating_point():
+                float_dtype = t.dtype
+            state[key] = t.float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
@@ -137,7 +144,7 @@ def load_student(path: str | os.PathLike) -> Student:
             log.warning("%s: compress_report.json is not valid JSON; not carried over", p)
     log.info("student %s: %d sparse + %d dense int8 linears", p,
              sum(k == "sparse" for k in kinds.values()), sum(k == "dense" for k in kinds.values()))
-    return Student(p, model, tok, scheme, kinds, masks, float_dtype, report)
+    return Student(p, model, tok, scheme, kinds, masks, scales, float_dtype, report)
 
 
 def check_compatible(teacher: nn.Module, teacher_tok: Any, teacher_path: str | os.PathLike,
@@ -174,7 +181,7 @@ def wrap_quantized(student: Student) -> dict[str, QATLinear]:
         if not isinstance(lin, nn.Linear):
             raise RecoverError(f"student {student.path}: {prefix} is a {type(lin).__name__}, expected nn.Linear")
         mask = student.masks.get(prefix) if kind == "sparse" else None
-        q = QATLinear(lin.weight, mask, lin.bias, prefix)
+        q = QATLinear(lin.weight, mask, lin.bias, prefix, scale_floor=student.scales[prefix])
         setattr(parent, child, q)
         out[prefix] = q
     student.qat = out

@@ -74,6 +74,10 @@ def tiny(tmp_path_factory):
     # kept positions that hold 0: the bitmask must keep them although the values are 0
     t = load_file(str(student / "model.safetensors"))
     t["model.layers.0.self_attn.q_proj.weight_packed"][0, :16] = 0
+    # a scale above absmax / 127 (as SparseGPT-joint may choose): training starts on this grid
+    gate = "model.layers.0.mlp.gate_proj"
+    t[f"{gate}.weight_packed"] = torch.div(t[f"{gate}.weight_packed"], 2, rounding_mode="trunc")
+    t[f"{gate}.weight_scale"] *= 2
     save_file(t, str(student / "model.safetensors"), metadata={"format": "pt"})
     return root, calib, ev, student
 
@@ -109,9 +113,11 @@ def _assert_same_masks_on_grid(student: Path, out: Path) -> int:
         else:
             q = after[key]
         assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
-        # scale = row absmax / 127: every non-zero row reaches +-127
-        rows = q.abs().amax(1)
-        assert bool((rows[rows > 0] == 127).all()), prefix
+        # scale = max(row absmax / 127, the student's scale): a row reaches +-127 or keeps its scale
+        s0, s1 = before[f"{prefix}.weight_scale"], after[f"{prefix}.weight_scale"]
+        assert bool((s1 >= s0).all()), prefix
+        rows = q.abs().amax(1, keepdim=True)
+        assert bool(((rows == 127) | (s1 == s0)).all()), prefix
         changed += int(not torch.equal(q, before[key if kind == "dense" else f"{prefix}.weight_packed"]))
     for key in before:  # embeddings, norms, lm_head: frozen by default
         if not key.startswith("model.layers.") or "norm" in key:
@@ -129,6 +135,10 @@ def test_global_recovery_keeps_the_mask_and_exports_the_trained_int8_values(tiny
     model, tok = load_for_eval(out)
     ppl = perplexity(model, tok, ev, seqlen=64, windows=8, progress=False)["perplexity"]
     assert ppl == pytest.approx(rep["final_eval"]["perplexity"], rel=PPL_RTOL)
+    # and training started from exactly the student (its grid, its values)
+    model, tok = load_for_eval(student)
+    ppl0 = perplexity(model, tok, ev, seqlen=64, windows=8, progress=False)["perplexity"]
+    assert ppl0 == pytest.approx(rep["evals"][0]["perplexity"], rel=PPL_RTOL)
     for f in ("recover_report.json", "recover_perplexity.png", "compress_report.json", "tokenizer.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "compress_report.json").read_text())["recovered"]["train"]["steps"] == 40
@@ -321,3 +331,27 @@ def test_cli_documents_every_option():
     assert all(a.help for a in flags.values()), [d for d, a in flags.items() if not a.help]
     for name in RecoverOptions.__dataclass_fields__:
         assert (name if name != "progress" else "no_progress") in flags, name
+
+
+def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
+    import importlib.util
+
+    root, calib, ev, _ = tiny
+    spec = importlib.util.spec_from_file_location("recovery_smollm2", REPO / "benchmarks" / "recovery_smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = bench.main(["--teacher", str(root / "dense"), "--calib", str(calib), "--eval-text", str(ev),
+                      "--out", str(tmp_path), "--smoke", "--minutes", "2", "--device", "cpu"])
+    (path,) = tmp_path.glob("recovery-smollm2-cpu-*.json")
+    saved = json.loads(path.read_text())
+    assert saved["runs"] == doc["runs"] and saved["dense_ppl"] == doc["dense_ppl"] > 0
+    assert path.with_suffix(".png").exists()
+    assert [(r["mode"], r["dense_layers"]) for r in saved["runs"]] == [
+        ("global", "none"), ("blocks", "none"), ("global", "auto:10"), ("blocks", "auto:10")]
+    for r in saved["runs"]:
+        assert r["tokens"] > 0 and r["ppl_after"] > 0 and r["minutes"] <= 2
+        assert r["curve"][0]["tokens"] == 0 and r["curve"][-1]["tokens"] == r["tokens"]
+    assert saved["runs"][0]["ppl_before"] == saved["runs"][1]["ppl_before"]
+    for student in ("all-sparse", "auto10"):
+        kinds = ckpt.validate_checkpoint(tmp_path / "students" / student, ckpt.load_scheme(tmp_path / "students" / student))
+        assert ("dense" in kinds.values()) == (student == "auto10")

@@ -92,6 +92,19 @@ def test_qat_linear_keeps_the_mask_and_exports_its_forward_weights():
     assert torch.equal(lin(x), torch.nn.functional.linear(fake_quant_per_token(x), q.float() * s))
 
 
+def test_qat_linear_starts_on_the_students_grid():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-60, 61, (8, 64), generator=g, dtype=torch.int8)  # rows never reach 127
+    scale = torch.rand(8, 1, generator=g) * 0.01 + 0.001
+    lin = QATLinear(q.float() * scale, None, None, "dense", scale_floor=scale)
+    q1, s1 = lin.export()
+    assert torch.equal(q1, q) and torch.equal(s1, scale)
+    with torch.no_grad():
+        lin.weight[0, 0] = 200 * scale[0, 0]  # outgrows the grid: that row's scale widens
+    q2, s2 = lin.export()
+    assert int(q2[0].abs().max()) == 127 and s2[0, 0] > scale[0, 0] and torch.equal(s2[1:], scale[1:])
+
+
 def test_pack_with_mask_keeps_kept_zeros_where_pack_24_would_not():
     w = torch.zeros(2, 8, dtype=torch.int8)
     mask = torch.zeros(2, 8, dtype=torch.bool)
