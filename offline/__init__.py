@@ -10,7 +10,11 @@ model walking):
 * ``offline.driver``: sequential layer-by-layer calibration;
 * ``offline.export``: sparse24 and compressed-tensors dense W8A8 writers;
 * ``offline.evaluate``: perplexity that matches the plugin's arithmetic;
-* ``offline.compare``: several methods, one table, JSON + PNG.
+* ``offline.compare``: several methods, one table, JSON + PNG;
+* ``offline.recover``: accuracy recovery of a sparse24 checkpoint by distillation from the dense
+  model, mask fixed, int8 in the forward (``offline.block_recon``: its block-wise mode;
+  ``offline.distill_loss``: chunked KL and SquareHead; ``offline.qat``: fake-quant linear;
+  ``offline.student``: loading a checkpoint for training; ``offline.distill_data``: training data).
 
 Nothing here imports vLLM.
 """
