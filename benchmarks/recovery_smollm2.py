@@ -15,6 +15,11 @@
    ``runs``: mode, dense_layers, ppl_before, ppl_after, tokens, minutes, and the curves) and a
    PNG of perplexity vs training tokens, written after every run.
 
+Runs add up: students already in ``--out/students`` are reused (``--recompress`` redoes them), and
+the runs of an existing JSON of the same GPU and date are kept (a run of the same student and mode
+is replaced), so the experiment can be split over several invocations, e.g. one per
+``--students``/``--modes`` pair.
+
 ``--smoke`` shrinks everything (a few steps, a few windows) to check the script on a CPU; the
 numbers it prints then mean nothing. Needs the project installed (``pip install -e .``, vLLM not
 required) plus ``gguf`` and ``accelerate`` for a .gguf teacher; matplotlib for the PNG.
@@ -105,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--recompress", action="store_true", help="redo students that exist in --out/students")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, numbers mean nothing")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -135,9 +141,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dense_ppl": None, "runs": [],
     }
 
+    if json_path.exists():  # an earlier invocation of the same day: keep its runs
+        old = json.loads(json_path.read_text())
+        if old.get("eval") == doc["eval"] and old.get("smoke") == doc["smoke"]:
+            doc["runs"], doc["dense_ppl"] = old.get("runs", []), old.get("dense_ppl")
+            doc["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
+        else:
+            log.warning("%s was made with other evaluation settings: starting it anew", json_path)
+
     teacher, tok = load_model(args.teacher, torch.float32)
-    doc["dense_ppl"] = _ppl(teacher, tok, args)
-    teacher.to("cpu")
+    if doc["dense_ppl"] is None:
+        doc["dense_ppl"] = _ppl(teacher, tok, args)
+        teacher.to("cpu")
     log.info("dense perplexity %.3f", doc["dense_ppl"])
     _write_json(json_path, doc)
 
@@ -147,6 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name not in args.students and not (name == "all-sparse" and "auto10" in args.students):
             continue
         path = out / "students" / name
+        if path.exists() and not args.recompress and (path / "compress_report.json").exists():
+            log.info("reusing student %s", path)
+            if name == "all-sparse":
+                rep = json.loads((path / "compress_report.json").read_text())
+                sensitivity = {n: v["rel_error_after"] for n, v in rep["linears"].items()}
+            if name in args.students:
+                students[name] = path
+            continue
         if path.exists():
             shutil.rmtree(path)
         t0 = time.perf_counter()
@@ -161,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in args.students:
             students[name] = path
 
-    series = []
+    series = [{"label": f"{'auto10' if r['dense_layers'] == 'auto:10' else 'all-sparse'}, {r['mode']}",
+               "tokens": [c["tokens"] for c in r["curve"]], "perplexity": [c["perplexity"] for c in r["curve"]]}
+              for r in doc["runs"]]
     for name, spath in students.items():
         ppl_before = _ppl(spath, tok, args)
         for mode in args.modes:
@@ -192,9 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "curve": [{k: e.get(k) for k in ("tokens", "perplexity", "top1_agreement", "kl")}
                           for e in rep["evals"]],
             }
+            doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (mode, run["dense_layers"])]
             doc["runs"].append(run)
             log.info("%s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", name, mode,
                      ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
+            series = [x for x in series if x["label"] != f"{name}, {mode}"]
             series.append({"label": f"{name}, {mode}", "tokens": [c["tokens"] for c in run["curve"]],
                            "perplexity": [c["perplexity"] for c in run["curve"]]})
             _write_json(json_path, doc)

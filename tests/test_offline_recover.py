@@ -340,8 +340,13 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     spec = importlib.util.spec_from_file_location("recovery_smollm2", REPO / "benchmarks" / "recovery_smollm2.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    doc = bench.main(["--teacher", str(root / "dense"), "--calib", str(calib), "--eval-text", str(ev),
-                      "--out", str(tmp_path), "--smoke", "--minutes", "2", "--device", "cpu"])
+    common = ["--teacher", str(root / "dense"), "--calib", str(calib), "--eval-text", str(ev),
+              "--out", str(tmp_path), "--smoke", "--minutes", "2", "--device", "cpu"]
+    # in two invocations: the second reuses the all-sparse student and keeps the first's runs
+    bench.main([*common, "--students", "all-sparse"])
+    first = (tmp_path / "students" / "all-sparse" / "model.safetensors").stat().st_mtime_ns
+    doc = bench.main([*common, "--students", "auto10"])
+    assert (tmp_path / "students" / "all-sparse" / "model.safetensors").stat().st_mtime_ns == first
     (path,) = tmp_path.glob("recovery-smollm2-cpu-*.json")
     saved = json.loads(path.read_text())
     assert saved["runs"] == doc["runs"] and saved["dense_ppl"] == doc["dense_ppl"] > 0
