@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--loss", default="kl+squarehead", choices=["kl", "kl+squarehead"],
                     help="global mode loss")
     ap.add_argument("--generate-tokens", type=int, default=1_000_000,
-                    help="tokens the teacher generates per run (counted in the run's minutes)")
+                    help="tokens the teacher generates per run (counted in the run's minutes; blocks "
+                    "mode: at most half of --block-pool-tokens)")
     ap.add_argument("--gen-batch-size", type=int, default=256)
     ap.add_argument("--block-pool-tokens", type=int, default=262_144)
     ap.add_argument("--train-eval-windows", type=int, default=16, help="windows of the evaluations during training")
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mode=mode, tokens=10**10 if not args.smoke else 4 * args.batch_size * args.seqlen,
                 seqlen=args.seqlen, batch_size=args.batch_size,
                 lr=args.lr_global if mode == "global" else args.lr_blocks,
-                loss=args.loss if mode == "global" else "kl", generate_tokens=args.generate_tokens,
+                loss=args.loss if mode == "global" else "kl",
+                # blocks mode trains on --block-pool-tokens only: generate about half of that
+                generate_tokens=(args.generate_tokens if mode == "global"
+                                 else min(args.generate_tokens, args.block_pool_tokens // 2)),
                 gen_batch_size=args.gen_batch_size, eval_text=args.eval_text,
                 eval_every=args.eval_every_steps if mode == "global" else args.eval_every_layers,
                 eval_windows=args.train_eval_windows, eval_seqlen=args.eval_seqlen,
