@@ -14,6 +14,10 @@ model walking):
 * ``offline.compare``: several methods, one table, JSON + PNG;
 * ``offline.__main__`` (``python -m offline``) and ``offline.cli`` (the ``vllm-sparse24``
   console command, which also starts the demo server and the CUDA build).
+* ``offline.recover``: accuracy recovery of a sparse24 checkpoint by distillation from the dense
+  model, mask fixed, int8 in the forward (``offline.block_recon``: its block-wise mode;
+  ``offline.distill_loss``: chunked KL and SquareHead; ``offline.qat``: fake-quant linear;
+  ``offline.student``: loading a checkpoint for training; ``offline.distill_data``: training data).
 
 This package uses the plugin's pure modules (format, quantization, schema, checkpoint writing);
 the plugin never imports this package. Nothing here imports vLLM.

@@ -108,8 +108,10 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 def perplexity(
     model: nn.Module, tokenizer: Any, text_file: str | os.PathLike, seqlen: int = 512,
     windows: int = 64, batch_size: int = 4, progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """exp(mean NLL) over the first ``windows`` non-overlapping windows of ``seqlen`` tokens."""
+    """exp(mean NLL) over the first ``windows`` non-overlapping windows of ``seqlen`` tokens
+    (``device``: where the token windows go; the model must be there already)."""
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise EvalError(f"{text_file}: empty")
@@ -124,6 +126,8 @@ def perplexity(
     nll, count = 0.0, 0
     for b in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
         x = data[b : b + batch_size]
+        if device is not None:
+            x = x.to(device)
         logits = model(input_ids=x).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll -= float(lp.gather(-1, x[:, 1:, None]).sum())

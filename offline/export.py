@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
-from vllm_sparse24.format import pack_24
+from vllm_sparse24.format import pack_24, pack_24_with_mask
 from vllm_sparse24.schema import INPUT_ARGS, WEIGHT_ARGS, Sparse24Scheme
 
 from .group import LinearResult
@@ -48,7 +48,10 @@ def sparse24_tensors(
     tensors = _float_tensors(model, skip, dtype)
     for name, r in results.items():
         if r.kind == "sparse":
-            values, bitmask = pack_24(r.q, name=name)
+            if r.mask is None:
+                values, bitmask = pack_24(r.q, name=name)
+            else:
+                values, bitmask = pack_24_with_mask(r.q, r.mask, name=name)
             tensors[f"{name}.weight_packed"] = values
             tensors[f"{name}.weight_bitmask"] = bitmask
         else:
@@ -66,7 +69,10 @@ def write_sparse24(
     report: dict[str, Any],
     dtype: torch.dtype,
     overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
+    """``extra_files``: file name -> contents, written into the folder before it is renamed
+    into place (reports and plots of the tool that made the checkpoint)."""
     tensors = sparse24_tensors(model, results, dtype)
     with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
         ckpt.save_safetensors_shards(tensors, tmp)
@@ -78,6 +84,8 @@ def write_sparse24(
             diff = sorted(set(kinds.items()) ^ set(expected.items()))[:4]
             raise ckpt.CheckpointError(f"{out}: written layer kinds disagree with the plan: {diff}")
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
     log.info("wrote %s", out)
     return Path(out)
 

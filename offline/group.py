@@ -31,6 +31,9 @@ class LinearResult:
     err_before: float
     err_after: float
     seconds: float
+    # sparse only: the kept positions to write (bool [N, K]); None = the non-zeros of q, padded
+    # (offline.recover passes the input checkpoint's mask so that it is kept bit for bit)
+    mask: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.q, self.scale)

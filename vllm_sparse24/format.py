@@ -123,3 +123,29 @@ def unpack_24(
     dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     dense[mask] = values.reshape(-1)
     return dense
+
+
+def pack_24_with_mask(
+    weight: torch.Tensor, mask: torch.Tensor, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`pack_24`, but with the kept positions given: the bitmask written is ``mask``
+    bit for bit even where a kept value is 0 (``pack_24`` would choose the padding positions
+    itself). ``weight`` must be 0 wherever ``mask`` is False."""
+    if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+        raise Sparse24FormatError(
+            f"{name}: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must be the same 2-D shape"
+        )
+    n, k = weight.shape
+    _check_k(k, name)
+    mask = mask.bool()
+    check_24_mask(mask, name)
+    outside = (weight != 0) & ~mask
+    if bool(outside.any()):
+        r, c = (int(v) for v in outside.nonzero()[0])
+        raise Sparse24FormatError(
+            f"{name}: non-zero value at row {r}, column {c} where the 2:4 mask is 0 "
+            f"({int(outside.sum())} such values in all)"
+        )
+    values = weight[mask].reshape(n, k // 2)
+    bitmask = pack_bitmasks(mask.cpu()).to(weight.device)
+    return values, bitmask

@@ -1,0 +1,155 @@
+"""``--mode blocks``: block-wise reconstruction (EBFT-style), the cheap alternative to global
+distillation. Model walking only; the loss is :func:`offline.distill_loss.normalized_mse`.
+
+Decoder layer i of the student is trained (kept weights on the int8 grid, mask fixed) so that,
+fed the student's own layer-i inputs (the outputs of its already-recovered layers, computed in
+the plugin's int8 arithmetic), it reproduces the dense teacher layer's outputs on the teacher's
+inputs, ||t - s||^2 / ||t||^2. Every layer trains on ``--tokens`` tokens drawn from a pool of at
+most ``--block-pool-tokens`` tokens whose hidden states stay on the device. The state is saved
+after every layer; a resumed run recomputes the inputs of its next layer from the saved layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distill_data import BatchOrder
+from .distill_loss import normalized_mse
+from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
+
+if TYPE_CHECKING:
+    from .recover import RecoveryRun
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _propagate(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch: int) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for b in range(0, x.shape[0], batch):
+        out[b : b + batch] = layer_forward(layer, x[b : b + batch], kwargs)
+    return out
+
+
+def train_blocks(run: RecoveryRun) -> dict[str, Any]:
+    from .recover import RecoverError, lr_at
+
+    opts, dev = run.opts, run.device
+    student, teacher = run.student.model, run.teacher
+    layers_s, layers_t = decoder_layers(student), decoder_layers(teacher)
+    n_layers = len(layers_s)
+    per_step = opts.batch_size * opts.seqlen
+    steps = opts.tokens // per_step
+    start, steps_done = 0, 0
+    if run.state is not None:
+        start, steps, steps_done = (int(run.state[k]) for k in ("layer", "steps_per_layer", "steps_done"))
+
+    g = torch.Generator().manual_seed(opts.seed)
+    n_pool = min(run.pool.shape[0], max(opts.batch_size, opts.block_pool_tokens // opts.seqlen))
+    sel = torch.randperm(run.pool.shape[0], generator=g)[:n_pool].sort().values
+    samples = [run.pool[i : i + 1] for i in sel.tolist()]
+    with run.train_precision():
+        xt, kwargs = capture_layer0_inputs(teacher, samples, dev)
+        xs, _ = capture_layer0_inputs(student, samples, dev)
+    teacher.to(dev)  # capture_layer0_inputs sends the embeddings back to the CPU
+    student.to(dev)
+    log.info("blocks: %d sequences x %d tokens of hidden states on %s; %d steps per layer",
+             n_pool, opts.seqlen, dev, steps)
+
+    if start == 0:
+        run.set_quant(True)
+        run.evaluate(0, 0, layers_done=0)
+    budget_fixed = run.state is not None or opts.max_minutes is None
+    pbar = tqdm(range(n_layers), desc="recover (blocks)", unit="layer", disable=not opts.progress)
+    for i in pbar:
+        t_layer = time.perf_counter()
+        ls, lt = layers_s[i], layers_t[i]
+        with run.train_precision():
+            yt = _propagate(lt, xt, kwargs, opts.batch_size)
+        if i < start:  # trained before the interruption: only recompute its outputs
+            run.set_quant(True)
+            with run.train_precision():
+                xs = _propagate(ls, xs, kwargs, opts.batch_size)
+            xt = yt
+            continue
+        params = [p for p in ls.parameters() if p.requires_grad]
+        if not params:
+            raise RecoverError(f"model.layers.{i}: no trainable parameter (all its linears are ignored?)")
+        opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+        order = BatchOrder(n_pool, opts.batch_size, opts.seed + 7919 * (i + 1))
+        first = last = None
+        step_times: list[float] = []
+        step = 0
+        while step < steps:
+            if run.budget_left() <= 0:
+                run.stopped_by_budget = True
+                break
+            t0 = time.perf_counter()
+            run.set_quant(step >= int(opts.quant_from * steps))
+            idx = order.batch(step)
+            lr = lr_at(step, steps, opts.lr, opts.warmup)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            with run.train_precision():
+                out = layer_forward(ls, xs[idx.to(xs.device)], kwargs)
+                loss = normalized_mse(out, yt[idx.to(yt.device)])
+            if not torch.isfinite(loss):
+                raise RecoverError(f"model.layers.{i}: loss is {loss.item()} at step {step}; lower --lr")
+            loss.backward()
+            if opts.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.reapply_masks()
+            run.count_tokens(sel[idx])
+            step += 1
+            steps_done += 1
+            value = loss.item()
+            first = value if first is None else first
+            last = value
+            if step == 1 or step == steps or step % max(1, steps // 20) == 0:
+                run.curve.append({"layer": i, "step": step, "loss": value, "lr": lr})
+            pbar.set_postfix(layer=i, step=f"{step}/{steps}", loss=f"{value:.4f}")
+            step_times.append(time.perf_counter() - t0)
+            if not budget_fixed and len(step_times) == 4:
+                steps = _fit_budget_blocks(run, i, n_layers, step, steps, sorted(step_times[1:])[1],
+                                           time.perf_counter() - t_layer - sum(step_times))
+                budget_fixed = True
+        if run.stopped_by_budget:
+            log.warning("time budget reached in layer %d (step %d of %d)", i, step, steps)
+        log.info("model.layers.%d: normalized MSE %.5f -> %.5f in %d steps", i, first or 0, last or 0, step)
+        run.set_quant(True)
+        with run.train_precision():
+            xs = _propagate(ls, xs, kwargs, opts.batch_size)
+        xt = yt
+        tokens_equiv = steps_done * per_step // n_layers
+        if opts.eval_every and (i + 1) % opts.eval_every == 0 and i + 1 < n_layers:
+            run.evaluate(steps_done, tokens_equiv, layers_done=i + 1)
+        run.save_state({"layer": i + 1, "steps_per_layer": steps, "steps_done": steps_done})
+        if run.stopped_by_budget:
+            break
+    return {"mode": "blocks", "steps": steps_done, "steps_per_layer": steps, "tokens": steps_done * per_step // n_layers,
+            "tokens_per_layer": steps * per_step, "pool_sequences": n_pool, "layers": n_layers}
+
+
+def _fit_budget_blocks(run: RecoveryRun, layer: int, n_layers: int, step: int, steps: int,
+                       step_seconds: float, setup_seconds: float) -> int:
+    """Steps per layer so that the remaining layers, evaluations and export fit --max-minutes
+    (``setup_seconds``: the teacher layer's forward over the pool; the student's after training
+    costs about as much)."""
+    left = run.budget_left()
+    eval_s = run.seconds_eval / max(len(run.evals), 1)
+    n_evals = (n_layers - layer) // run.opts.eval_every if run.opts.eval_every else 0
+    layers_left = n_layers - layer
+    spare = left - 10.0 - eval_s * (n_evals + 1) - 2 * setup_seconds * layers_left + step * step_seconds
+    fit = int(spare / (layers_left * step_seconds))
+    new = max(step + 1, min(steps, fit))
+    log.info("time budget %.1f min: %.3fs/step, %.1fs per layer besides -> %d steps per layer",
+             run.opts.max_minutes, step_seconds, setup_seconds, new)
+    return new

@@ -1,0 +1,188 @@
+"""Loading a sparse24 checkpoint back into a trainable float model (model walking and file
+reading only): int8 values dequantized, every sparse linear's 2:4 mask read from its bitmask,
+and checks that a teacher and a student can be distilled into one another."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vllm_sparse24 import checkpoint as ckpt
+from vllm_sparse24.format import Sparse24FormatError, check_24_mask, unpack_bitmask
+from vllm_sparse24.schema import Sparse24Scheme
+
+from .model_walk import check_architecture, decoder_layers
+from .qat import QATLinear
+
+log = logging.getLogger(__name__)
+
+# config fields that must agree between teacher and student
+_ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+class RecoverError(ValueError):
+    """Inputs that recovery cannot use (names the file, tensor or layer)."""
+
+
+@dataclass
+class Student:
+    path: Path
+    model: nn.Module  # float32 HF model, quantized linears dequantized
+    tokenizer: Any
+    scheme: Sparse24Scheme
+    kinds: dict[str, str]  # quantized linear prefix -> "sparse" | "dense"
+    masks: dict[str, torch.Tensor]  # sparse prefix -> bool [N, K], as read from the bitmask
+    scales: dict[str, torch.Tensor]  # quantized prefix -> float32 [N, 1] weight_scale
+    float_dtype: torch.dtype  # dtype of the checkpoint's float tensors (re-export uses it)
+    compress_report: dict[str, Any] | None = None
+    qat: dict[str, QATLinear] = field(default_factory=dict)  # filled by wrap_quantized
+
+
+def _files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RecoverError(f"student {folder}: no *.safetensors files")
+    return files
+
+
+def load_student(path: str | os.PathLike) -> Student:
+    """A sparse24 checkpoint (``python -m offline compress`` output) as a float model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    cfg_path = p / "config.json"
+    if not p.is_dir() or not cfg_path.exists():
+        raise RecoverError(f"student {p}: not a checkpoint folder (no config.json); pass the output "
+                           "of `python -m offline compress`")
+    cfg = json.loads(cfg_path.read_text())
+    q = cfg.get("quantization_config")
+    if not q:
+        raise RecoverError(f"student {cfg_path}: no quantization_config: a dense model, not a 2:4 sparse24 "
+                           "checkpoint (make one with `python -m offline compress`)")
+    if Sparse24Scheme.is_legacy_config(q):
+        raise RecoverError(f"student {cfg_path}: a legacy compressed-tensors sparse-24-bitmask checkpoint; "
+                           "recover reads and writes the sparse24 format (python -m offline compress)")
+    if q.get("quant_method") != "sparse24":
+        raise RecoverError(f"student {cfg_path}: quant_method {q.get('quant_method')!r} is not 2:4 sparse24 "
+                           f"(format {q.get('format')!r}); recover needs a sparse24 checkpoint")
+    try:
+        scheme = ckpt.load_scheme(p)
+        kinds = ckpt.validate_checkpoint(p, scheme)
+    except ckpt.CheckpointError as e:
+        raise RecoverError(f"student {p}: {e}") from e
+    if "sparse" not in kinds.values():
+        raise RecoverError(f"student {p}: no 2:4 sparse linear (all {len(kinds)} quantized linears are dense)")
+
+    cfg.pop("quantization_config")
+    model_type = cfg.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    check_architecture(config)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    state: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    float_dtype = torch.float32
+    raw: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}  # tensor -> its file, for error messages (shards may split a layer)
+    for f in _files(p):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                raw[key] = fh.get_tensor(key)
+                where[key] = f
+    for key in sorted(raw):
+        t = raw[key]
+        prefix, _, suffix = key.rpartition(".")
+        kind = kinds.get(prefix)
+        if kind == "sparse" and suffix == "weight_packed":
+            bm_key = f"{prefix}.weight_bitmask"
+            n, k = t.shape[0], 2 * t.shape[1]
+            mask = unpack_bitmask(raw[bm_key], k)
+            try:
+                check_24_mask(mask, f"{where[bm_key]}: {bm_key}")
+            except Sparse24FormatError as e:
+                raise RecoverError(f"student {e}") from e
+            dense = torch.zeros(n, k, dtype=torch.float32)
+            dense[mask] = t.float().reshape(-1)
+            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
+            state[f"{prefix}.weight"] = dense * scales[prefix]
+            masks[prefix] = mask
+        elif kind == "dense" and suffix == "weight":
+            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
+            state[key] = t.float() * scales[prefix]
+        elif kind is not None and suffix in ("weight_bitmask", "weight_scale"):
+            continue
+        else:
+            if t.is_floating_point():
+                float_dtype = t.dtype
+            state[key] = t.float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RecoverError(f"student {p}: checkpoint does not match {model_type}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(p))
+    report = None
+    if (p / "compress_report.json").exists():
+        try:
+            report = json.loads((p / "compress_report.json").read_text())
+        except json.JSONDecodeError:
+            log.warning("%s: compress_report.json is not valid JSON; not carried over", p)
+    log.info("student %s: %d sparse + %d dense int8 linears", p,
+             sum(k == "sparse" for k in kinds.values()), sum(k == "dense" for k in kinds.values()))
+    return Student(p, model, tok, scheme, kinds, masks, scales, float_dtype, report)
+
+
+def check_compatible(teacher: nn.Module, teacher_tok: Any, teacher_path: str | os.PathLike,
+                     student: Student) -> None:
+    """Same architecture and vocabulary, or a RecoverError naming both files and the field."""
+    tc, sc = teacher.config, student.model.config
+    diffs = [f"{f} {getattr(tc, f, None)!r} vs {getattr(sc, f, None)!r}" for f in _ARCH_FIELDS
+             if getattr(tc, f, None) != getattr(sc, f, None)]
+    if diffs:
+        raise RecoverError(f"teacher {teacher_path} and student {student.path} differ in architecture: "
+                           + ", ".join(diffs))
+    tv, sv = teacher_tok.get_vocab(), student.tokenizer.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv.items()) - set(sv.items()))[:3]
+        only_s = sorted(set(sv.items()) - set(tv.items()))[:3]
+        raise RecoverError(
+            f"teacher {teacher_path} and student {student.path} have different vocabularies "
+            f"({len(tv)} vs {len(sv)} tokens; e.g. teacher {only_t} vs student {only_s})"
+        )
+    for name in ("lm_head",):
+        for who, m in (("teacher", teacher), ("student", student.model)):
+            if getattr(m.get_submodule(name), "bias", None) is not None:
+                raise RecoverError(f"{who}: {name} has a bias; recovery supports bias-free output layers")
+
+
+def wrap_quantized(student: Student) -> dict[str, QATLinear]:
+    """Replace every quantized linear of the student by a :class:`QATLinear` (in place)."""
+    decoder_layers(student.model)
+    out: dict[str, QATLinear] = {}
+    for prefix, kind in student.kinds.items():
+        parent_name, _, child = prefix.rpartition(".")
+        parent = student.model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        if not isinstance(lin, nn.Linear):
+            raise RecoverError(f"student {student.path}: {prefix} is a {type(lin).__name__}, expected nn.Linear")
+        mask = student.masks.get(prefix) if kind == "sparse" else None
+        q = QATLinear(lin.weight, mask, lin.bias, prefix, scale_floor=student.scales[prefix])
+        setattr(parent, child, q)
+        out[prefix] = q
+    student.qat = out
+    return out

@@ -1,0 +1,134 @@
+"""Tensor math of ``offline recover``: chunked KL and its gradients, SquareHead, the
+straight-through int8 fake-quant, the fixed-mask linear and mask-preserving packing (fast, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offline.distill_data import BatchOrder
+from offline.distill_loss import chunked_kl, kl_reference, normalized_mse, squarehead_loss
+from offline.qat import QATLinear, ste_fake_quant_per_token, ste_fake_quant_weight
+from offline.recover import lr_at
+from vllm_sparse24.format import Sparse24FormatError, pack_24, pack_24_with_mask, unpack_24
+from vllm_sparse24.quant import fake_quant_per_token, quantize_weight_per_channel
+
+# float32 chunked computation vs a float64 full-logits reference
+KL_RTOL = 1e-4
+
+
+def _heads(n=37, h=16, v=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=g, dtype=torch.float64)
+    ht = hs + 0.5 * torch.randn(n, h, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.7
+    wt = ws + 0.2 * torch.randn(v, h, generator=g, dtype=torch.float64)
+    return hs, ht, ws, wt
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 300, 1000])
+def test_chunked_kl_matches_full_logits_values_and_gradients(chunk):
+    hs, ht, ws, wt = _heads()
+    ref_hs, ref_ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    ref = kl_reference(ref_hs @ ref_ws.t(), ht @ wt.t())
+    (ref * torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64)).sum().backward()
+
+    hs32, ws32 = hs.float().requires_grad_(), ws.float().requires_grad_()
+    kl, agree = chunked_kl(hs32, ht.float(), ws32, wt.float(), chunk=chunk)
+    (kl * torch.linspace(0.5, 1.5, kl.numel())).sum().backward()
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=KL_RTOL, atol=1e-6)
+    torch.testing.assert_close(hs32.grad.double(), ref_hs.grad, rtol=KL_RTOL, atol=1e-5)
+    torch.testing.assert_close(ws32.grad.double(), ref_ws.grad, rtol=KL_RTOL, atol=1e-5)
+    want = (hs @ ws.t()).argmax(-1) == (ht @ wt.t()).argmax(-1)
+    assert torch.equal(agree, want)
+
+
+def test_chunked_kl_is_zero_for_identical_models_and_checks_shapes():
+    hs, _, ws, _ = _heads()
+    kl, agree = chunked_kl(hs.float(), hs.float(), ws.float(), ws.float(), chunk=50)
+    assert float(kl.abs().max()) < 1e-5 and bool(agree.all())
+    with pytest.raises(ValueError, match="output embeddings"):
+        chunked_kl(hs.float(), hs.float(), ws.float(), ws[:, :4].float())
+
+
+def test_squarehead_and_normalized_mse():
+    t = [torch.randn(2, 5, 8) for _ in range(3)]
+    s = [x + 0.1 * i * torch.randn_like(x) for i, x in enumerate(t)]
+    want = sum(((a - b) ** 2).sum() / (b**2).sum() for a, b in zip(s, t, strict=True)) / 3
+    torch.testing.assert_close(squarehead_loss(s, t), want)
+    assert float(normalized_mse(t[0], t[0])) == 0.0
+    with pytest.raises(ValueError, match="2 student vs 3 teacher"):
+        squarehead_loss(s[:2], t)
+
+
+def test_ste_fake_quant_equals_the_plugin_arithmetic_with_identity_gradient():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 64, generator=g) * torch.logspace(-2, 2, 6)[:, None]).requires_grad_()
+    y = ste_fake_quant_per_token(x)
+    assert torch.equal(y, fake_quant_per_token(x.detach()))  # bit for bit
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    w = torch.randn(8, 64, generator=g)
+    q, s = quantize_weight_per_channel(w)
+    assert torch.equal(ste_fake_quant_weight(w), q.float() * s)
+
+
+def test_qat_linear_keeps_the_mask_and_exports_its_forward_weights():
+    from offline.prune.magnitude import magnitude_24
+
+    g = torch.Generator().manual_seed(0)
+    w = magnitude_24(torch.randn(16, 64, generator=g))
+    mask = w != 0
+    lin = QATLinear(w, mask, None, "layer")
+    x = torch.randn(5, 64, generator=g)
+    lin(x).pow(2).sum().backward()
+    assert bool((lin.weight.grad[~mask] == 0).all()) and bool((lin.weight.grad[mask] != 0).any())
+    with torch.no_grad():
+        lin.weight.add_(0.01)  # touches pruned positions too
+    lin.reapply_mask()
+    q, s = lin.export()
+    assert bool((q[~mask] == 0).all())
+    assert torch.equal(lin.effective_weight().detach(), q.float() * s)
+    assert torch.equal(lin(x), torch.nn.functional.linear(fake_quant_per_token(x), q.float() * s))
+
+
+def test_qat_linear_starts_on_the_students_grid():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-60, 61, (8, 64), generator=g, dtype=torch.int8)  # rows never reach 127
+    scale = torch.rand(8, 1, generator=g) * 0.01 + 0.001
+    lin = QATLinear(q.float() * scale, None, None, "dense", scale_floor=scale)
+    q1, s1 = lin.export()
+    assert torch.equal(q1, q) and torch.equal(s1, scale)
+    with torch.no_grad():
+        lin.weight[0, 0] = 200 * scale[0, 0]  # outgrows the grid: that row's scale widens
+    q2, s2 = lin.export()
+    assert int(q2[0].abs().max()) == 127 and s2[0, 0] > scale[0, 0] and torch.equal(s2[1:], scale[1:])
+
+
+def test_pack_with_mask_keeps_kept_zeros_where_pack_24_would_not():
+    w = torch.zeros(2, 8, dtype=torch.int8)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, [1, 3, 5, 6]] = True
+    w[0, 3], w[0, 5], w[1, 1], w[1, 6] = 4, -2, 7, 1  # kept positions 1 (row 0), 3 (row 1)... hold 0
+    values, bitmask = pack_24_with_mask(w, mask)
+    assert torch.equal(unpack_24(values, bitmask), w)
+    from vllm_sparse24.format import unpack_bitmask
+
+    assert torch.equal(unpack_bitmask(bitmask, 8), mask)
+    _, other = pack_24(w)  # chooses its own padding positions: a different mask
+    assert not torch.equal(unpack_bitmask(other, 8), mask)
+    bad = w.clone()
+    bad[0, 0] = 9
+    with pytest.raises(Sparse24FormatError, match="row 0, column 0 where the 2:4 mask is 0"):
+        pack_24_with_mask(bad, mask, name="layer")
+
+
+def test_lr_schedule_and_batch_order_are_deterministic():
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 0.01
+    a, b = BatchOrder(10, 4, 3), BatchOrder(10, 4, 3)
+    seq = [a.batch(s).tolist() for s in range(5)]
+    assert seq == [b.batch(s).tolist() for s in reversed(range(5))][::-1]
+    flat = sum(seq, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
