@@ -126,8 +126,9 @@ class Sparse24LinearMethod(LinearMethodBase):
             raise torch.OutOfMemoryError(
                 f"{self.layer_name}: out of GPU memory preparing the {'2:4 sparse' if self.sparse else 'dense'} "
                 f"int8 weight [{n}, {k}]: it needs {need:.1f} MiB resident plus {n * k / 2**20:.1f} MiB "
-                "while it is converted (freed after). Lower max_model_len / gpu_memory_utilization pressure, "
-                f"or shard the model over more GPUs (tensor_parallel_size). ({e})"
+                "while it is converted (freed after). The weights load before vLLM sizes its KV cache, so "
+                "gpu_memory_utilization does not help here: free the GPU (other processes) or shard the model "
+                f"over more GPUs (tensor_parallel_size). ({e})"
             ) from e
         del weight
         self.resident_names = list(resident)
