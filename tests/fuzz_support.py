@@ -203,7 +203,7 @@ def native_config(dense: list[str]) -> dict:
 
 
 def legacy_config(dense: list[str]) -> dict:
-    from vllm_sparse24.tiny import legacy_quantization_config
+    from tiny_llama import legacy_quantization_config
 
     q = legacy_quantization_config()
     q["sparsity_config"]["ignore"] = ["lm_head", *dense]
