@@ -270,16 +270,18 @@ def table_report(paths: list[str]) -> list[dict]:
     return out
 
 
+def _cells(rows) -> dict[tuple, float]:
+    """(model, layer, M, impl) -> us of the rows that ran."""
+    return {(r["model"], r["layer"], r["M"], r["impl"]): r["us"] for r in rows if "us" in r}
+
+
 def plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = {}
-    for r in rows:
-        if "us" in r:
-            cells[(r["model"], r["layer"], r["M"], r["impl"])] = r["us"]
+    cells = _cells(rows)
     keys = sorted({(r["model"], r["layer"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
     for ax, (model, layer) in zip(axes[0], keys, strict=True):
@@ -321,6 +323,7 @@ def main():
         for r in rep:
             print(f"{r['model']:10s} {r['layer']:8s} M={r['M']:5d} {r['config']:38s} {r['us']:9.2f} us  "
                   f"fp8 {r['fp8_cutlass_us']:9.2f} us  {r['vs_fp8']:.2f}x  {r['tbps_compressed']:.2f} TB/s")
+        os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, os.path.basename(args.table_report[0]).replace("-search", "-table").replace(".json", ""))
         with open(stem + ".json", "w") as f:
             json.dump({"command": "python " + " ".join(sys.argv), "sources": [os.path.basename(p) for p in args.table_report],
@@ -376,7 +379,7 @@ def main():
 
 
 def summarize(res):
-    cells = {(r["model"], r["layer"], r["M"], r["impl"]): r["us"] for r in res["rows"] if "us" in r}
+    cells = _cells(res["rows"])
     print("acceptance (sparse24 vs fp8_cutlass, fused scales+bias):")
     for (model, layer, m, impl), us in sorted(cells.items()):
         if impl == "sparse24" and (model, layer, m, "fp8_cutlass") in cells:

@@ -192,21 +192,30 @@ def make_prompts(n: int, inp: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, hi) for _ in range(inp)] for _ in range(n)]
 
 
-def run_engine(args) -> None:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def make_engine(args, eng: str):
+    """The vLLM engine of ``eng`` on the checkpoints in --ckpt-dir (bf16 / fp8: vLLM's dummy weights);
+    returns (LLM, the model's config.json)."""
+    from vllm import LLM
 
-    eng = args._engine
-    model = {"bf16": "bf16", "fp8": "bf16", "w8a8_int8": "w8a8_int8", "sparse24": "sparse24"}[eng]
+    model = {"fp8": "bf16"}.get(eng, eng)
     quant = {"fp8": "fp8", "sparse24": "sparse24"}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
-    t0 = time.time()
     llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
               load_format="dummy" if model == "bf16" else "auto",
               skip_tokenizer_init=True, max_model_len=args.max_model_len, seed=0,
               gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tp,
               max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    return llm, cfg
+
+
+def run_engine(args) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = args._engine
+    t0 = time.time()
+    llm, cfg = make_engine(args, eng)
     load_s = time.time() - t0
     print(f"[{eng}] engine ready in {load_s:.1f}s", flush=True)
     warm = make_prompts(8, min(256, args.max_model_len // 2), cfg["vocab_size"], seed=12345)
@@ -238,17 +247,11 @@ def run_profile(args) -> None:
     """In-process engine (set by the parent): time each workload, then profile one more run of it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     eng = args._profile
-    model = {"fp8": "bf16"}.get(eng, eng)
-    quant = {"fp8": "fp8", "sparse24": "sparse24"}.get(eng)
-    cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
-    llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
-              load_format="dummy" if model == "bf16" else "auto", skip_tokenizer_init=True,
-              max_model_len=args.max_model_len, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+    llm, cfg = make_engine(args, eng)
     result = {}
     for wi, wl in enumerate(args.profile_workloads.split(",")):
         n, inp, out = workload_shape(wl)

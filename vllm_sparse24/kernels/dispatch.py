@@ -53,12 +53,12 @@ def choose_kernel(
             f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}. {KERNEL_ENV}=torch runs the "
             "float32 reference kernel instead (correct, slow)"
         )
-    if act_dtype is not None and act_dtype not in (torch.bfloat16, torch.float16):
-        if forced is not None:
-            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs bfloat16/float16 models, "
-                                         f"the model is {act_dtype}")
-        return TorchW8A8Kernel
     cls = CutlassSparse24Kernel if sparse else VllmCutlassInt8Kernel
+    if act_dtype is not None and act_dtype not in cls.act_dtypes:
+        if forced is not None:
+            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs {[str(d) for d in cls.act_dtypes]} "
+                                         f"models, the model is {act_dtype}")
+        return TorchW8A8Kernel
     if forced is not None and forced != cls.name:
         raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} does not serve "
                                      f"{'2:4 sparse' if sparse else 'dense'} layers on CUDA")
