@@ -79,11 +79,53 @@ def _ppl(path_or_model: Any, tok: Any, args: argparse.Namespace) -> float:
     return res["perplexity"]
 
 
+def _label(run: dict[str, Any]) -> str:
+    return f"{'auto10' if run['dense_layers'] == 'auto:10' else 'all-sparse'}, {run['mode']}"
+
+
+def _write_plot(doc: dict[str, Any], png_path: Path) -> None:
+    """Perplexity vs training tokens of every run in ``doc``."""
+    series = [{"label": _label(r), "tokens": [c["tokens"] for c in r["curve"]],
+               "perplexity": [c["perplexity"] for c in r["curve"]]} for r in doc["runs"]]
+    minutes = sorted({r["options"].get("max_minutes") for r in doc["runs"]} - {None})
+    budget = "/".join(f"{m:g}" for m in minutes) or "?"
+    opts = doc["options"]
+    plot_perplexity(series, png_path, f"SmolLM2-135M 2:4 + W8A8 recovery ({doc['gpu'] or 'CPU'}, {budget} min "
+                    f"per run; {opts['train_eval_windows']}x{opts['eval_seqlen']} eval tokens during training)",
+                    doc["dense_ppl"])
+
+
+def merge(json_paths: list[Path], out: Path) -> dict[str, Any]:
+    """One results JSON + PNG from several invocations' JSONs (e.g. runs made side by side on
+    several GPUs, one --out each): the runs of all of them, a later file's run replacing an earlier
+    one of the same student and mode. The JSONs must agree on GPU, evaluation and dense perplexity."""
+    docs = [json.loads(Path(p).read_text()) for p in json_paths]
+    if not docs:
+        raise SystemExit("--merge needs at least one JSON")
+    first = docs[0]
+    for p, d in zip(json_paths, docs, strict=True):
+        same = (d.get("gpu"), d.get("eval"), d.get("smoke")) == (first.get("gpu"), first.get("eval"), first.get("smoke"))
+        if not same or abs(d["dense_ppl"] - first["dense_ppl"]) > 1e-6 * first["dense_ppl"]:
+            raise SystemExit(f"{p}: GPU, evaluation settings or dense perplexity differ from {json_paths[0]}")
+    doc = dict(first, runs=[], merged_from=[str(p) for p in json_paths],
+               command=[d["command"] for d in docs])
+    for d in docs:
+        for run in d["runs"]:
+            doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (run["mode"], run["dense_layers"])]
+            doc["runs"].append(run)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(json_paths[0]).stem
+    _write_json(out / f"{stem}.json", doc)
+    _write_plot(doc, out / f"{stem}.png")
+    print(f"merged {len(doc['runs'])} runs into {out / stem}.json and .png")
+    return doc
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="dense SmolLM2: .gguf file or HF folder")
-    ap.add_argument("--calib", required=True, help="calibration / training text (wiki_calib.txt)")
-    ap.add_argument("--eval-text", required=True, help="evaluation text (wiki_eval.txt)")
+    ap.add_argument("--teacher", help="dense SmolLM2: .gguf file or HF folder")
+    ap.add_argument("--calib", help="calibration / training text (wiki_calib.txt)")
+    ap.add_argument("--eval-text", help="evaluation text (wiki_eval.txt)")
     ap.add_argument("--out", required=True, help="output folder (checkpoints, JSON, PNG)")
     ap.add_argument("--minutes", type=float, default=10.0, help="time budget of each recovery run")
     ap.add_argument("--modes", nargs="+", default=["global", "blocks"], choices=["global", "blocks"])
@@ -113,7 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--recompress", action="store_true", help="redo students that exist in --out/students")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, numbers mean nothing")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="only merge these results JSONs (one per invocation) into --out, with the PNG")
     args = ap.parse_args(argv)
+    if not args.merge and not (args.teacher and args.calib and args.eval_text):
+        ap.error("--teacher, --calib and --eval-text are required (unless --merge)")
     if args.smoke:
         args.nsamples, args.calib_seqlen, args.windows, args.eval_seqlen = 4, 128, 2, 128
         args.seqlen, args.batch_size, args.generate_tokens, args.gen_batch_size = 64, 2, 64, 4
@@ -125,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -185,9 +233,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in args.students:
             students[name] = path
 
-    series = [{"label": f"{'auto10' if r['dense_layers'] == 'auto:10' else 'all-sparse'}, {r['mode']}",
-               "tokens": [c["tokens"] for c in r["curve"]], "perplexity": [c["perplexity"] for c in r["curve"]]}
-              for r in doc["runs"]]
     for name, spath in students.items():
         ppl_before = _ppl(spath, tok, args)
         for mode in args.modes:
@@ -213,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             teacher.to("cpu")
             ppl_after = _ppl(rpath, tok, args)
             run = {
-                "mode": mode, "dense_layers": "auto:10" if name == "auto10" else "none",
+                "mode": mode, "dense_layers": "auto:10" if name == "auto10" else [],
                 "ppl_before": ppl_before, "ppl_after": ppl_after, "tokens": rep["train"]["tokens"],
                 "minutes": round(minutes, 2), "student": str(spath), "checkpoint": str(rpath),
                 "train": rep["train"], "data": rep["data"], "seconds": rep["seconds"],
@@ -225,13 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             doc["runs"].append(run)
             log.info("%s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", name, mode,
                      ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
-            series = [x for x in series if x["label"] != f"{name}, {mode}"]
-            series.append({"label": f"{name}, {mode}", "tokens": [c["tokens"] for c in run["curve"]],
-                           "perplexity": [c["perplexity"] for c in run["curve"]]})
             _write_json(json_path, doc)
-            plot_perplexity(series, png_path, f"SmolLM2-135M 2:4 + W8A8 recovery ({doc['gpu'] or 'CPU'}, "
-                            f"{args.minutes:g} min per run; {args.train_eval_windows}x{args.eval_seqlen} "
-                            "eval tokens during training)", doc["dense_ppl"])
+            _write_plot(doc, png_path)
     print(json.dumps({"dense_ppl": doc["dense_ppl"], "runs": [
         {k: r[k] for k in ("mode", "dense_layers", "ppl_before", "ppl_after", "tokens", "minutes")}
         for r in doc["runs"]]}, indent=2))
