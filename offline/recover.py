@@ -634,9 +634,9 @@ def _fit_budget(run: RecoveryRun, step: int, total: int, step_seconds: float, ev
     left = run.budget_left()
     eval_s = run.seconds_eval / max(len(run.evals), 1)
     export_s = 10.0 + eval_s  # the final evaluation and writing the checkpoint
-    for _ in range(3):  # evaluations depend on the number of steps
-        n_evals = (total - step) // eval_every if eval_every else 0
-        fit = int((left - export_s - n_evals * eval_s) / step_seconds)
-        total = max(step + 1, min(total, step + fit))
+    # n more steps cost n * step_seconds plus an evaluation every eval_every steps
+    per_step = step_seconds + (eval_s / eval_every if eval_every else 0.0)
+    fit = int((left - export_s) / per_step)
+    total = max(step + 1, min(total, step + fit))
     log.info("time budget %.1f min: %.2fs/step -> %d steps in all", run.opts.max_minutes, step_seconds, total)
     return total

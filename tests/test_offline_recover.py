@@ -363,3 +363,20 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     for student in ("all-sparse", "auto10"):
         kinds = ckpt.validate_checkpoint(tmp_path / "students" / student, ckpt.load_scheme(tmp_path / "students" / student))
         assert ("dense" in kinds.values()) == (student == "auto10")
+
+
+def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():
+    """Planned from a huge --tokens with evaluations every few steps: the remaining steps and
+    their evaluations fill the time that is left (not one step, not more than the time)."""
+    from types import SimpleNamespace
+
+    from offline.recover import _fit_budget
+
+    run = SimpleNamespace(budget_left=lambda: 300.0, seconds_eval=4.0, evals=[{}, {}],
+                          opts=SimpleNamespace(max_minutes=5.0))
+    step, step_s, every = 4, 0.1, 25
+    total = _fit_budget(run, step, 10**9, step_s, every)
+    n = total - step
+    needed = n * step_s + (n // every) * 2.0 + 10.0 + 2.0  # steps, evaluations, final eval + export
+    assert 0.95 * 300 <= needed <= 300
+    assert _fit_budget(run, step, 100, step_s, every) == 100  # a plan that fits stays as it is
