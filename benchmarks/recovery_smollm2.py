@@ -107,8 +107,8 @@ def merge(json_paths: list[Path], out: Path) -> dict[str, Any]:
         same = (d.get("gpu"), d.get("eval"), d.get("smoke")) == (first.get("gpu"), first.get("eval"), first.get("smoke"))
         if not same or abs(d["dense_ppl"] - first["dense_ppl"]) > 1e-6 * first["dense_ppl"]:
             raise SystemExit(f"{p}: GPU, evaluation settings or dense perplexity differ from {json_paths[0]}")
-    doc = dict(first, runs=[], merged_from=[str(p) for p in json_paths],
-               command=[d["command"] for d in docs])
+    commands = [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
+    doc = dict(first, runs=[], merged_from=[str(p) for p in json_paths], command=commands)
     for d in docs:
         for run in d["runs"]:
             doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (run["mode"], run["dense_layers"])]
