@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,9 @@ LLAMA3_8B = {
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# kernel names of the decoder layers' linear GEMMs in a profile: CUTLASS (ours, vLLM's
+# cutlass_scaled_mm) and the 2:4 decode kernel
+LINEAR_KERNEL = re.compile(r"cutlass|sparse24|s24_", re.I)
 PROFILE_WORKLOADS = "prefill_64x1024x1,decode_8x128x256"
 
 
@@ -268,15 +272,22 @@ def run_profile(args) -> None:
             torch.cuda.synchronize()
         evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         gpu_ms = sum(e.self_device_time_total for e in evs) / 1e3
+        # the decoder layers' linear GEMMs (ours and vLLM's W8A8 ones; the bf16 lm_head runs in cuBLAS)
+        linear_ms = sum(e.self_device_time_total for e in evs if LINEAR_KERNEL.search(e.key)) / 1e3
         evs.sort(key=lambda e: -e.self_device_time_total)
         steps = out if out > 1 else 1
         top = [{"kernel": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count,
                 "us_per_call": round(e.self_device_time_total / max(e.count, 1), 2),
                 "share": round(e.self_device_time_total / 1e3 / gpu_ms, 4)} for e in evs[: args.profile_top]]
+        layers = cfg["num_hidden_layers"]
+        linear_us = linear_ms * 1e3 / (steps * layers)
         result[wl] = {"wall_ms": round(wall_ms, 1), "gpu_kernel_ms": round(gpu_ms, 1), "steps": steps,
-                      "gpu_busy": round(gpu_ms / wall_ms, 3), "layers": cfg["num_hidden_layers"], "top": top}
+                      "gpu_busy": round(gpu_ms / wall_ms, 3), "layers": layers,
+                      "linear_gemm_ms": round(linear_ms, 2), "linear_us_per_layer_step": round(linear_us, 2),
+                      "top": top}
         print(f"PROFILE {eng} {wl}: wall {wall_ms:.1f} ms, GPU kernels {gpu_ms:.1f} ms "
-              f"({gpu_ms / wall_ms * 100:.0f}% busy; {gpu_ms / steps:.3f} ms/step over {steps} steps)", flush=True)
+              f"({gpu_ms / wall_ms * 100:.0f}% busy; {gpu_ms / steps:.3f} ms/step over {steps} steps); "
+              f"linear GEMMs {linear_ms:.1f} ms = {linear_us:.1f} us per layer and step", flush=True)
         for row in top:
             print(f"  {row['ms']:9.2f} ms {row['share'] * 100:5.1f}%  n={row['calls']:6d} "
                   f"{row['us_per_call']:9.2f} us/call  {row['kernel'][:110]}", flush=True)
