@@ -302,11 +302,13 @@ int64_t workspace_need(int m, int n, int splits) {
   return splits <= 1 ? 0 : tickets_bytes(n) + static_cast<int64_t>(splits) * m * n * 4;
 }
 
-// Cross-CTA K split: enough CTAs to cover every SM (two resident CTAs each, __launch_bounds__),
-// each warp keeping >= 1 K block, weighed against the partial sums' extra traffic.
+// Cross-CTA K split, only for layers whose row tiles do not fill the GPU's CTA slots (two resident
+// CTAs per SM, __launch_bounds__): enough CTAs to cover the slots, each warp keeping >= 1 K block,
+// weighed against the partial sums' extra traffic.
 int choose_splits(int m, int n, int k, int64_t workspace_bytes) {
   const int row_ctas = (n + kCtaRows - 1) / kCtaRows;
   const double slots = 2.0 * sm_count();
+  if (row_ctas >= slots) return 1;
   const int kblocks = k / kMetaBlockK;
   int best = 1;
   double best_score = 0;

@@ -3,8 +3,10 @@
 // of the transposed problem (N, tokens, K, 1), exactly as run_gemm (sparse24_gemm.cuh) and the
 // compressor (sm90_sparse_gemm_compressor.hpp) address them. No GPU needed.
 //   layout_probe N K [N K ...]   -> prints one line per shape, exit status 0 iff all match
+//   layout_probe --selectors     -> the 256 expand_selector() words, one per metadata byte (hex)
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../sparse24_gemm.cuh"
@@ -76,6 +78,10 @@ int check_shape(int n, int k) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "--selectors") {
+    for (uint32_t b = 0; b < 256; ++b) std::printf("%08x\n", sparse24::decode::expand_selector(b));
+    return 0;
+  }
   if (argc < 3 || argc % 2 == 0) {
     std::fprintf(stderr, "usage: %s N K [N K ...]\n", argv[0]);
     return 2;
