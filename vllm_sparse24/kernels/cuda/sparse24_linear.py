@@ -37,6 +37,7 @@ _WORKSPACES: dict[int, torch.Tensor] = {}  # device index -> split-K / stream-K 
 _DECODE_WORKSPACES: dict[int, torch.Tensor] = {}
 _OUT_DTYPES = {torch.bfloat16: lib.BF16, torch.float16: lib.F16}
 _TIMING_REPS = 5
+_HEAD_START_CYCLES = 200_000  # ~0.1 ms: longer than the host side of one call
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +87,8 @@ def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: t
                          meta: torch.Tensor | None) -> tuple[float, float]:
     """(decode GEMM seconds, CUTLASS GEMM seconds) at M tokens on this plan's shape: median of a few
     CUDA-event timed calls, each after overwriting twice the L2, so the weight streams from HBM as in
-    serving (where the other layers evict it)."""
+    serving (where the other layers evict it), and after a short GPU sleep, so the events see the
+    kernel and not the host's launch latency."""
     n, k = plan.n, plan.k
     dtype = plan.in_dtype
     if values is None or meta is None:
@@ -104,6 +106,8 @@ def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: t
         times = []
         for _ in range(_TIMING_REPS):
             flush.zero_()
+            # keep the GPU busy while Python enqueues the call, so the events time the kernel only
+            torch.cuda._sleep(_HEAD_START_CYCLES)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
