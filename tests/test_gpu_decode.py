@@ -126,6 +126,24 @@ def test_llama_shapes_equal_the_cutlass_gemm(n, k):
     torch.cuda.empty_cache()
 
 
+def test_split_layers_of_different_shapes_share_the_workspace():
+    """Two layers that both split K across CTAs, called alternately: each call must find its tickets
+    zero although the other shape's partial sums went through the same workspace."""
+    gen = torch.Generator().manual_seed(13)
+    layers = []
+    for n, k in [(256, 4096), (1024, 2048)]:
+        assert lib.decode_splits(8, n, k, 1 << 30) > 1, (n, k)
+        w = random_24(n, k, gen)
+        values, meta = compress_24(w)
+        ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+        layers.append((w, values, meta, ws, make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))))
+    for m in (8, 3, 16, 1):
+        for w, values, meta, ws, plan in layers * 2:
+            xq, xs = quantized(m, w.shape[1], gen)
+            out = decode_mm(xq, xs, values, meta, ws, None, plan)
+            assert rel_err(out, reference(xq, xs, w, ws, None)) < TOL[torch.bfloat16], (w.shape, m)
+
+
 def test_e4m3_weights_and_activations():
     gen = torch.Generator().manual_seed(21)
     for n, k in [(1024, 2048), (96, 4096)]:

@@ -76,28 +76,34 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
         need = lib.decode_workspace_bytes(kernel_max_m, n, k)
         if need > 0 and (idx not in _DECODE_WORKSPACES or _DECODE_WORKSPACES[idx].numel() < need):
             _DECODE_WORKSPACES[idx] = torch.zeros(need, dtype=torch.uint8, device=device)
-    plan.decode_max_m = decode_max_m(n, k, weight_dtype, kernel_max_m,
-                                     lambda m: _time_decode_vs_gemm(plan, m, device, values, meta))
+    bufs: list[torch.Tensor] = []  # made on the first timing only (none when the env var decides)
+
+    def measure(m: int) -> tuple[float, float]:
+        if not bufs:
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            bufs.append(torch.empty(2 * l2, dtype=torch.uint8, device=device))
+            if values is None or meta is None:  # a synthetic weight (any metadata byte is valid)
+                bufs.append(torch.randint(0, 64, (n, k // 2), dtype=torch.int8, device=device).view(weight_dtype))
+                bufs.append(torch.zeros(lib.compressed_bytes(n, k)[1], dtype=torch.uint8, device=device))
+            else:
+                bufs.extend((values, meta))
+        return _time_decode_vs_gemm(plan, m, device, bufs[1], bufs[2], bufs[0])
+
+    plan.decode_max_m = decode_max_m(n, k, weight_dtype, kernel_max_m, measure)
     _PLANS.append(plan)
     _PLAN_IDS[key] = len(_PLANS) - 1
     return _PLAN_IDS[key]
 
 
-def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: torch.Tensor | None,
-                         meta: torch.Tensor | None) -> tuple[float, float]:
+def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: torch.Tensor,
+                         meta: torch.Tensor, flush: torch.Tensor) -> tuple[float, float]:
     """(decode GEMM seconds, CUTLASS GEMM seconds) at M tokens on this plan's shape: median of a few
     CUDA-event timed calls, each after overwriting twice the L2, so the weight streams from HBM as in
     serving (where the other layers evict it), and after a short GPU sleep, so the events see the
     kernel and not the host's launch latency."""
-    n, k = plan.n, plan.k
-    dtype = plan.in_dtype
-    if values is None or meta is None:
-        values = torch.randint(0, 64, (n, k // 2), dtype=torch.int8, device=device).view(dtype)
-        meta = torch.zeros(lib.compressed_bytes(n, k)[1], dtype=torch.uint8, device=device)
-    xq = torch.randint(0, 64, (m, k), dtype=torch.int8, device=device).view(dtype)
+    xq = torch.randint(0, 64, (m, plan.k), dtype=torch.int8, device=device).view(plan.in_dtype)
     xs = torch.full((m,), 1e-2, dtype=torch.float32, device=device)
-    ws = torch.full((n,), 1e-3, dtype=torch.float32, device=device)
-    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
+    ws = torch.full((plan.n,), 1e-3, dtype=torch.float32, device=device)
 
     def seconds(decode: bool) -> float:
         run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan)) if decode else (

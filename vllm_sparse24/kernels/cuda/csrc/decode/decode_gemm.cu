@@ -125,7 +125,7 @@ struct Params {
   int m, n, k;
   int64_t meta_rows;
   int splits;
-  int* tickets;      // [ceil(n / 32)] zero between calls
+  int* tickets;      // [kMaxTickets], zero between calls
   void* partials;    // [splits, m, n] accumulator type
 };
 
@@ -296,10 +296,14 @@ int sm_count() {
 
 int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
 
-int64_t tickets_bytes(int n) { return ((n + kCtaRows - 1) / kCtaRows * 4 + 255) / 256 * 256; }
+// Workspace: a fixed ticket array first (one int per 32-row tile), then the partial sums. The layout
+// must not depend on the shape: layers of different shapes share one workspace, and each relies on
+// the tickets being zero, which every call restores for its own tiles.
+constexpr int kMaxTickets = 1024;
+constexpr int64_t kTicketBytes = kMaxTickets * 4;
 
 int64_t workspace_need(int m, int n, int splits) {
-  return splits <= 1 ? 0 : tickets_bytes(n) + static_cast<int64_t>(splits) * m * n * 4;
+  return splits <= 1 ? 0 : kTicketBytes + static_cast<int64_t>(splits) * m * n * 4;
 }
 
 // Cross-CTA K split, only for layers whose row tiles do not fill the GPU's CTA slots (two resident
@@ -308,7 +312,7 @@ int64_t workspace_need(int m, int n, int splits) {
 int choose_splits(int m, int n, int k, int64_t workspace_bytes) {
   const int row_ctas = (n + kCtaRows - 1) / kCtaRows;
   const double slots = 2.0 * sm_count();
-  if (row_ctas >= slots) return 1;
+  if (row_ctas >= slots || row_ctas > kMaxTickets) return 1;
   const int kblocks = k / kMetaBlockK;
   int best = 1;
   double best_score = 0;
@@ -395,7 +399,7 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
   p.splits = workspace && aligned(workspace, 16) ? choose_splits(m, n, k, workspace_bytes) : 1;
   if (p.splits > 1) {
     p.tickets = static_cast<int*>(workspace);
-    p.partials = static_cast<char*>(workspace) + tickets_bytes(n);
+    p.partials = static_cast<char*>(workspace) + kTicketBytes;
   }
   if (in_dtype == S24_INT8)
     return out_dtype == S24_BF16 ? launch<int8_t, __nv_bfloat16>(p, stream) : launch<int8_t, __half>(p, stream);
