@@ -3,7 +3,8 @@
 1. csrc/decode/layout_probe.cu (host code, built here with nvcc) evaluates the CuTe layouts that
    CanonicalSparseConfig::fill_layoutA/fill_layoutE give for each shape, through the same sparse
    pointer views the compressor writes, and compares every value and metadata byte address with the
-   closed forms of csrc/decode/layout.h.
+   closed forms of csrc/decode/layout.h; it also checks the mma.m16n8k32 register fragments the
+   kernel assumes (int8 and e4m3) against CuTe's MMA_Traits of the instruction.
 2. A Python transcription of decode_gemm.cu's per-lane work (addresses, PRMT expansion with the
    selectors the probe prints from layout.h, the PTX mma.m16n8k32 fragment layouts, the warp and
    split reductions) run on weights packed the way the compressor packs them (incl. its
@@ -40,7 +41,7 @@ def probe(tmp_path_factory) -> str:
     return str(exe)
 
 
-def test_closed_form_matches_cute_layouts(probe):
+def test_closed_form_and_fragments_match_cute(probe):
     args = [str(v) for shape in LLAMA_SHAPES + SMALL_SHAPES for v in shape]
     proc = subprocess.run([probe, *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]

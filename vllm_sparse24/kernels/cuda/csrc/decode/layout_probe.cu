@@ -1,7 +1,8 @@
 // Host-only check of the closed-form index math the decode kernel uses (layout.h) against the CuTe
 // layouts CUTLASS builds for the resident weight: CanonicalSparseConfig::fill_layoutA/fill_layoutE
 // of the transposed problem (N, tokens, K, 1), exactly as run_gemm (sparse24_gemm.cuh) and the
-// compressor (sm90_sparse_gemm_compressor.hpp) address them. No GPU needed.
+// compressor (sm90_sparse_gemm_compressor.hpp) address them; and of the mma fragment layout the
+// kernel assumes against CuTe's traits of the instruction. No GPU needed.
 //   layout_probe N K [N K ...]   -> prints one line per shape, exit status 0 iff all match
 //   layout_probe --selectors     -> the 256 expand_selector() words, one per metadata byte (hex)
 #include <cstdio>
@@ -10,6 +11,8 @@
 #include <vector>
 
 #include "../sparse24_gemm.cuh"
+#include "cute/atom/mma_traits_sm80.hpp"
+#include "cute/atom/mma_traits_sm89.hpp"
 #include "layout.h"
 
 using namespace cute;
@@ -27,6 +30,29 @@ bool nibble_order_matches() {
   t(1) = uint4_t(0x2);
   t(2) = uint4_t(0x3);
   return bytes[0] == 0x21 && bytes[1] == 0x03;
+}
+
+// The mma.m16n8k32 register fragments decode_gemm.cu assumes, against CuTe's MMA_Traits of the same
+// instruction (int8 and e4m3): A register q of lane (g, t) = row g + 8 (q % 2), k 4t + 16 (q / 2)
+// + byte; B register q = k 4t + 16 q + byte of column g; C element c = row g + 8 (c / 2), column
+// 2t + c % 2. ALayout / BLayout / CLayout map (lane, value) to a column-major (M x K), (N x K),
+// (M x N) index.
+template <class Traits>
+bool mma_fragments_match() {
+  bool ok = true;
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int v = 0; v < 16; ++v) {
+      const int q = v / 4, b = v % 4;
+      ok &= typename Traits::ALayout{}(lane, v) == (g + 8 * (q % 2)) + 16 * (4 * t + 16 * (q / 2) + b);
+    }
+    for (int v = 0; v < 8; ++v) {
+      const int q = v / 4, b = v % 4;
+      ok &= typename Traits::BLayout{}(lane, v) == g + 8 * (4 * t + 16 * q + b);
+    }
+    for (int c = 0; c < 4; ++c) ok &= typename Traits::CLayout{}(lane, c) == (g + 8 * (c / 2)) + 16 * (2 * t + c % 2);
+  }
+  return ok;
 }
 
 int check_shape(int n, int k) {
@@ -89,6 +115,11 @@ int main(int argc, char** argv) {
   int fails = 0;
   if (!nibble_order_matches()) {
     std::printf("uint4_t recast: chunk 0 is not the low nibble of byte 0\n");
+    ++fails;
+  }
+  if (!mma_fragments_match<MMA_Traits<SM80_16x8x32_S32S8S8S32_TN>>() ||
+      !mma_fragments_match<MMA_Traits<SM89_16x8x32_F32E4M3E4M3F32_TN>>()) {
+    std::printf("mma.m16n8k32 fragments: CuTe's traits differ from the layout decode_gemm.cu assumes\n");
     ++fails;
   }
   for (int i = 1; i + 1 < argc; i += 2) fails += check_shape(std::atoi(argv[i]), std::atoi(argv[i + 1]));
