@@ -159,12 +159,22 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
   // Per lane: rows row0 + 8 i + g (i = 2 r + h; r: mma tile, h: upper/lower 8 rows), tokens 8 j + g.
   // One base pointer per operand: the metadata rows of the lane are 16 bytes apart (immediate
   // offsets), the value rows k/2 bytes apart; rows past n and tokens past m are never loaded.
+  // Running pointers at the warp's first K block, advanced by a constant per iteration (no 64-bit
+  // multiplies in the loop); the four value rows of a lane are k/2 bytes * 8 apart, its metadata
+  // rows 128 bytes apart (immediate offsets).
   const int row_g = row0 + g;
-  const uint8_t* vbase = p.values + value_offset(row_g, 16 * t, p.k);
+  const int kb_first = kb_begin + warp;
   const int64_t vrows8 = 8 * value_offset(1, 0, p.k);
-  const uint8_t* mbase = p.meta + meta_offset(row_g, 4 * t, p.meta_rows);
-  const int64_t mblock = p.meta_rows * 16;
-  const uint8_t* xbase = p.x + static_cast<int64_t>(g) * p.x_stride + 32 * t;
+  const int64_t mstep = p.meta_rows * 16 * kWarps;  // metadata bytes between a warp's K blocks
+  const int64_t xrows8 = 8 * p.x_stride;
+  const uint8_t* vp = p.values + value_offset(row_g, 16 * t + static_cast<int64_t>(kb_first) * (kMetaBlockK / 2), p.k);
+  const uint8_t* mp = p.meta + meta_offset(row_g, 4 * t, p.meta_rows) + kb_first * (mstep / kWarps);
+  const uint8_t* xp = p.x + static_cast<int64_t>(g) * p.x_stride + 32 * t + static_cast<int64_t>(kb_first) * kMetaBlockK;
+  bool row_ok[2 * kRowTiles], tok_ok[NT];
+#pragma unroll
+  for (int i = 0; i < 2 * kRowTiles; ++i) row_ok[i] = row_g + 8 * i < p.n;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) tok_ok[j] = 8 * j + g < p.m;
 
   A acc[kRowTiles][NT][4];
 #pragma unroll
@@ -176,31 +186,29 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
   __syncthreads();  // lut
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int kb0 = kb_begin + warp; kb0 < kb_end; kb0 += kWarps * U) {
+  for (int kb0 = kb_first; kb0 < kb_end; kb0 += kWarps * U, vp += kWarps * U * (kMetaBlockK / 2),
+           mp += U * mstep, xp += kWarps * U * kMetaBlockK) {
     uint4 val[U][kRowTiles][2];
     uint32_t met[U][kRowTiles][2];
     uint4 act[U][NT][2];
     // All loads of the U blocks first (bytes in flight), then the math.
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int kb = kb0 + kWarps * u;
-      const bool kb_ok = kb < kb_end;
+      const bool kb_ok = u == 0 || kb0 + kWarps * u < kb_end;
 #pragma unroll
       for (int r = 0; r < kRowTiles; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int i = 2 * r + h;
-          const bool ok = kb_ok && row_g + 8 * i < p.n;
-          val[u][r][h] = ok ? ld_stream16(vbase + i * vrows8 + kb * (kMetaBlockK / 2), policy) : zero;
-          met[u][r][h] = ok ? ld_stream4(mbase + 128 * i + kb * mblock, policy) : 0u;
+          const bool ok = kb_ok && row_ok[i];
+          val[u][r][h] = ok ? ld_stream16(vp + i * vrows8 + u * kWarps * (kMetaBlockK / 2), policy) : zero;
+          met[u][r][h] = ok ? ld_stream4(mp + 128 * i + u * mstep, policy) : 0u;
         }
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int q = 0; q < 2; ++q)
-          act[u][j][q] = kb_ok && 8 * j + g < p.m
-                             ? ld_act16(xbase + 8 * j * p.x_stride + kb * kMetaBlockK + 16 * q)
-                             : zero;
+          act[u][j][q] = kb_ok && tok_ok[j] ? ld_act16(xp + j * xrows8 + u * kWarps * kMetaBlockK + 16 * q) : zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
