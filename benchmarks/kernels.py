@@ -8,8 +8,12 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
   bf16          cuBLAS bf16 (x @ W^T)
   int8_cutlass  vLLM cutlass_scaled_mm, int8 x int8, per-token x per-channel scales fused
   fp8_cutlass   vLLM cutlass_scaled_mm, e4m3 x e4m3, per-token x per-channel scales fused
-  sparse24      ours: 2:4 int8, both scales + bias fused, the config dispatch.py picks for M
+  sparse24      ours: 2:4 int8, both scales + bias fused, the kernel dispatch.py picks for M (the
+                decode GEMM up to the plan's measured decode_max_m, a CUTLASS config above)
   sparse24_fp8  ours: 2:4 e4m3, the same
+  sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 32)
+TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for the sparse impls,
+the dense weight for vLLM's; the summary prints both per shape for the decode token counts.
 With --search, every library config of the input dtype is also timed per shape and M (rows with
 "impl": "cfg:<name>[/s<splits>][/w<swizzle>]"), and the best per cell is printed as a table to
 paste into dispatch.GEMM_TABLE.
@@ -36,7 +40,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vllm_sparse24.kernels.cuda import lib  # noqa: E402
-from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, make_plan, sparse_mm  # noqa: E402
+from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
+    compress_24,
+    decode_mm,
+    make_plan,
+    plan_of,
+    sparse_mm,
+)
 from vllm_sparse24.kernels.dispatch import DTYPE_NAMES  # noqa: E402
 
 MODELS = {
@@ -139,6 +149,7 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
     n, k, ops = sh.n, sh.k, sh.ops
     ids = lib.config_ids()
     so = lib.lib()
+    sparse_bytes = sum(lib.compressed_bytes(n, k))  # values + metadata, as resident
     for m in ms:
         x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
         xs = (x.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
@@ -152,9 +163,12 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
             impls["fp8_cutlass"] = (lambda i: ops.cutlass_scaled_mm(xqf8, sh.f8[i].t(), xs8, sh.ws2, torch.bfloat16,
                                                                     sh.bias), sh.c_dense8, n * k)
         impls["sparse24"] = (lambda i: sparse_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plans["int8"]),
-                             sh.c_sparse, n * k * 5 // 8)
+                             sh.c_sparse, sparse_bytes)
         impls["sparse24_fp8"] = (lambda i: sparse_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]),
-                                 sh.c_sparse, n * k * 5 // 8)
+                                 sh.c_sparse, sparse_bytes)
+        if m <= lib.decode_max_m() and k % 128 == 0:
+            impls["sparse24_decode"] = (lambda i: decode_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plans["int8"]),
+                                        sh.c_sparse, sparse_bytes)
         if search:
             for name, cid in ids.items():
                 if "_bf16_" not in name or not re.search(search, name):
@@ -193,8 +207,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
                          "tbps": round(nbytes / us / 1e6, 3)})
         cells = {r["impl"]: r.get("us") for r in rows if r["layer"] == layer and r["M"] == m and r["model"] == model}
         fp8 = cells.get("fp8_cutlass")
-        line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8")
-                        if cells.get(i))
+        line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8",
+                                                    "sparse24_decode") if cells.get(i))
         ratio = f" sparse24/fp8={fp8 / cells['sparse24']:.2f}x" if fp8 and cells.get("sparse24") else ""
         print(f"{model} {layer} M={m}: {line}{ratio}", flush=True)
 
@@ -286,7 +300,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
     for ax, (model, layer) in zip(axes[0], keys, strict=True):
         ms = sorted({r["M"] for r in rows if (r["model"], r["layer"]) == (model, layer)})
-        for impl, style in (("bf16", ":"), ("int8_cutlass", "--"), ("sparse24", "-o"), ("sparse24_fp8", "-x")):
+        for impl, style in (("bf16", ":"), ("int8_cutlass", "--"), ("sparse24", "-o"), ("sparse24_fp8", "-x"),
+                            ("sparse24_decode", "-+")):
             pts = [(m, cells[(model, layer, m, "fp8_cutlass")] / cells[(model, layer, m, impl)]) for m in ms
                    if (model, layer, m, impl) in cells and (model, layer, m, "fp8_cutlass") in cells]
             if pts:
@@ -344,6 +359,7 @@ def main():
     date = datetime.date.today().isoformat()
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
+    decode_max_m = {}  # "model:layer" -> the int8 plan's measured decode threshold
     t0 = time.time()
     for model in args.models.split(","):
         for layer, (n, k) in MODELS[model].items():
@@ -353,6 +369,7 @@ def main():
             sh = Shape(n, k, ops, gen)
             plans = {"int8": make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV)),
                      "e4m3": make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV))}
+            decode_max_m[f"{model}:{layer}"] = plan_of(plans["int8"]).decode_max_m
             model_ms = [int(m) for m in args.ms_70b.split(",")] if model == "llama3-70b" else ms
             bench_shape(model, layer, sh, model_ms, args.search, plans, rows, gen)
             sh.free()
@@ -364,7 +381,7 @@ def main():
         vllm_version = vllm.__version__
     res = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
            "vllm": vllm_version, "command": "python " + " ".join(sys.argv), "seconds": round(time.time() - t0),
-           "dtype_names": sorted(set(DTYPE_NAMES.values())), "rows": rows}
+           "dtype_names": sorted(set(DTYPE_NAMES.values())), "decode_max_m": decode_max_m, "rows": rows}
     if args.search:
         res["best"] = [{"model": a, "layer": b, "M": m, "kind": kind, "config": c, "us": us}
                        for (a, b, m, kind), (c, us) in sorted(best_configs(rows).items())]
@@ -387,6 +404,18 @@ def summarize(res):
             rf = cells.get((model, layer, m, "sparse24_fp8"))
             extra = f"  fp8-sparse {cells[(model, layer, m, 'fp8_cutlass')] / rf:.2f}x" if rf else ""
             print(f"  {model:10s} {layer:8s} M={m:5d}: {r:.2f}x{extra}")
+    tbps = {(r["model"], r["layer"], r["M"], r["impl"]): r["tbps"] for r in res["rows"] if "tbps" in r}
+    print("decode (M <= 32): us and TB/s of the weight as stored; sparse24 = the dispatched kernel "
+          "(decode GEMM up to decode_max_m)")
+    for (model, layer, m, impl), us in sorted(cells.items()):
+        if impl != "sparse24" or m > 32:
+            continue
+        thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
+        parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"
+                 for i in ("sparse24", "sparse24_decode", "fp8_cutlass") if (model, layer, m, i) in cells]
+        fp8 = cells.get((model, layer, m, "fp8_cutlass"))
+        ratio = f"  time/fp8 {us / fp8:.2f}" if fp8 else ""
+        print(f"  {model:10s} {layer:8s} M={m:3d} (decode_max_m {thr}): " + " | ".join(parts) + ratio)
     if "best" in res:
         print("best configs (int8):")
         for b in res["best"]:

@@ -79,3 +79,56 @@ def test_resident_bytes_are_five_eighths(built):
         assert (values + meta) / (n * k) <= 0.63 or n % 64 or k % 128
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 4"):
         lib.compressed_bytes(64, 66)
+
+
+def test_decode_threshold_rule(monkeypatch):
+    """The decode GEMM keeps every timed M up to the first where it loses; the env var overrides
+    (capped at what the kernel serves), 0 turns it off, garbage is refused; shapes and dtypes it
+    cannot read get 0 without timing."""
+    from vllm_sparse24.kernels.dispatch import DECODE_ENV, decode_max_m
+
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    timed = []
+
+    def measure(m):  # decode wins at 1..8, loses at 16, would win again at 32
+        timed.append(m)
+        return (1.0, 2.0) if m <= 8 or m == 32 else (2.0, 1.0)
+
+    assert decode_max_m(4096, 4096, torch.int8, 32, measure) == 8 and timed == [1, 2, 4, 8, 16]
+    assert decode_max_m(4096, 4096, torch.int8, 4, lambda m: (1.0, 2.0)) == 4
+    assert decode_max_m(4096, 4096, torch.int8, 32, lambda m: (2.0, 1.0)) == 0
+    assert decode_max_m(4096, 4096, torch.int8, 32, None) == 0
+    never = lambda m: pytest.fail("timed a shape the decode GEMM cannot serve")  # noqa: E731
+    assert decode_max_m(4096, 4000, torch.int8, 32, never) == 0
+    assert decode_max_m(4096, 4096, torch.bfloat16, 32, never) == 0
+    assert decode_max_m(4096, 4096, torch.float8_e4m3fn, 32, lambda m: (1.0, 2.0)) == 32
+    monkeypatch.setenv(DECODE_ENV, "16")
+    assert decode_max_m(4096, 4096, torch.int8, 32, never) == 16
+    monkeypatch.setenv(DECODE_ENV, "64")
+    assert decode_max_m(4096, 4096, torch.int8, 32, never) == 32
+    monkeypatch.setenv(DECODE_ENV, "0")
+    assert decode_max_m(4096, 4096, torch.int8, 32, never) == 0
+    monkeypatch.setenv(DECODE_ENV, "eight")
+    with pytest.raises(ValueError, match=f"{DECODE_ENV}='eight'"):
+        decode_max_m(4096, 4096, torch.int8, 32, never)
+
+
+def test_plan_uses_decode_up_to_its_threshold():
+    plan = GemmPlan(4096, 4096, torch.int8, torch.bfloat16, {n: i for i, n in build.config_rows()})
+    assert plan.decode_max_m == 0 and not plan.use_decode(1)
+    plan.decode_max_m = 16
+    assert plan.use_decode(1) and plan.use_decode(16) and not plan.use_decode(17)
+
+
+def test_decode_abi_is_exported(built):
+    """The decode GEMM's host-side entry points (no GPU touched): limits and refusals."""
+    assert lib.decode_max_m() == 32
+    # 8 row tiles of 32 cannot fill the GPU: K is split across CTAs when the workspace allows it
+    need = lib.decode_workspace_bytes(32, 256, 4096)
+    assert need > 0 and lib.decode_splits(16, 256, 4096, need) > 1
+    assert lib.decode_splits(16, 256, 4096, 0) == 1  # no workspace: no cross-CTA split
+    assert lib.decode_workspace_bytes(32, 57344, 4096) == 0  # 1792 row tiles fill it alone
+    with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
+        lib.decode_workspace_bytes(8, 64, 96)
+    with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):
+        lib.decode_splits(33, 64, 128, 0)

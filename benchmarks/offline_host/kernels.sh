@@ -10,12 +10,12 @@ gpu_host_setup "$LOG" || echo "(no vLLM: benchmark rows without vLLM's kernels)"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$LOG"
 TESTS=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_kernels.py tests/test_gpu_decode.py 2>&1 | tee "$OUT/tests.log" | tail -25
   TESTS=$(tail -1 "$OUT/tests.log")
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   left=$(( BUDGET_S - (SECONDS - START) - 20 ))
   timeout "$left" python3 benchmarks/kernels.py --out "$OUT" --budget-s $(( left - 60 )) "$@" 2>&1 \
-    | tee "$OUT/bench.log" | grep -E "^(llama|acceptance|  |best|wrote|time budget|[0-9]+ rows)" | tail -90
+    | tee "$OUT/bench.log" | grep -E "^(llama|acceptance|decode|  |best|wrote|time budget|[0-9]+ rows)" | tail -160
 fi
 echo "gpu tests: $TESTS; total $((SECONDS - START)) s"

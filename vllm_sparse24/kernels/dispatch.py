@@ -7,6 +7,10 @@ Kernels:
   * Hopper dense W8A8 layers (``dense_layers``): ``VllmCutlassInt8Kernel`` (vLLM's cutlass_scaled_mm).
 Other GPUs are refused with a message that says so: the CUDA library holds sm_90a code only.
 
+Few tokens: the decode GEMM (csrc/decode/) serves M <= ``GemmPlan.decode_max_m``, measured per layer
+shape when the plan is made at load time (``decode_max_m`` below), or forced by
+``VLLM_SPARSE24_DECODE_MAX_M`` (0 = off); the CUTLASS configs serve every larger M.
+
 GEMM configs (csrc/configs.inc rows, by name): ``GEMM_TABLE`` maps (input dtype, output dtype) and a
 layer shape class to token-count buckets. Chosen by measurement on an H200 (benchmarks/kernels.py
 --search; the searched table and its timings are in benchmarks/results/ and docs/kernels.md).
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +159,7 @@ class GemmPlan:
         if key not in GEMM_TABLE:
             raise UnsupportedDeviceError(f"no sparse24 GEMM for {in_dtype} weights with {out_dtype} output; "
                                          f"supported: {sorted(GEMM_TABLE)}")
-        self.n, self.k, self.out_dtype, self.shape_class = n, k, out_dtype, shape_class(n, k)
+        self.n, self.k, self.in_dtype, self.out_dtype, self.shape_class = n, k, in_dtype, out_dtype, shape_class(n, k)
         rows = GEMM_TABLE[key][self.shape_class]
         self.bounds = [b for b, _ in rows[:-1]]
         self.choices = [c for _, c in rows]
@@ -163,6 +168,11 @@ class GemmPlan:
             raise UnsupportedDeviceError(f"the sparse24 library lacks configs {missing}: rebuild it with "
                                          "`python -m vllm_sparse24.build`")
         self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
+        self.decode_max_m = 0  # set at load time by decode_max_m(); a plain int, fixed before graph capture
+
+    def use_decode(self, m: int) -> bool:
+        """Whether the decode GEMM (not a CUTLASS config) serves M tokens."""
+        return m <= self.decode_max_m
 
     def pick(self, m: int) -> tuple[int, int, int]:
         """(config id, splits, swizzle) for M tokens."""
@@ -171,3 +181,51 @@ class GemmPlan:
     def buckets(self, largest_m: int) -> list[tuple[int, tuple[int, int, int]]]:
         """(largest M, call) of every bucket, the open one capped at ``largest_m`` (workspace sizing)."""
         return [(b if b is not None else largest_m, call) for b, call in zip([*self.bounds, None], self.calls, strict=True)]
+
+
+# ---- the decode GEMM's token-count threshold ---------------------------------------------------
+
+DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
+# Token counts timed at load time: the serving batch sizes where the weight stream dominates.
+DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32)
+DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
+DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def decode_forced_max_m() -> int | None:
+    """``VLLM_SPARSE24_DECODE_MAX_M`` as an int (0 = decode GEMM off), or None when unset."""
+    raw = os.environ.get(DECODE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{DECODE_ENV}={raw!r}: expected a token count >= 0 (0 turns the decode GEMM off)")
+    return value
+
+
+def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
+                 measure: Callable[[int], tuple[float, float]] | None) -> int:
+    """Largest token count the decode GEMM serves for one layer shape (0: none), decided once at load.
+
+    ``VLLM_SPARSE24_DECODE_MAX_M`` decides when set (capped at what the kernel serves). Otherwise
+    ``measure(m)`` -> (decode seconds, CUTLASS GEMM seconds) on this shape: the decode GEMM keeps
+    every candidate M up to the first one where it is slower, so the threshold splits the token
+    counts into one decode range and one GEMM range (a call between two candidates runs the kernel
+    instance of the next candidate up, so it costs about what was measured there)."""
+    if in_dtype not in DECODE_DTYPES or k % DECODE_BLOCK_K:
+        return 0
+    forced = decode_forced_max_m()
+    if forced is not None:
+        return min(forced, kernel_max_m)
+    if measure is None:
+        return 0
+    best = 0
+    for m in (c for c in DECODE_CANDIDATE_MS if c <= kernel_max_m):
+        decode_s, gemm_s = measure(m)
+        if decode_s > gemm_s:
+            break
+        best = m
+    return best

@@ -3,8 +3,9 @@
 Needs nvcc >= 12.2 (CUDA_HOME, PATH or /usr/local/cuda*) and the CUTLASS headers of the
 ``nvidia-cutlass`` wheel (the ``cuda`` extra installs it); no GPU and no torch. Each row of
 csrc/configs.inc is one translation unit (a CUTLASS sparse GEMM takes ~100 s and ~5 GB to compile),
-built ``--jobs`` at a time; objects are cached under ``--build-dir`` by a hash of their sources and
-flags, so a rebuild after an edit recompiles only what changed. The library is linked into a
+built ``--jobs`` at a time, plus the C ABI (api.cu) and the few-token decode GEMM (csrc/decode/);
+objects are cached under ``--build-dir`` by a hash of their sources and flags, so a rebuild after an
+edit recompiles only what changed. The library is linked into a
 temporary file and renamed into place, so a failed build never leaves a half-written library.
 """
 
@@ -110,14 +111,23 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2)
     table = (CSRC / "configs.inc").read_text()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     flags = NVCC_FLAGS + [f"-I{p}" for p in includes] + [f"-I{CSRC}"]
+    # the digests see the flags with this checkout's csrc path left out: two checkouts of the same
+    # sources (worktrees, clones) share one object cache instead of each recompiling every config
+    key_flags = [f for f in flags if f != f"-I{CSRC}"]
     units: list[tuple[str, list[str], Path]] = []  # (label, command, object)
     src = CSRC / "gemm_config.cu"
     for cid, name in config_rows():
         row = re.search(rf"^S24_CONFIG\(\s*{cid}\s*,.*$", table, re.M).group(0)
-        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), row, version, *flags)}.o"
+        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), row, version, *key_flags)}.o"
         units.append((name, [nvcc, *flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)], obj))
+    # the few-token decode GEMM (csrc/decode/): its own sources and the C ABI header only, so
+    # editing it never invalidates the CUTLASS config objects (their digest reads csrc/*.h, *.cuh)
+    decode = CSRC / "decode" / "decode_gemm.cu"
+    decode_src = b"".join(p.read_bytes() for p in sorted((CSRC / "decode").glob("*")) if p.is_file())
+    decode_obj = build_dir / f"decode_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags)}.o"
+    units.append(("decode", [nvcc, *flags, "-c", str(decode), "-o", str(decode_obj)], decode_obj))
     api = CSRC / "api.cu"
-    api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *flags)}.o"
+    api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *key_flags)}.o"
     units.append(("api", [nvcc, *flags, "-c", str(api), "-o", str(api_obj)], api_obj))
 
     todo = [u for u in units if not u[2].is_file()]

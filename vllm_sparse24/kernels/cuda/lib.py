@@ -57,12 +57,48 @@ def lib() -> ctypes.CDLL:
     so.s24_quant_int8.argtypes = [_c_int, _vp, _c_i64, _c_int, _c_int, _vp, _vp, _vp]
     for fn in (so.s24_compressed_bytes, so.s24_compress, so.s24_workspace_bytes, so.s24_gemm, so.s24_quant_int8):
         fn.restype = _c_int
+    # the few-token decode GEMM (csrc/decode/decode_gemm.h)
+    if not hasattr(so, "s24_decode_gemm"):
+        raise Sparse24LibraryError(f"{path} predates the decode GEMM (no s24_decode_gemm): rebuild it with "
+                                   "`python -m vllm_sparse24.build`")
+    so.s24_decode_max_m.restype = _c_int
+    so.s24_decode_last_error.restype = ctypes.c_char_p
+    so.s24_decode_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
+    so.s24_decode_splits.argtypes = [_c_int, _c_int, _c_int, _c_i64]
+    so.s24_decode_gemm.argtypes = [_c_int, _c_int, _vp, _vp, _vp, _c_i64, _vp, _vp, _vp, _vp, _c_int, _c_int,
+                                   _c_int, _vp, _c_i64, _vp]
+    for fn in (so.s24_decode_workspace_bytes, so.s24_decode_splits, so.s24_decode_gemm):
+        fn.restype = _c_int
     return so
 
 
 def check(rc: int, what: str) -> None:
     if rc != 0:
         raise Sparse24LibraryError(f"{what}: {lib().s24_last_error().decode(errors='replace')} (code {rc})")
+
+
+def check_decode(rc: int, what: str) -> None:
+    if rc < 0:
+        raise Sparse24LibraryError(f"{what}: {lib().s24_decode_last_error().decode(errors='replace')} (code {rc})")
+
+
+def decode_max_m() -> int:
+    """Largest token count the decode GEMM serves (csrc/decode/)."""
+    return lib().s24_decode_max_m()
+
+
+def decode_workspace_bytes(m: int, n: int, k: int) -> int:
+    """Zero-initialized workspace that lets the decode GEMM split K across CTAs for [n, k] at <= m tokens."""
+    b = _c_i64()
+    check_decode(lib().s24_decode_workspace_bytes(m, n, k, ctypes.byref(b)), f"decode workspace of [{n}, {k}]")
+    return b.value
+
+
+def decode_splits(m: int, n: int, k: int, workspace_bytes: int) -> int:
+    """The cross-CTA K split the decode GEMM uses for these arguments (1 = none)."""
+    rc = lib().s24_decode_splits(m, n, k, workspace_bytes)
+    check_decode(rc, f"decode split of m={m} [{n}, {k}]")
+    return rc
 
 
 @functools.cache

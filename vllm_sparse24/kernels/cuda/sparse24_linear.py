@@ -8,9 +8,10 @@ indices of the kept pair of every group of 4, in CUTLASS's reordered metadata la
 
 A call: per-token int8 quant (act_quant.py: plain torch ops under torch.compile, so Inductor fuses
 it into the previous norm / activation; one CUDA kernel in eager mode), then the custom op
-``sparse24::cutlass_sparse_mm``, which picks the GEMM config for its M (dispatch.GemmPlan, resolved
-at load time) and launches ONE kernel writing the bf16/fp16 output. Capture-safe under CUDA graphs:
-no allocation but the output, the split-K workspace is allocated at load time.
+``sparse24::cutlass_sparse_mm``, which picks the kernel for its M (dispatch.GemmPlan, resolved at
+load time: the decode GEMM of csrc/decode/ up to the plan's measured ``decode_max_m`` tokens, a
+CUTLASS config above) and launches ONE kernel writing the bf16/fp16 output. Capture-safe under CUDA
+graphs: no allocation but the output; the split-K workspaces are allocated at load time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..base import W8A8LinearKernel
-from ..dispatch import HOPPER, GemmPlan
+from ..dispatch import HOPPER, GemmPlan, decode_max_m
 from . import lib
 from .act_quant import quantize_activations
 
@@ -32,6 +33,11 @@ _WORKSPACE_M = 1 << 16
 _PLANS: list[GemmPlan] = []
 _PLAN_IDS: dict[tuple, int] = {}
 _WORKSPACES: dict[int, torch.Tensor] = {}  # device index -> split-K / stream-K workspace
+# device index -> the decode GEMM's workspace: zeroed once here, every call leaves it zeroed again
+_DECODE_WORKSPACES: dict[int, torch.Tensor] = {}
+_OUT_DTYPES = {torch.bfloat16: lib.BF16, torch.float16: lib.F16}
+_TIMING_REPS = 5
+_HEAD_START_CYCLES = 200_000  # ~0.1 ms: longer than the host side of one call
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +58,11 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, meta
 
 
-def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device) -> int:
-    """Resolve the GEMM configs of one layer shape and size the shared workspace; returns the plan id
-    that ``sparse_mm`` / the custom op take."""
+def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device,
+              values: torch.Tensor | None = None, meta: torch.Tensor | None = None) -> int:
+    """Resolve the GEMM configs of one layer shape, size the shared workspaces and measure up to which
+    token count the decode GEMM beats them (on ``values``/``meta`` when given, else on a synthetic
+    weight of the shape); returns the plan id that ``sparse_mm`` / the custom op take."""
     idx = torch.device(device).index or 0
     key = (n, k, weight_dtype, out_dtype, idx)
     if key in _PLAN_IDS:
@@ -63,25 +71,78 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
     need = max(lib.workspace_bytes(cfg, m, n, k, splits) for m, (cfg, splits, _) in plan.buckets(_WORKSPACE_M))
     if need > 0 and (idx not in _WORKSPACES or _WORKSPACES[idx].numel() < need):
         _WORKSPACES[idx] = torch.empty(need, dtype=torch.uint8, device=device)
+    kernel_max_m = lib.decode_max_m()
+    if k % 128 == 0:
+        need = lib.decode_workspace_bytes(kernel_max_m, n, k)
+        if need > 0 and (idx not in _DECODE_WORKSPACES or _DECODE_WORKSPACES[idx].numel() < need):
+            _DECODE_WORKSPACES[idx] = torch.zeros(need, dtype=torch.uint8, device=device)
+    bufs: list[torch.Tensor] = []  # made on the first timing only (none when the env var decides)
+
+    def measure(m: int) -> tuple[float, float]:
+        if not bufs:
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            bufs.append(torch.empty(2 * l2, dtype=torch.uint8, device=device))
+            if values is None or meta is None:  # a synthetic weight (any metadata byte is valid)
+                bufs.append(torch.randint(0, 64, (n, k // 2), dtype=torch.int8, device=device).view(weight_dtype))
+                bufs.append(torch.zeros(lib.compressed_bytes(n, k)[1], dtype=torch.uint8, device=device))
+            else:
+                bufs.extend((values, meta))
+        return _time_decode_vs_gemm(plan, m, device, bufs[1], bufs[2], bufs[0])
+
+    plan.decode_max_m = decode_max_m(n, k, weight_dtype, kernel_max_m, measure)
     _PLANS.append(plan)
     _PLAN_IDS[key] = len(_PLANS) - 1
     return _PLAN_IDS[key]
 
 
-def sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
-    """out [M, N] = (xq @ W^T) * x_scale * w_scale + bias, in the plan's output dtype."""
-    plan = _PLANS[plan_id]
+def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: torch.Tensor,
+                         meta: torch.Tensor, flush: torch.Tensor) -> tuple[float, float]:
+    """(decode GEMM seconds, CUTLASS GEMM seconds) at M tokens on this plan's shape: median of a few
+    CUDA-event timed calls, each after overwriting twice the L2, so the weight streams from HBM as in
+    serving (where the other layers evict it), and after a short GPU sleep, so the events see the
+    kernel and not the host's launch latency."""
+    xq = torch.randint(0, 64, (m, plan.k), dtype=torch.int8, device=device).view(plan.in_dtype)
+    xs = torch.full((m,), 1e-2, dtype=torch.float32, device=device)
+    ws = torch.full((plan.n,), 1e-3, dtype=torch.float32, device=device)
+
+    def seconds(decode: bool) -> float:
+        run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan)) if decode else (
+            lambda: _cutlass_mm(xq, xs, values, meta, ws, None, plan))
+        run()  # warm up
+        times = []
+        for _ in range(_TIMING_REPS):
+            flush.zero_()
+            # keep the GPU busy while Python enqueues the call, so the events time the kernel only
+            torch.cuda._sleep(_HEAD_START_CYCLES)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        return sorted(times)[len(times) // 2]
+
+    return seconds(True), seconds(False)
+
+
+def _prepare_operands(x_scale: torch.Tensor, bias: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not x_scale.is_contiguous():
+        x_scale = x_scale.contiguous()
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    return x_scale, bias
+
+
+def _cutlass_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan) -> torch.Tensor:
     m = xq.shape[0]
     out = torch.empty(m, plan.n, dtype=plan.out_dtype, device=xq.device)
     if m == 0:
         return out
     if not xq.is_contiguous():
         xq = xq.contiguous()
-    if not x_scale.is_contiguous():
-        x_scale = x_scale.contiguous()
-    if bias is not None and (bias.dtype != plan.out_dtype or not bias.is_contiguous()):
-        bias = bias.to(plan.out_dtype).contiguous()
+    x_scale, bias = _prepare_operands(x_scale, bias, plan.out_dtype)
     cfg, splits, swizzle = plan.pick(m)
     ws = _WORKSPACES.get(xq.device.index or 0)
     rc = lib.lib().s24_gemm(
@@ -92,6 +153,48 @@ def sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, met
     if rc:
         lib.check(rc, f"sparse24 GEMM m={m} n={plan.n} k={plan.k}")
     return out
+
+
+def _decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+               w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan) -> torch.Tensor:
+    m = xq.shape[0]
+    out = torch.empty(m, plan.n, dtype=plan.out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    # rows of x may be strided (a slice of a wider buffer) if they stay 16-byte aligned
+    if xq.stride(-1) != 1 or (m > 1 and xq.stride(0) % 16) or xq.data_ptr() % 16:
+        xq = xq.contiguous()
+    x_scale, bias = _prepare_operands(x_scale, bias, plan.out_dtype)
+    ws = _DECODE_WORKSPACES.get(xq.device.index or 0)
+    rc = lib.lib().s24_decode_gemm(
+        _WEIGHT_DTYPES[plan.in_dtype], _OUT_DTYPES[plan.out_dtype], values.data_ptr(), meta.data_ptr(), xq.data_ptr(),
+        xq.stride(0) if m > 1 else plan.k, x_scale.data_ptr(), w_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), m, plan.n, plan.k,
+        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        torch.cuda.current_stream().cuda_stream)
+    if rc:
+        lib.check_decode(rc, f"sparse24 decode GEMM m={m} n={plan.n} k={plan.k}")
+    return out
+
+
+def sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
+    """out [M, N] = (xq @ W^T) * x_scale * w_scale + bias, in the plan's output dtype: the decode GEMM
+    up to the plan's ``decode_max_m`` tokens, the plan's CUTLASS config above."""
+    plan = _PLANS[plan_id]
+    mm = _decode_mm if plan.use_decode(xq.shape[0]) else _cutlass_mm
+    return mm(xq, x_scale, values, meta, w_scale, bias, plan)
+
+
+def decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
+    """``sparse_mm`` through the decode GEMM whatever the plan's threshold (benchmarks, tests);
+    M <= lib.decode_max_m() and K a multiple of 128."""
+    return _decode_mm(xq, x_scale, values, meta, w_scale, bias, _PLANS[plan_id])
+
+
+def plan_of(plan_id: int) -> GemmPlan:
+    return _PLANS[plan_id]
 
 
 @torch.library.custom_op("sparse24::cutlass_sparse_mm", mutates_args=())
@@ -133,7 +236,7 @@ class CutlassSparse24Kernel(W8A8LinearKernel):
         if self.act_dtype not in MODEL_DTYPES:
             raise ValueError(f"{self.layer_name}: the model dtype must be bfloat16 or float16, got {self.act_dtype}")
         values, meta = compress_24(weight)
-        self.plan_id = make_plan(self.n, self.k, torch.int8, self.act_dtype, weight.device)
+        self.plan_id = make_plan(self.n, self.k, torch.int8, self.act_dtype, weight.device, values, meta)
         ws = weight_scale.reshape(-1).to(device=weight.device, dtype=torch.float32).contiguous()
         return {"values": values, "meta": meta, "weight_scale": ws}
 

@@ -1,0 +1,61 @@
+"""Drive the decode GEMM through its edge cases under compute-sanitizer (needs a Hopper GPU and the
+built library):
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/offline_host/memcheck.py
+
+Partial 32-row tiles (N not a multiple of 32), odd token counts, every token tile instance (M 1..32),
+the cross-CTA split (few rows, long K) with its ticket re-arm across two calls, strided rows, bias
+and none, fp16 output, e4m3 inputs. Prints one line per case; a memory error makes the sanitizer
+exit non-zero. The decode threshold is forced (no load-time timing under the sanitizer).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+os.environ.setdefault("VLLM_SPARSE24_DECODE_MAX_M", "32")
+
+from vllm_sparse24.kernels.cuda import lib  # noqa: E402
+from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, decode_mm, make_plan  # noqa: E402
+
+DEV = "cuda"
+CASES = [  # (n, k, weight dtype, out dtype)
+    (200, 384, torch.int8, torch.bfloat16),
+    (72, 1152, torch.int8, torch.float16),
+    (256, 4096, torch.int8, torch.bfloat16),     # split K across CTAs
+    (4104, 2048, torch.int8, torch.bfloat16),    # many rows, partial last tile
+    (96, 4096, torch.float8_e4m3fn, torch.bfloat16),
+]
+
+
+def main() -> None:
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for n, k, wdt, odt in CASES:
+        # bytes 1..119: finite as int8 and as e4m3 (0x7f / 0xff would be e4m3 NaN)
+        w = torch.randint(1, 120, (n, k), generator=gen, device=DEV, dtype=torch.int16).to(torch.int8)
+        drop = torch.rand(n, k // 4, 4, generator=gen, device=DEV).topk(2, dim=-1).indices
+        w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k).view(wdt)
+        values, meta = compress_24(w)
+        ws = torch.rand(n, generator=gen, device=DEV) * 1e-2
+        bias = torch.randn(n, generator=gen, device=DEV).to(odt)
+        plan = make_plan(n, k, wdt, odt, torch.device(DEV))
+        for m in (1, 3, 8, 9, 16, 17, 32):
+            wide = torch.randint(1, 64, (m, k + 32), generator=gen, device=DEV, dtype=torch.int8)
+            xq = wide[:, 16:16 + k].view(wdt)  # rows 16-byte aligned, k + 32 bytes apart
+            xs = torch.rand(m, 1, generator=gen, device=DEV) * 1e-2
+            for b in (bias, None):
+                for _ in range(2):  # the split path re-arms its tickets between calls
+                    out = decode_mm(xq, xs, values, meta, ws, b, plan)
+            torch.cuda.synchronize()
+            splits = lib.decode_splits(m, n, k, 1 << 40)
+            print(f"n={n} k={k} {wdt} -> {odt} m={m} (split up to {splits}): finite={bool(torch.isfinite(out).all())}",
+                  flush=True)
+    print("memcheck driver done")
+
+
+if __name__ == "__main__":
+    main()

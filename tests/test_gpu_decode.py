@@ -1,0 +1,264 @@
+"""GPU tests of the few-token decode GEMM (csrc/decode/) and of its dispatch inside the custom op
+(marker gpu; skipped without a CUDA sm90 GPU and a built library).
+
+Reference and tolerances as tests/test_gpu_kernels.py: the float64 product of the same quantized
+operands times both scales plus bias; relative Frobenius error < 5e-3 for bf16 output, 1.5e-3 for
+fp16, 2e-2 for e4m3 inputs (float32 accumulation in a different order than the reference). For
+int8 the decode GEMM must also equal the CUTLASS GEMM bit for bit: the same int32 sums and the
+same epilogue roundings. A wrong metadata bit, fragment slot, split or row gives O(1) errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("needs a Hopper (sm90) GPU", allow_module_level=True)
+
+from vllm_sparse24.kernels.cuda import lib  # noqa: E402
+
+try:
+    lib.lib()
+except lib.Sparse24LibraryError as e:
+    pytest.skip(f"sparse24 CUDA library not built: {e}", allow_module_level=True)
+
+from test_gpu_kernels import DEV, FP8_MAX, TOL, random_24, reference, rel_err  # noqa: E402
+
+from vllm_sparse24.kernels.cuda import sparse24_linear  # noqa: E402
+from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
+    CutlassSparse24Kernel,
+    _cutlass_mm,
+    compress_24,
+    decode_mm,
+    make_plan,
+    plan_of,
+    sparse_mm,
+)
+from vllm_sparse24.kernels.dispatch import DECODE_ENV  # noqa: E402
+from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
+
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+                (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
+DECODE_MS = (1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32)
+
+
+def random_24_gpu(n: int, k: int, seed: int, dtype=torch.int8) -> torch.Tensor:
+    """random_24 generated on the GPU (the 70B shapes are too large for the CPU generator)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (n, k), generator=gen, device=DEV, dtype=torch.int16).to(torch.int8)
+    else:
+        w = (torch.randn(n, k, generator=gen, device=DEV) * 100).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    drop = torch.rand(n, k // 4, 4, generator=gen, device=DEV).topk(2, dim=-1).indices
+    return w.view(torch.int8).reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k).view(dtype)
+
+
+def quantized(m: int, k: int, gen: torch.Generator, dtype=torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(m, k, generator=gen).to(DEV) * 3
+    if dtype == torch.int8:
+        return ref_quant(x)
+    xs = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (x / xs).to(dtype), xs
+
+
+def kernels_run(fn) -> list[str]:
+    """Names of the CUDA kernels fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.fixture
+def forced_threshold(monkeypatch):
+    """Plans made inside the test get a forced decode threshold (the env override); the plan cache
+    starts empty so a shape planned by an earlier test is planned again (old plan ids stay valid)."""
+    monkeypatch.setattr(sparse24_linear, "_PLAN_IDS", {})
+
+    def force(value: int) -> None:
+        monkeypatch.setenv(DECODE_ENV, str(value))
+    return force
+
+
+@pytest.mark.parametrize("out_dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(1536, 1024), (200, 384), (256, 4096), (72, 1152)])
+def test_decode_matches_reference_at_every_m(n, k, out_dt):
+    """Every M the kernel serves (odd ones too), bias and none; (200, 384) and (72, 1152) have a
+    partial 32-row tile, (256, 4096) splits K across CTAs (asserted)."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = random_24(n, k, gen)
+    values, meta = compress_24(w)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    bias = torch.randn(n, generator=gen).to(out_dt).to(DEV)
+    plan = make_plan(n, k, torch.int8, out_dt, torch.device(DEV))
+    if (n, k) == (256, 4096):
+        assert lib.decode_splits(16, n, k, 1 << 30) > 1, "this shape is meant to cover the cross-CTA split"
+    for m in DECODE_MS:
+        xq, xs = quantized(m, k, gen)
+        for b in (bias, None):
+            out = decode_mm(xq, xs, values, meta, ws, b, plan)
+            assert out.dtype == out_dt and out.shape == (m, n)
+            assert torch.isfinite(out).all(), (n, k, m)
+            err = rel_err(out, reference(xq, xs, w, ws, b))
+            assert err < TOL[out_dt], (n, k, m, b is None, err)
+
+
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+def test_llama_shapes_equal_the_cutlass_gemm(n, k):
+    """The 8 Llama-3 8B/70B shapes at M = 1, 5, 16, 32: against the float64 reference, and bit-equal
+    to the CUTLASS GEMM on the same operands (same int32 sums, same epilogue)."""
+    w = random_24_gpu(n, k, seed=n ^ k)
+    values, meta = compress_24(w)
+    gen = torch.Generator().manual_seed(k)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
+    for m in (1, 5, 16, 32):
+        xq, xs = quantized(m, k, gen)
+        out = decode_mm(xq, xs, values, meta, ws, bias, plan)
+        assert rel_err(out, reference(xq, xs, w, ws, bias)) < TOL[torch.bfloat16], (n, k, m)
+        gemm = _cutlass_mm(xq, xs, values, meta, ws, bias, plan_of(plan))
+        diff = (out.float() - gemm.float()).abs().max().item()
+        assert torch.equal(out, gemm), f"[{n}, {k}] m={m}: decode differs from the CUTLASS GEMM (max {diff})"
+    del w, values, meta
+    torch.cuda.empty_cache()
+
+
+def test_split_layers_of_different_shapes_share_the_workspace():
+    """Two layers that both split K across CTAs, called alternately: each call must find its tickets
+    zero although the other shape's partial sums went through the same workspace."""
+    gen = torch.Generator().manual_seed(13)
+    layers = []
+    for n, k in [(256, 4096), (1024, 2048)]:
+        assert lib.decode_splits(8, n, k, 1 << 30) > 1, (n, k)
+        w = random_24(n, k, gen)
+        values, meta = compress_24(w)
+        ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+        layers.append((w, values, meta, ws, make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))))
+    for m in (8, 3, 16, 1):
+        for w, values, meta, ws, plan in layers * 2:
+            xq, xs = quantized(m, w.shape[1], gen)
+            out = decode_mm(xq, xs, values, meta, ws, None, plan)
+            assert rel_err(out, reference(xq, xs, w, ws, None)) < TOL[torch.bfloat16], (w.shape, m)
+
+
+def test_e4m3_weights_and_activations():
+    gen = torch.Generator().manual_seed(21)
+    for n, k in [(1024, 2048), (96, 4096)]:
+        w = random_24(n, k, gen, torch.float8_e4m3fn)
+        values, meta = compress_24(w)
+        ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+        bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+        plan = make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV))
+        for m in (1, 7, 16, 32):
+            xq, xs = quantized(m, k, gen, torch.float8_e4m3fn)
+            out = decode_mm(xq, xs, values, meta, ws, bias, plan)
+            assert rel_err(out, reference(xq.float(), xs, w.float(), ws, bias)) < 2e-2, (n, k, m)
+
+
+def test_strided_and_misaligned_inputs():
+    """Rows of a wider buffer (16-byte aligned stride) are read in place; a misaligned slice is
+    copied first; non-contiguous scales and a float32 bias are converted. All equal the contiguous call."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 512, 1024
+    w = random_24(n, k, gen)
+    values, meta = compress_24(w)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    bias = torch.randn(n, generator=gen).to(DEV)
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
+    for m in (1, 6, 16):
+        xq, xs = quantized(m, k, gen)
+        want = decode_mm(xq, xs, values, meta, ws, bias.to(torch.bfloat16), plan)
+        wide = torch.zeros(m, k + 64, dtype=torch.int8, device=DEV)
+        for off in (32, 8):  # 32: aligned rows read in place; 8: not 16-byte aligned, copied
+            wide[:, off:off + k] = xq
+            xs_strided = torch.zeros(m, 2, device=DEV)[:, :1]
+            xs_strided.copy_(xs)
+            got = decode_mm(wide[:, off:off + k], xs_strided, values, meta, ws, bias, plan)
+            assert torch.equal(got, want), (m, off)
+
+
+def test_op_switches_kernel_at_the_threshold(forced_threshold):
+    """Through sparse_mm (the custom op's body): the decode GEMM up to the plan's threshold, the
+    CUTLASS GEMM above; both match the reference at M around it."""
+    forced_threshold(8)
+    gen = torch.Generator().manual_seed(8)
+    n, k = 520, 1280
+    w = random_24(n, k, gen)
+    values, meta = compress_24(w)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
+    assert plan_of(plan).decode_max_m == 8
+    for m in (1, 7, 8, 9, 16, 33, 100):
+        xq, xs = quantized(m, k, gen)
+        names = kernels_run(lambda xq=xq, xs=xs: sparse_mm(xq, xs, values, meta, ws, None, plan))
+        uses_decode = any("decode_kernel" in s for s in names)
+        assert uses_decode == (m <= 8), (m, names)
+        out = sparse_mm(xq, xs, values, meta, ws, None, plan)
+        assert rel_err(out, reference(xq, xs, w, ws, None)) < TOL[torch.bfloat16], m
+
+
+def test_env_zero_turns_decode_off(forced_threshold):
+    forced_threshold(0)
+    plan = make_plan(528, 1280, torch.int8, torch.bfloat16, torch.device(DEV))
+    assert plan_of(plan).decode_max_m == 0
+
+
+def test_measured_threshold_is_a_candidate():
+    """Without the override the threshold is measured at load: one of the timed token counts or 0."""
+    plan = make_plan(4096, 4096, torch.int8, torch.float16, torch.device(DEV))
+    assert plan_of(plan).decode_max_m in (0, 1, 2, 4, 8, 16, 32)
+
+
+@pytest.mark.parametrize("n,k", [(1024, 2048), (256, 4096)])
+def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
+    """The layer path at decode token counts, captured and replayed several times (the split path of
+    (256, 4096) re-arms its tickets in the kernel: every replay must give the same output)."""
+    forced_threshold(32)
+    gen = torch.Generator().manual_seed(n)
+    w = random_24(n, k, gen)
+    scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    kern = CutlassSparse24Kernel(n, k, True, "layers.0.decode", torch.bfloat16)
+    tensors = kern.prepare(w, scale)
+    for m in (1, 5, 16, 32):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        eager = kern.apply(tensors, x, None)
+        static_x = x.clone()
+        kern.apply(tensors, static_x, None)  # warm up outside capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = kern.apply(tensors, static_x, None)
+        x2 = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        static_x.copy_(x2)
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_out, kern.apply(tensors, x2, None)), m
+        static_x.copy_(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager), m
+        xq, xs = ref_quant(x)
+        assert rel_err(eager, reference(xq, xs, w, scale, None)) < TOL[torch.bfloat16]
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    so = lib.lib()
+    x = torch.zeros(40, 256, dtype=torch.int8, device=DEV)
+    f = torch.ones(64, device=DEV)
+    out = torch.empty(40, 64, dtype=torch.bfloat16, device=DEV)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def call(m, n, k, stride):
+        return so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), x.data_ptr(), stride,
+                                  f.data_ptr(), f.data_ptr(), None, out.data_ptr(), m, n, k, None, 0, stream)
+
+    with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
+        lib.check_decode(call(4, 64, 96, 96), "k=96")
+    with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):
+        lib.check_decode(call(33, 64, 256, 256), "m=33")
+    with pytest.raises(lib.Sparse24LibraryError, match="row stride"):
+        lib.check_decode(call(4, 64, 256, 200), "stride 200")
