@@ -163,7 +163,8 @@ def _decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, me
         return out
     # rows of x may be strided (a slice of a wider buffer) if they stay 16-byte aligned
     if xq.stride(-1) != 1 or (m > 1 and xq.stride(0) % 16) or xq.data_ptr() % 16:
-        xq = xq.contiguous()
+        # a fresh allocation: .contiguous() returns a misaligned one-row slice unchanged
+        xq = torch.empty(xq.shape, dtype=xq.dtype, device=xq.device).copy_(xq)
     x_scale, bias = _prepare_operands(x_scale, bias, plan.out_dtype)
     ws = _DECODE_WORKSPACES.get(xq.device.index or 0)
     rc = lib.lib().s24_decode_gemm(
