@@ -1,24 +1,30 @@
 """Accuracy recovery of SmolLM2-135M 2:4 + W8A8 on one GPU, end to end (no vLLM needed).
 
     python benchmarks/recovery_smollm2.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery [--minutes 10]
+        --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery [--minutes 10] \\
+        [--scheme int8|fp8]
 
 1. the dense teacher's perplexity on ``--eval-text`` (``offline eval``'s code: the first
    ``--windows`` non-overlapping windows of 512 tokens);
-2. two one-shot students with the compressor (SparseGPT-joint): all linears 2:4, and
+2. two one-shot students with the compressor (SparseGPT-joint) in ``--scheme`` (int8: int8
+   weights and activations; fp8: e4m3 weights and activations): all linears 2:4, and
    ``--dense-layers auto:10`` (its sensitivities taken from the all-sparse run, as
-   ``offline compare`` does);
+   ``offline compare`` does), each evaluated like step 1 (``one_shot`` in the JSON);
 3. each student recovered by ``offline recover`` in each ``--modes`` (global distillation,
    block-wise reconstruction), each run within ``--minutes`` (its token count is fitted to the
    time on its first steps), then evaluated like step 1 from the written checkpoint;
 4. ``recovery-smollm2-<gpu>-<date>.json`` (``gpu``, ``date``, ``command``, ``dense_ppl``,
-   ``runs``: mode, dense_layers, ppl_before, ppl_after, tokens, minutes, and the curves) and a
-   PNG of perplexity vs training tokens, written after every run.
+   ``one_shot``: scheme -> student -> perplexity, ``runs``: scheme, mode, dense_layers, ppl_before,
+   ppl_after, tokens, minutes, and the curves; ``table``: scheme -> student -> one-shot and
+   recovered perplexities) and a PNG of perplexity vs training tokens, written after every run.
 
 Runs add up: students already in ``--out/students`` are reused (``--recompress`` redoes them), and
-the runs of an existing JSON of the same GPU and date are kept (a run of the same student and mode
-is replaced), so the experiment can be split over several invocations, e.g. one per
-``--students``/``--modes`` pair.
+the runs of an existing JSON of the same GPU and date are kept (a run of the same scheme, student
+and mode is replaced), so the experiment can be split over several invocations, e.g. one per
+``--scheme`` or ``--students``/``--modes`` pair; ``--modes`` with no value measures the one-shot
+students only. int8 students and recovered checkpoints are in ``students/<student>`` and
+``recovered/<student>-<mode>``, fp8 ones in ``students/<student>-fp8`` and
+``recovered/<student>-fp8-<mode>``.
 
 ``--smoke`` shrinks everything (a few steps, a few windows) to check the script on a CPU; the
 numbers it prints then mean nothing. Needs the project installed (``pip install -e .``, vLLM not
@@ -62,6 +68,30 @@ def gpu_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
+def _tag(student: str, scheme: str) -> str:
+    """Folder name of a student: int8 ones keep the names of before the fp8 scheme."""
+    return student if scheme == "int8" else f"{student}-{scheme}"
+
+
+def _label(scheme: str, student: str, mode: str) -> str:
+    return f"{scheme} {student}, {mode}"
+
+
+def results_table(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """scheme -> student -> {"one_shot": perplexity, "<mode>": recovered perplexity}: the int8 vs
+    fp8 table, with and without recovery."""
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for scheme, students in doc.get("one_shot", {}).items():
+        for student, ppl in students.items():
+            table.setdefault(scheme, {}).setdefault(student, {})["one_shot"] = ppl
+    for r in doc["runs"]:
+        student = "auto10" if r["dense_layers"] == "auto:10" else "all-sparse"
+        cell = table.setdefault(r.get("scheme", "int8"), {}).setdefault(student, {})
+        cell.setdefault("one_shot", r["ppl_before"])
+        cell[r["mode"]] = r["ppl_after"]
+    return table
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -86,10 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-text", required=True, help="evaluation text (wiki_eval.txt)")
     ap.add_argument("--out", required=True, help="output folder (checkpoints, JSON, PNG)")
     ap.add_argument("--minutes", type=float, default=10.0, help="time budget of each recovery run")
-    ap.add_argument("--modes", nargs="+", default=["global", "blocks"], choices=["global", "blocks"])
+    ap.add_argument("--modes", nargs="*", default=["global", "blocks"], choices=["global", "blocks"],
+                    help="recovery modes (none: the one-shot students only)")
     ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    ap.add_argument("--scheme", default="int8", choices=["int8", "fp8"],
+                    help="quantization of the students: int8 or fp8 (e4m3) weights and activations")
     ap.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
-                    help="one-shot method of the students (SparseGPT: joint with int8)")
+                    help="one-shot method of the students (SparseGPT: joint with the scheme's grid)")
     ap.add_argument("--nsamples", type=int, default=128, help="compressor calibration samples")
     ap.add_argument("--calib-seqlen", type=int, default=2048, help="compressor calibration sample length")
     ap.add_argument("--windows", type=int, default=64, help="evaluation windows")
@@ -139,13 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": str(args.teacher), "calib": str(args.calib), "eval_text": str(args.eval_text),
         "eval": {"windows": args.windows, "seqlen": args.eval_seqlen}, "smoke": args.smoke,
         "machine": machine_info(), "options": {k: v for k, v in vars(args).items()},
-        "dense_ppl": None, "runs": [],
+        "dense_ppl": None, "one_shot": {}, "runs": [],
     }
 
     if json_path.exists():  # an earlier invocation of the same day: keep its runs
         old = json.loads(json_path.read_text())
         if old.get("eval") == doc["eval"] and old.get("smoke") == doc["smoke"]:
             doc["runs"], doc["dense_ppl"] = old.get("runs", []), old.get("dense_ppl")
+            doc["one_shot"] = old.get("one_shot", {})
+            for r in doc["runs"]:  # runs of before the fp8 scheme were int8
+                r.setdefault("scheme", "int8")
             doc["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
         else:
             log.warning("%s was made with other evaluation settings: starting it anew", json_path)
@@ -162,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("all-sparse", "auto10"):
         if name not in args.students and not (name == "all-sparse" and "auto10" in args.students):
             continue
-        path = out / "students" / name
+        path = out / "students" / _tag(name, args.scheme)
         if path.exists() and not args.recompress and (path / "compress_report.json").exists():
             log.info("reusing student %s", path)
             if name == "all-sparse":
@@ -175,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(path)
         t0 = time.perf_counter()
         extra = {"sensitivity": sensitivity} if name == "auto10" and sensitivity else {}
-        rep = compress(args.teacher, path, method=args.method, joint=True, calib=args.calib,
+        rep = compress(args.teacher, path, method=args.method, scheme=args.scheme, joint=True, calib=args.calib,
                        nsamples=args.nsamples, seqlen=args.calib_seqlen, dense_layers=STUDENTS[name],
                        device=args.device, seed=args.seed, model=copy.deepcopy(teacher), tokenizer=tok,
                        progress=False, **extra)
@@ -185,13 +221,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in args.students:
             students[name] = path
 
-    series = [{"label": f"{'auto10' if r['dense_layers'] == 'auto:10' else 'all-sparse'}, {r['mode']}",
+    series = [{"label": _label(r["scheme"], "auto10" if r["dense_layers"] == "auto:10" else "all-sparse", r["mode"]),
                "tokens": [c["tokens"] for c in r["curve"]], "perplexity": [c["perplexity"] for c in r["curve"]]}
               for r in doc["runs"]]
     for name, spath in students.items():
         ppl_before = _ppl(spath, tok, args)
+        doc["one_shot"].setdefault(args.scheme, {})[name] = ppl_before
+        doc["table"] = results_table(doc)
+        _write_json(json_path, doc)
+        log.info("%s %s one-shot: perplexity %.3f (dense %.3f)", args.scheme, name, ppl_before, doc["dense_ppl"])
         for mode in args.modes:
-            rpath = out / "recovered" / f"{name}-{mode}"
+            rpath = out / "recovered" / f"{_tag(name, args.scheme)}-{mode}"
             opts = RecoverOptions(
                 mode=mode, tokens=10**10 if not args.smoke else 4 * args.batch_size * args.seqlen,
                 seqlen=args.seqlen, batch_size=args.batch_size,
@@ -213,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             teacher.to("cpu")
             ppl_after = _ppl(rpath, tok, args)
             run = {
-                "mode": mode, "dense_layers": "auto:10" if name == "auto10" else "none",
+                "scheme": args.scheme, "mode": mode, "dense_layers": "auto:10" if name == "auto10" else "none",
                 "ppl_before": ppl_before, "ppl_after": ppl_after, "tokens": rep["train"]["tokens"],
                 "minutes": round(minutes, 2), "student": str(spath), "checkpoint": str(rpath),
                 "train": rep["train"], "data": rep["data"], "seconds": rep["seconds"],
@@ -221,19 +261,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "curve": [{k: e.get(k) for k in ("tokens", "perplexity", "top1_agreement", "kl")}
                           for e in rep["evals"]],
             }
-            doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (mode, run["dense_layers"])]
+            key = (args.scheme, mode, run["dense_layers"])
+            doc["runs"] = [r for r in doc["runs"] if (r["scheme"], r["mode"], r["dense_layers"]) != key]
             doc["runs"].append(run)
-            log.info("%s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", name, mode,
-                     ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
-            series = [x for x in series if x["label"] != f"{name}, {mode}"]
-            series.append({"label": f"{name}, {mode}", "tokens": [c["tokens"] for c in run["curve"]],
+            doc["table"] = results_table(doc)
+            log.info("%s %s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", args.scheme, name,
+                     mode, ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
+            label = _label(args.scheme, name, mode)
+            series = [x for x in series if x["label"] != label]
+            series.append({"label": label, "tokens": [c["tokens"] for c in run["curve"]],
                            "perplexity": [c["perplexity"] for c in run["curve"]]})
             _write_json(json_path, doc)
             plot_perplexity(series, png_path, f"SmolLM2-135M 2:4 + W8A8 recovery ({doc['gpu'] or 'CPU'}, "
                             f"{args.minutes:g} min per run; {args.train_eval_windows}x{args.eval_seqlen} "
                             "eval tokens during training)", doc["dense_ppl"])
-    print(json.dumps({"dense_ppl": doc["dense_ppl"], "runs": [
-        {k: r[k] for k in ("mode", "dense_layers", "ppl_before", "ppl_after", "tokens", "minutes")}
+    doc["table"] = results_table(doc)
+    _write_json(json_path, doc)
+    print(json.dumps({"dense_ppl": doc["dense_ppl"], "table": doc["table"], "runs": [
+        {k: r[k] for k in ("scheme", "mode", "dense_layers", "ppl_before", "ppl_after", "tokens", "minutes")}
         for r in doc["runs"]]}, indent=2))
     print(f"wrote {json_path} and {png_path}")
     return doc
