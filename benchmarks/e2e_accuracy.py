@@ -10,6 +10,9 @@ Runs (each vLLM engine in its own process):
     against a float64 reference; the int8 activation grid sees bf16-rounded inputs).
   * ``torch-fp32``: dtype float32, ``VLLM_SPARSE24_KERNEL=torch`` (the reference kernel on the
     GPU); tolerance max |dlogprob| <= 1e-3 (the CPU engine test's LOGPROB_ATOL).
+  * ``cuda-bf16-fp8``, ``torch-fp32-fp8``: the same two on the tiny model written in the fp8 scheme
+    (e4m3 weights and activations; the CUTLASS e4m3 GEMM configs in bf16), against the float64
+    reference with per-token e4m3 fake-quant; the int8 runs' tolerances.
 
 SmolLM2-135M, runs ``smollm2-*``: the sparse24 checkpoint of ``--model`` (default
 models/smollm2-sparse24; ``benchmarks/offline_host/checkpoint_parts.py`` moves it to a GPU host that
@@ -51,6 +54,9 @@ RUNS = {
     "cuda-bf16": {"dtype": "bfloat16", "env": {}, "max_abs": 0.25, "mean_abs": 0.05},
     "torch-fp32": {"dtype": "float32", "env": {"VLLM_SPARSE24_KERNEL": "torch"}, "max_abs": 1e-3, "mean_abs": 1e-3},
     "cuda-bf16-tp2": {"dtype": "bfloat16", "env": {}, "tp": 2, "max_abs": 0.25, "mean_abs": 0.05},
+    "cuda-bf16-fp8": {"dtype": "bfloat16", "env": {}, "scheme": "fp8", "max_abs": 0.25, "mean_abs": 0.05},
+    "torch-fp32-fp8": {"dtype": "float32", "env": {"VLLM_SPARSE24_KERNEL": "torch"}, "scheme": "fp8",
+                       "max_abs": 1e-3, "mean_abs": 1e-3},
 }
 # SmolLM2 runs: the tolerance comes from the reference file (its "tolerance" entry for the dtype)
 SMOL_RUNS = {
@@ -196,19 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         import tiny_llama as tl
         from transformers import AutoTokenizer
 
+        from vllm_sparse24.quant import GRIDS
+
         model = tl.build_dense(work / "dense")
-        dequant = tl.write_checkpoint(model, work / "dense", work / "sparse24")
-        tok = AutoTokenizer.from_pretrained(work / "sparse24")
-        ids = [tok(t).input_ids for t in TEXTS]
-        refs = [tl.reference_logprobs(model, dequant, i) for i in ids]
+        refs, folders = {}, {}
+        for scheme in sorted({RUNS[n].get("scheme", "int8") for n in tiny}):
+            folders[scheme] = work / ("sparse24" if scheme == "int8" else f"sparse24-{scheme}")
+            dequant = tl.write_sparse24(model, work / "dense", folders[scheme], grid=GRIDS[scheme])
+            tok = AutoTokenizer.from_pretrained(folders[scheme])
+            ids = [tok(t).input_ids for t in TEXTS]
+            refs[scheme] = [tl.reference_logprobs(model, dequant, i, GRIDS[scheme]) for i in ids]
         summary = {"model": "tiny random Llama (vllm_sparse24.tiny.build_dense: hidden 256, intermediate 512, "
-                            "2 layers, vocab 384), 2:4 magnitude + int8 per-channel, W8A8 per-token",
+                            "2 layers, vocab 384), 2:4 magnitude + int8 (or fp8 e4m3) per-channel, W8A8 per-token",
                    "reference": "float64 HF forward, dequantized weights, per-token fake-quant of linear inputs",
                    "prompts": [len(i) for i in ids], "runs": {}}
     for name in tiny:
         run = RUNS[name]
-        spec = {"model": str(work / "sparse24"), "dtype": run["dtype"], "ids": ids,
-                "enforce_eager": name == "torch-fp32", "tp": run.get("tp", 1)}
+        scheme = run.get("scheme", "int8")
+        spec = {"model": str(folders[scheme]), "dtype": run["dtype"], "ids": ids,
+                "enforce_eager": name.startswith("torch-fp32"), "tp": run.get("tp", 1)}
         res, rc = _engine(name, spec, run["env"], work, args.timeout)
         if res is None:
             summary["runs"][name] = {"error": f"engine process rc={rc}"}
@@ -216,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             continue
         diffs = torch.cat([(torch.tensor(p["prompt_logprobs"], dtype=torch.float64) - r).abs()
-                           for p, r in zip(res["prompts"], refs, strict=True)])
+                           for p, r in zip(res["prompts"], refs[scheme], strict=True)])
         mx, mean = diffs.max().item(), diffs.mean().item()
         passed = mx <= run["max_abs"] and mean <= run["mean_abs"]
         ok &= passed
         summary["runs"][name] = {
-            "dtype": run["dtype"], "env": run["env"], "quantization": res["quantization"],
+            "dtype": run["dtype"], "scheme": scheme, "env": run["env"], "quantization": res["quantization"],
             "max_abs_diff": mx, "mean_abs_diff": mean, "tolerance": {"max_abs": run["max_abs"], "mean_abs": run["mean_abs"]},
             "passed": passed, "n_logprobs": diffs.numel(),
             "greedy": [{"prompt": t, "completion_ids": p["completion_ids"],

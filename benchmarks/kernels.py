@@ -48,6 +48,7 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     sparse_mm,
 )
 from vllm_sparse24.kernels.dispatch import DTYPE_NAMES  # noqa: E402
+from vllm_sparse24.quant import FP8, INT8, quantize_per_token  # noqa: E402
 
 MODELS = {
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -152,10 +153,9 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
     sparse_bytes = sum(lib.compressed_bytes(n, k))  # values + metadata, as resident
     for m in ms:
         x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
-        xs = (x.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
-        xq8 = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
-        xs8 = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-        xqf8 = (x.float() / xs8).to(torch.float8_e4m3fn)
+        # the plugin's per-token quant (vllm_sparse24.quant), outside the timed calls as for every row
+        xq8, xs = quantize_per_token(x, INT8)
+        xqf8, xs8 = quantize_per_token(x, FP8)
         impls = {"bf16": (lambda i: torch.nn.functional.linear(x, sh.bf16[i]), sh.c_bf16, n * k * 2)}
         if ops is not None:
             impls["int8_cutlass"] = (lambda i: ops.cutlass_scaled_mm(xq8, sh.i8[i].t(), xs, sh.ws2, torch.bfloat16,

@@ -1,24 +1,30 @@
 """Accuracy recovery of SmolLM2-135M 2:4 + W8A8 on one GPU, end to end (no vLLM needed).
 
     python benchmarks/recovery_smollm2.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery [--minutes 10]
+        --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery [--minutes 10] \\
+        [--scheme int8|fp8]
 
 1. the dense teacher's perplexity on ``--eval-text`` (``offline eval``'s code: the first
    ``--windows`` non-overlapping windows of 512 tokens);
-2. two one-shot students with the compressor (SparseGPT-joint): all linears 2:4, and
+2. two one-shot students with the compressor (SparseGPT-joint) in ``--scheme`` (int8: int8
+   weights and activations; fp8: e4m3 weights and activations): all linears 2:4, and
    ``--dense-layers auto:10`` (its sensitivities taken from the all-sparse run, as
-   ``offline compare`` does);
+   ``offline compare`` does), each evaluated like step 1 (``one_shot`` in the JSON);
 3. each student recovered by ``offline recover`` in each ``--modes`` (global distillation,
    block-wise reconstruction), each run within ``--minutes`` (its token count is fitted to the
    time on its first steps), then evaluated like step 1 from the written checkpoint;
 4. ``recovery-smollm2-<gpu>-<date>.json`` (``gpu``, ``date``, ``command``, ``dense_ppl``,
-   ``runs``: mode, dense_layers, ppl_before, ppl_after, tokens, minutes, and the curves) and a
-   PNG of perplexity vs training tokens, written after every run.
+   ``one_shot``: scheme -> student -> perplexity, ``runs``: scheme, mode, dense_layers, ppl_before,
+   ppl_after, tokens, minutes, and the curves; ``table``: scheme -> student -> one-shot and
+   recovered perplexities) and a PNG of perplexity vs training tokens, written after every run.
 
 Runs add up: students already in ``--out/students`` are reused (``--recompress`` redoes them), and
-the runs of an existing JSON of the same GPU and date are kept (a run of the same student and mode
-is replaced), so the experiment can be split over several invocations, e.g. one per
-``--students``/``--modes`` pair.
+the runs of an existing JSON of the same GPU and date are kept (a run of the same scheme, student
+and mode is replaced), so the experiment can be split over several invocations, e.g. one per
+``--scheme`` or ``--students``/``--modes`` pair; ``--modes`` with no value measures the one-shot
+students only. int8 students and recovered checkpoints are in ``students/<student>`` and
+``recovered/<student>-<mode>``, fp8 ones in ``students/<student>-fp8`` and
+``recovered/<student>-fp8-<mode>``.
 
 ``--smoke`` shrinks everything (a few steps, a few windows) to check the script on a CPU; the
 numbers it prints then mean nothing. Needs the project installed (``pip install -e .``, vLLM not
@@ -62,6 +68,26 @@ def gpu_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
+def _tag(student: str, scheme: str) -> str:
+    """Folder name of a student: int8 ones keep the names of before the fp8 scheme."""
+    return student if scheme == "int8" else f"{student}-{scheme}"
+
+
+def results_table(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """scheme -> student -> {"one_shot": perplexity, "<mode>": recovered perplexity}: the int8 vs
+    fp8 table, with and without recovery."""
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for scheme, students in doc.get("one_shot", {}).items():
+        for student, ppl in students.items():
+            table.setdefault(scheme, {}).setdefault(student, {})["one_shot"] = ppl
+    for r in doc["runs"]:
+        scheme, student, _ = _key(r)
+        cell = table.setdefault(scheme, {}).setdefault(student, {})
+        cell.setdefault("one_shot", r["ppl_before"])
+        cell[r["mode"]] = r["ppl_after"]
+    return table
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -79,8 +105,18 @@ def _ppl(path_or_model: Any, tok: Any, args: argparse.Namespace) -> float:
     return res["perplexity"]
 
 
+def _student(run: dict[str, Any]) -> str:
+    return "auto10" if run["dense_layers"] == "auto:10" else "all-sparse"
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str, str]:
+    """A run's identity in a results JSON: scheme, student, mode (runs made before the fp8 scheme are int8)."""
+    return run.get("scheme", "int8"), _student(run), run["mode"]
+
+
 def _label(run: dict[str, Any]) -> str:
-    return f"{'auto10' if run['dense_layers'] == 'auto:10' else 'all-sparse'}, {run['mode']}"
+    scheme, student, mode = _key(run)
+    return f"{scheme} {student}, {mode}"
 
 
 def _write_plot(doc: dict[str, Any], png_path: Path) -> None:
@@ -98,7 +134,7 @@ def _write_plot(doc: dict[str, Any], png_path: Path) -> None:
 def merge(json_paths: list[Path], out: Path) -> dict[str, Any]:
     """One results JSON + PNG from several invocations' JSONs (e.g. runs made side by side on
     several GPUs, one --out each): the runs of all of them, a later file's run replacing an earlier
-    one of the same student and mode. The JSONs must agree on GPU, evaluation and dense perplexity."""
+    one of the same scheme, student and mode. The JSONs must agree on GPU, evaluation and dense perplexity."""
     docs = [json.loads(Path(p).read_text()) for p in json_paths]
     if not docs:
         raise SystemExit("--merge needs at least one JSON")
@@ -108,11 +144,15 @@ def merge(json_paths: list[Path], out: Path) -> dict[str, Any]:
         if not same or abs(d["dense_ppl"] - first["dense_ppl"]) > 1e-6 * first["dense_ppl"]:
             raise SystemExit(f"{p}: GPU, evaluation settings or dense perplexity differ from {json_paths[0]}")
     commands = [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
-    doc = dict(first, runs=[], merged_from=[str(p) for p in json_paths], command=commands)
+    doc = dict(first, runs=[], merged_from=[str(p) for p in json_paths], command=commands, one_shot={})
+    for d in docs:
+        for scheme, students in d.get("one_shot", {}).items():
+            doc["one_shot"].setdefault(scheme, {}).update(students)
     for d in docs:
         for run in d["runs"]:
-            doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (run["mode"], run["dense_layers"])]
+            doc["runs"] = [r for r in doc["runs"] if _key(r) != _key(run)]
             doc["runs"].append(run)
+    doc["table"] = results_table(doc)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(json_paths[0]).stem
     _write_json(out / f"{stem}.json", doc)
@@ -128,10 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-text", help="evaluation text (wiki_eval.txt)")
     ap.add_argument("--out", required=True, help="output folder (checkpoints, JSON, PNG)")
     ap.add_argument("--minutes", type=float, default=10.0, help="time budget of each recovery run")
-    ap.add_argument("--modes", nargs="+", default=["global", "blocks"], choices=["global", "blocks"])
+    ap.add_argument("--modes", nargs="*", default=["global", "blocks"], choices=["global", "blocks"],
+                    help="recovery modes (none: the one-shot students only)")
     ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    ap.add_argument("--scheme", default="int8", choices=["int8", "fp8"],
+                    help="quantization of the students: int8 or fp8 (e4m3) weights and activations")
     ap.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
-                    help="one-shot method of the students (SparseGPT: joint with int8)")
+                    help="one-shot method of the students (SparseGPT: joint with the scheme's grid)")
     ap.add_argument("--nsamples", type=int, default=128, help="compressor calibration samples")
     ap.add_argument("--calib-seqlen", type=int, default=2048, help="compressor calibration sample length")
     ap.add_argument("--windows", type=int, default=64, help="evaluation windows")
@@ -187,13 +230,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": str(args.teacher), "calib": str(args.calib), "eval_text": str(args.eval_text),
         "eval": {"windows": args.windows, "seqlen": args.eval_seqlen}, "smoke": args.smoke,
         "machine": machine_info(), "options": {k: v for k, v in vars(args).items()},
-        "dense_ppl": None, "runs": [],
+        "dense_ppl": None, "one_shot": {}, "runs": [],
     }
 
     if json_path.exists():  # an earlier invocation of the same day: keep its runs
         old = json.loads(json_path.read_text())
         if old.get("eval") == doc["eval"] and old.get("smoke") == doc["smoke"]:
             doc["runs"], doc["dense_ppl"] = old.get("runs", []), old.get("dense_ppl")
+            doc["one_shot"] = old.get("one_shot", {})
+            for r in doc["runs"]:  # runs of before the fp8 scheme were int8
+                r.setdefault("scheme", "int8")
             doc["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
         else:
             log.warning("%s was made with other evaluation settings: starting it anew", json_path)
@@ -210,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("all-sparse", "auto10"):
         if name not in args.students and not (name == "all-sparse" and "auto10" in args.students):
             continue
-        path = out / "students" / name
+        path = out / "students" / _tag(name, args.scheme)
         if path.exists() and not args.recompress and (path / "compress_report.json").exists():
             log.info("reusing student %s", path)
             if name == "all-sparse":
@@ -223,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(path)
         t0 = time.perf_counter()
         extra = {"sensitivity": sensitivity} if name == "auto10" and sensitivity else {}
-        rep = compress(args.teacher, path, method=args.method, joint=True, calib=args.calib,
+        rep = compress(args.teacher, path, method=args.method, scheme=args.scheme, joint=True, calib=args.calib,
                        nsamples=args.nsamples, seqlen=args.calib_seqlen, dense_layers=STUDENTS[name],
                        device=args.device, seed=args.seed, model=copy.deepcopy(teacher), tokenizer=tok,
                        progress=False, **extra)
@@ -235,8 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for name, spath in students.items():
         ppl_before = _ppl(spath, tok, args)
+        doc["one_shot"].setdefault(args.scheme, {})[name] = ppl_before
+        doc["table"] = results_table(doc)
+        _write_json(json_path, doc)
+        log.info("%s %s one-shot: perplexity %.3f (dense %.3f)", args.scheme, name, ppl_before, doc["dense_ppl"])
         for mode in args.modes:
-            rpath = out / "recovered" / f"{name}-{mode}"
+            rpath = out / "recovered" / f"{_tag(name, args.scheme)}-{mode}"
             opts = RecoverOptions(
                 mode=mode, tokens=10**10 if not args.smoke else 4 * args.batch_size * args.seqlen,
                 seqlen=args.seqlen, batch_size=args.batch_size,
@@ -258,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             teacher.to("cpu")
             ppl_after = _ppl(rpath, tok, args)
             run = {
-                "mode": mode, "dense_layers": "auto:10" if name == "auto10" else [],
+                "scheme": args.scheme, "mode": mode, "dense_layers": "auto:10" if name == "auto10" else [],
                 "ppl_before": ppl_before, "ppl_after": ppl_after, "tokens": rep["train"]["tokens"],
                 "minutes": round(minutes, 2), "student": str(spath), "checkpoint": str(rpath),
                 "train": rep["train"], "data": rep["data"], "seconds": rep["seconds"],
@@ -266,14 +316,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "curve": [{k: e.get(k) for k in ("tokens", "perplexity", "top1_agreement", "kl")}
                           for e in rep["evals"]],
             }
-            doc["runs"] = [r for r in doc["runs"] if (r["mode"], r["dense_layers"]) != (mode, run["dense_layers"])]
+            doc["runs"] = [r for r in doc["runs"] if _key(r) != _key(run)]
             doc["runs"].append(run)
-            log.info("%s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", name, mode,
-                     ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
+            doc["table"] = results_table(doc)
+            log.info("%s %s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", args.scheme, name,
+                     mode, ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
             _write_json(json_path, doc)
             _write_plot(doc, png_path)
-    print(json.dumps({"dense_ppl": doc["dense_ppl"], "runs": [
-        {k: r[k] for k in ("mode", "dense_layers", "ppl_before", "ppl_after", "tokens", "minutes")}
+    doc["table"] = results_table(doc)
+    _write_json(json_path, doc)
+    print(json.dumps({"dense_ppl": doc["dense_ppl"], "table": doc["table"], "runs": [
+        {k: r[k] for k in ("scheme", "mode", "dense_layers", "ppl_before", "ppl_after", "tokens", "minutes")}
         for r in doc["runs"]]}, indent=2))
     print(f"wrote {json_path} and {png_path}")
     return doc

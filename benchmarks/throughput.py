@@ -1,7 +1,7 @@
-"""End-to-end vLLM throughput: dense bf16, dense W8A8 int8, vLLM fp8 and sparse24.
+"""End-to-end vLLM throughput: dense bf16, dense W8A8 int8, vLLM fp8 and sparse24 (int8 and fp8).
 
     python benchmarks/throughput.py --out DIR [--config llama3-8b|CONFIG.json] [--num-layers 8]
-        [--engines bf16,w8a8_int8,fp8,sparse24] [--workloads prefill_256x1024x16,...] [--tp 1]
+        [--engines bf16,w8a8_int8,fp8,sparse24,sparse24_fp8] [--workloads prefill_256x1024x16,...] [--tp 1]
 
 One random Llama-shaped model (default: Llama-3-8B's shape; ``--num-layers`` changes the depth)
 per engine (speed does not depend on the values):
@@ -10,7 +10,8 @@ per engine (speed does not depend on the values):
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
     compressor's ``dense-w8a8`` writer (``offline.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
-    written with ``vllm_sparse24.checkpoint`` as ``offline.export.write_sparse24`` does.
+    written with ``vllm_sparse24.checkpoint`` as ``offline.export.write_sparse24`` does;
+  * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations).
 Each engine runs in its own process (``--_engine``), every workload in that process, with the
 same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
 ``vllm bench throughput``: requests/s = n / elapsed, total tok/s = (prompt + generated) / elapsed,
@@ -38,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "sparse24")
+ENGINES = ("bf16", "w8a8_int8", "fp8", "sparse24", "sparse24_fp8")
+# sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
+SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8"}
 WORKLOADS = {  # name -> (prompts, input tokens, output tokens)
     "prefill_256x1024x16": (256, 1024, 16),
     "decode_1x128x512": (1, 128, 512),
@@ -115,7 +118,8 @@ def _stub_model(cfg: dict, state: dict):
 
 
 def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) -> dict[str, float]:
-    """Write bf16/ (for bf16 and fp8), w8a8_int8/ and sparse24/ under root; returns seconds."""
+    """Write bf16/ (for bf16 and fp8), w8a8_int8/, sparse24/ and sparse24_fp8/ under root (those
+    the engines need); returns seconds."""
     import torch
 
     from offline.export import write_dense_w8a8
@@ -123,13 +127,13 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from offline.model_walk import hf_config_dict
     from vllm_sparse24 import checkpoint as ckpt
     from vllm_sparse24.format import pack_24
-    from vllm_sparse24.quant import quantize_weight_per_channel
+    from vllm_sparse24.quant import GRIDS, quantize_weight_per_channel
     from vllm_sparse24.schema import Sparse24Scheme
     from vllm_sparse24.sparsity import magnitude_24
 
-    want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines,
-            "sparse24": "sparse24" in engines}
-    need_weights = want["w8a8_int8"] or want["sparse24"]
+    want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines}
+    sparse = [e for e in SPARSE_ENGINES if e in engines]
+    need_weights = want["w8a8_int8"] or bool(sparse)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.time()
@@ -144,7 +148,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     if need_weights and not cfg.get("tie_word_embeddings"):
         common["lm_head.weight"] = rnd(v, h).cpu()
     int8_res: dict = {}
-    sparse_tensors: dict = {}
+    sparse_tensors: dict = {e: {} for e in sparse}
     for layer in range(n_layers if need_weights else 0):
         p = f"model.layers.{layer}"
         common[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -155,12 +159,13 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
             if want["w8a8_int8"]:
                 q, s = quantize_weight_per_channel(wf)
                 int8_res[name] = LinearResult(name, "dense", "rtn", q.cpu(), s.cpu(), 0.0, 0.0, 0.0)
-            if want["sparse24"]:
-                q, s = quantize_weight_per_channel(magnitude_24(wf, name=name))
+            pruned = magnitude_24(wf, name=name) if sparse else None
+            for e in sparse:
+                q, s = quantize_weight_per_channel(pruned, GRIDS[SPARSE_ENGINES[e]])
                 values, bitmask = pack_24(q, name=name)  # on the GPU (the 2:4 mask's topk is slow on CPU)
-                sparse_tensors[f"{name}.weight_packed"] = values.cpu()
-                sparse_tensors[f"{name}.weight_bitmask"] = bitmask.cpu()
-                sparse_tensors[f"{name}.weight_scale"] = s.float().cpu()
+                sparse_tensors[e][f"{name}.weight_packed"] = values.cpu()
+                sparse_tensors[e][f"{name}.weight_bitmask"] = bitmask.cpu()
+                sparse_tensors[e][f"{name}.weight_scale"] = s.float().cpu()
     secs = {"generate_s": round(time.time() - t0, 1)}
     report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}
     if want["bf16"]:  # vLLM's dummy weights: a config-only folder
@@ -173,17 +178,17 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
         write_dense_w8a8(root / "w8a8_int8", _stub_model(cfg, common), _StubTokenizer(), int8_res,
                          ignore=("lm_head",), report=report, dtype=torch.bfloat16, overwrite=True)
         secs["w8a8_int8_write_s"] = round(time.time() - t, 1)
-    if want["sparse24"]:
+    for e in sparse:
         t = time.time()
         # what offline.export.write_sparse24 does, minus its CPU pack_24 (packed above on the GPU)
-        scheme = Sparse24Scheme()
-        with ckpt.atomic_output_dir(root / "sparse24", overwrite=True) as tmp:
-            ckpt.save_safetensors_shards({**common, **sparse_tensors}, tmp)
+        scheme = Sparse24Scheme(quant=SPARSE_ENGINES[e])
+        with ckpt.atomic_output_dir(root / e, overwrite=True) as tmp:
+            ckpt.save_safetensors_shards({**common, **sparse_tensors.pop(e)}, tmp)
             ckpt.write_quantization_config(tmp, hf_config_dict(_stub_model(cfg, common), torch.bfloat16), scheme)
             kinds = ckpt.validate_checkpoint(tmp, scheme)
             assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
             (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
-        secs["sparse24_write_s"] = round(time.time() - t, 1)
+        secs[f"{e}_write_s"] = round(time.time() - t, 1)
     return secs
 
 
@@ -202,7 +207,7 @@ def make_engine(args, eng: str):
     from vllm import LLM
 
     model = {"fp8": "bf16"}.get(eng, eng)
-    quant = {"fp8": "fp8", "sparse24": "sparse24"}.get(eng)
+    quant = {"fp8": "fp8", **dict.fromkeys(SPARSE_ENGINES, "sparse24")}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
     llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
               load_format="dummy" if model == "bf16" else "auto",

@@ -32,11 +32,17 @@ def _add_compress_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         p.add_argument("--method", choices=METHODS, default="sparsegpt",
                        help="2:4 pruning algorithm (default sparsegpt). magnitude needs no calibration data; "
                             "wanda and sparsegpt need --calib")
+        p.add_argument("--scheme", choices=("int8", "fp8"), default="int8",
+                       help="W8A8 quantization: int8 (int8 weights per channel, int8 activations per token; "
+                            "default) or fp8 (float8_e4m3fn weights per channel with scale absmax/448, e4m3 "
+                            "activations per token; runs on Hopper GPUs in bfloat16 models)")
         p.add_argument("--joint", action=argparse.BooleanOptionalAction, default=True,
-                       help="sparsegpt: round kept weights to the int8 grid inside the OBS loop (default on)")
+                       help="sparsegpt: round kept weights to the scheme's grid (int8 or e4m3) inside the OBS "
+                            "loop (default on)")
         p.add_argument("--export", choices=("sparse24", "dense-w8a8"), default="sparse24",
                        help="sparse24: the plugin's 2:4 + W8A8 checkpoint (default); dense-w8a8: no pruning, "
-                            "a compressed-tensors int8 W8A8 checkpoint that stock vLLM loads (for comparison)")
+                            "a compressed-tensors W8A8 checkpoint (int8, or fp8 with --scheme fp8) that stock vLLM "
+                            "loads (for comparison)")
         p.add_argument("--dense-layers", nargs="*", default=[], metavar="REGEX",
                        help="linears kept dense W8A8 instead of 2:4: regexes matched (re.match) against HF "
                             "module names, e.g. 'model\\.layers\\.0\\.mlp\\..*'; or auto:P to keep the P%% most "
@@ -108,7 +114,7 @@ def _add_recover_args(p: argparse.ArgumentParser) -> None:
                    help="sampling temperature of the generated text")
     p.add_argument("--gen-top-p", type=float, default=d.gen_top_p, help="nucleus sampling (1: off)")
     p.add_argument("--quant-from", type=float, default=d.quant_from,
-                   help="fraction of the steps trained in float before int8 fake-quant starts (0: throughout)")
+                   help="fraction of the steps trained in float before fake-quant (int8 or fp8) starts (0: throughout)")
     p.add_argument("--train-extra", nargs="*", choices=EXTRAS, default=[],
                    help="also train these (frozen by default): norms, embeddings (and a tied output "
                    "layer), ignored (unquantized linears such as lm_head)")
@@ -162,7 +168,7 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", parents=[common], help="dense model -> sparse24 (or dense W8A8) checkpoint",
                        description="Compress a dense Llama / Mistral / Qwen2 model into a sparse24 checkpoint "
-                                   "(2:4 sparse + int8 W8A8) that `vllm serve` loads with the plugin.")
+                                   "(2:4 sparse + int8 or fp8 W8A8) that `vllm serve` loads with the plugin.")
     c.add_argument("--model", required=True, help="dense model: a Hugging Face folder or a .gguf file")
     c.add_argument("--out", required=True, help="checkpoint folder to write (written beside, then renamed)")
     _add_compress_args(c)
@@ -202,8 +208,8 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
     r = sub.add_parser(
         "recover", parents=[common], help="sparse24 checkpoint -> accuracy-recovered sparse24 checkpoint (distillation)",
         description="Distill a 2:4 W8A8 student from its dense teacher with the 2:4 mask fixed and the "
-        "plugin's int8 arithmetic in the forward (STE); writes the compressor's checkpoint format "
-        "atomically, with recover_report.json and recover_perplexity.png inside it.",
+        "plugin's int8 or fp8 arithmetic (the student's scheme) in the forward (STE); writes the "
+        "compressor's checkpoint format atomically, with recover_report.json and recover_perplexity.png inside it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_recover_args(r)
     return ap
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m offline") -> int:
         from .compress import compress
 
         rep = compress(
-            args.model, args.out, method=args.method, joint=args.joint, calib=args.calib,
+            args.model, args.out, method=args.method, scheme=args.scheme, joint=args.joint, calib=args.calib,
             nsamples=args.nsamples, seqlen=args.seqlen, dampening=args.dampening,
             block_size=args.block_size, ignore=tuple(args.ignore), dense_layers=tuple(args.dense_layers),
             device=args.device, dtype=args.dtype, seed=args.seed, export=args.export,

@@ -1,9 +1,9 @@
 """``--mode blocks``: block-wise reconstruction (EBFT-style), the cheap alternative to global
 distillation. Model walking only; the loss is :func:`offline.distill_loss.normalized_mse`.
 
-Decoder layer i of the student is trained (kept weights on the int8 grid, mask fixed) so that,
+Decoder layer i of the student is trained (kept weights on the student's int8 or fp8 grid, mask fixed) so that,
 fed the student's own layer-i inputs (the outputs of its already-recovered layers, computed in
-the plugin's int8 arithmetic), it reproduces the dense teacher layer's outputs on the teacher's
+the plugin's arithmetic), it reproduces the dense teacher layer's outputs on the teacher's
 inputs, ||t - s||^2 / ||t||^2. Every layer trains on ``--tokens`` tokens drawn from a pool of at
 most ``--block-pool-tokens`` tokens whose hidden states stay on the device. The state is saved
 after every layer; a resumed run recomputes the inputs of its next layer from the saved layers.

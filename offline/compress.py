@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from vllm_sparse24.quant import GRIDS
 from vllm_sparse24.schema import Sparse24Scheme
 
 from .calib import calibration_size, token_samples
@@ -59,6 +60,7 @@ def compress(
     out: str | os.PathLike,
     *,
     method: str = "sparsegpt",
+    scheme: str = "int8",
     joint: bool = True,
     calib: str | os.PathLike | None = None,
     nsamples: int | None = None,
@@ -83,6 +85,9 @@ def compress(
     modified in place). ``sensitivity`` (name -> relative output error of an all-sparse run with
     the same options, e.g. its report's ``rel_error_after``) lets ``auto:P`` skip its probe pass.
 
+    ``scheme``: "int8" (int8 weights and activations) or "fp8" (float8_e4m3fn weights, e4m3
+    activations); weights per output channel, activations dynamic per token, in both.
+
     Wanda and SparseGPT need ``calib``. Magnitude runs without it (no calibration forwards; the
     report then holds relative weight errors and says that output errors were not measured); with
     it, magnitude also measures the output errors. ``nsamples`` / ``seqlen`` default by device
@@ -94,6 +99,9 @@ def compress(
         raise CompressError(f"unknown --export {export!r}; choose from {EXPORTS}")
     if dtype not in DTYPES:
         raise CompressError(f"unknown --dtype {dtype!r}; choose from {tuple(DTYPES)}")
+    if scheme not in GRIDS:
+        raise CompressError(f"unknown --scheme {scheme!r}; choose from {tuple(GRIDS)}")
+    grid = GRIDS[scheme]
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
@@ -109,7 +117,7 @@ def compress(
     if uses_calib:
         nsamples, seqlen = calibration_size(device, nsamples, seqlen)
     report: dict[str, Any] = {
-        "model": str(model_path), "method": method, "joint": joint, "export": export,
+        "model": str(model_path), "method": method, "scheme": scheme, "joint": joint, "export": export,
         "calib": str(calib) if uses_calib else None, "nsamples": nsamples if uses_calib else None,
         "seqlen": seqlen if uses_calib else None,
         "errors": OUTPUT_ERRORS if uses_calib else WEIGHT_ERRORS if export == "sparse24" else RTN_ERRORS,
@@ -125,20 +133,20 @@ def compress(
 
     if export == "dense-w8a8":
         results: dict[str, LinearResult] = {}
-        scheme = Sparse24Scheme(ignore=ignore, dense_layers=("re:.*",))
+        everything_dense = Sparse24Scheme(ignore=ignore, dense_layers=("re:.*",))
         for n in names:
-            if scheme.layer_kind(n) == "unquantized":
+            if everything_dense.layer_kind(n) == "unquantized":
                 continue
             w = model.get_submodule(n).weight
-            (r,) = compress_group([(n, w)], None, kind="dense", method="magnitude")  # RTN int8
+            (r,) = compress_group([(n, w)], None, kind="dense", method="magnitude", grid=grid)  # RTN
             results[n] = r
         report["linears"] = {n: r.report() for n, r in results.items()}
         report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
-        write_dense_w8a8(out, model, tokenizer, results, ignore, report, tdtype, overwrite)
+        write_dense_w8a8(out, model, tokenizer, results, ignore, report, tdtype, overwrite, grid=grid)
         return report
 
-    scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns)
-    kinds = plan_kinds(num_layers, scheme, shapes)
+    plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns, quant=scheme)
+    kinds = plan_kinds(num_layers, plan, shapes)
     if calib is None:
         if method != "magnitude":
             raise CompressError(f"--method {method} needs calibration data: pass --calib (a text file, a folder "
@@ -151,15 +159,16 @@ def compress(
             if kinds[group[0]] == "unquantized":
                 continue
             weights = [(n, model.get_submodule(n).weight) for n in group]
-            results.update((r.name, r) for r in compress_group(weights, None, kind=kinds[group[0]], method=method))
+            results.update((r.name, r) for r in compress_group(weights, None, kind=kinds[group[0]], method=method,
+                                                                grid=grid))
         report["linears"] = {n: r.report() for n, r in results.items()}
         report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
-        write_sparse24(out, model, tokenizer, results, scheme, report, tdtype, overwrite)
+        write_sparse24(out, model, tokenizer, results, plan, report, tdtype, overwrite)
         log.info("compressed without calibration in %.1fs: %s", report["totals"]["seconds"], report["totals"])
         return report
     opts = CompressOptions(method=method, joint=joint, dampening=dampening, block_size=block_size,
                            ignore=ignore, dense_layers=patterns, dense_auto_percent=auto,
-                           device=device, batch_size=batch_size, progress=progress)
+                           device=device, batch_size=batch_size, progress=progress, grid=grid)
     samples = token_samples(tokenizer, calib, nsamples, seqlen, seed)
     log.info("%d calibration samples x %d tokens from %s", len(samples), seqlen, calib)
 
@@ -181,11 +190,11 @@ def compress(
                                 "probe_seconds": time.perf_counter() - t0,
                                 "sensitivity": {n: sensitivity[n] for n in chosen}}
         log.info("auto:%g keeps %d linears dense: %s", auto, len(chosen), ", ".join(chosen))
-        scheme = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen))
-        kinds = plan_kinds(num_layers, scheme, shapes)
+        plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen), quant=scheme)
+        kinds = plan_kinds(num_layers, plan, shapes)
     results = sequential_compress(model, samples, kinds, opts)
     report["linears"] = {n: r.report() for n, r in results.items()}
     report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
-    write_sparse24(out, model, tokenizer, results, scheme, report, tdtype, overwrite)
+    write_sparse24(out, model, tokenizer, results, plan, report, tdtype, overwrite)
     log.info("compressed in %.1fs: %s", report["totals"]["seconds"], report["totals"])
     return report

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vllm_sparse24.quant import fake_quant_per_token
+from vllm_sparse24.quant import INT8, Grid, fake_quant_per_token
 from vllm_sparse24.schema import K_MULTIPLE, Sparse24Scheme
 
 from .group import METHODS, LinearResult, compress_group
@@ -53,6 +53,7 @@ class CompressOptions:
     dense_auto_percent: float | None = None  # auto:P
     device: str = "cpu"
     act_quant: bool = True
+    grid: Grid = INT8  # the scheme's grid: weights and fake-quantized activations (int8 or fp8)
     batch_size: int = 8
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +116,7 @@ def compress_layer(
     opts: CompressOptions,
     pbar: tqdm | None = None,
 ) -> tuple[torch.Tensor, list[LinearResult]]:
-    """Compress one decoder layer in place (weights become dequantized int8 values) and return
+    """Compress one decoder layer in place (weights become dequantized int8 / fp8 values) and return
     (its outputs on the calibration inputs, per-linear results). ``layer`` must be on the
     device of ``inps``."""
     results: list[LinearResult] = []
@@ -133,7 +134,7 @@ def compress_layer(
 
             def stats_hook(_m, args, acc=acc):
                 x = args[0]
-                acc.add(fake_quant_per_token(x) if opts.act_quant else x)
+                acc.add(fake_quant_per_token(x, opts.grid) if opts.act_quant else x)
                 raise _Stop
 
             h = mods[0].register_forward_pre_hook(stats_hook)
@@ -148,12 +149,14 @@ def compress_layer(
             res = compress_group(
                 [(f, m.weight) for f, m in zip(full, mods, strict=True)], acc.h, kind=kind,
                 method=opts.method, joint=opts.joint, dampening=opts.dampening, block_size=opts.block_size,
+                grid=opts.grid,
             )
             del acc
             for m, r in zip(mods, res, strict=True):
                 m.weight.data.copy_(r.dequantized().to(m.weight.device, m.weight.dtype))
                 if opts.act_quant:
-                    hooks.append(m.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0]),)))
+                    hooks.append(m.register_forward_pre_hook(
+                        lambda _m, a: (fake_quant_per_token(a[0], opts.grid),)))
             results += res
         outs = torch.empty_like(inps)
         for b in range(0, inps.shape[0], opts.batch_size):
@@ -180,7 +183,8 @@ def sequential_compress(
     results: dict[str, LinearResult] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pbar = tqdm(range(len(layers)), desc=f"{opts.method}{'-joint' if opts.joint and opts.method == 'sparsegpt' else ''}",
+    pbar = tqdm(range(len(layers)), desc=f"{opts.method}{'-joint' if opts.joint and opts.method == 'sparsegpt' else ''}"
+                f" {opts.grid.name}",
                 unit="layer", disable=not opts.progress)
     for i in pbar:
         layer = layers[i]

@@ -1,8 +1,10 @@
 """Perplexity with transformers that matches what the plugin computes.
 
-Quantized checkpoints (sparse24, or compressed-tensors int-quantized from ``--export
-dense-w8a8``) are dequantized (int8 * scale) into a float model and the inputs of the quantized
-linears are fake-quantized per token (``vllm_sparse24.quant.fake_quant_per_token``).
+Quantized checkpoints (sparse24, or compressed-tensors int-quantized / float-quantized from
+``--export dense-w8a8``) are dequantized (codes * scale, int8 or e4m3 codes) into a float model and
+the inputs of the quantized linears are fake-quantized per token on the checkpoint's grid
+(``vllm_sparse24.quant.fake_quant_per_token``: int8 with scale absmax / 127, or e4m3 with scale
+absmax / 448).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vllm_sparse24.format import unpack_24
-from vllm_sparse24.quant import fake_quant_per_token
+from vllm_sparse24.quant import FP8, INT8, Grid, fake_quant_per_token
+from vllm_sparse24.schema import Sparse24ConfigError, Sparse24Scheme
 
 from .model_walk import check_architecture, load_model
 
@@ -31,7 +34,7 @@ class EvalError(ValueError):
     """The model or text cannot be evaluated (names the file / tensor)."""
 
 
-def _dequantized_state(folder: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _dequantized_state(folder: Path, grid: Grid) -> tuple[dict[str, torch.Tensor], set[str]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise EvalError(f"{folder}: no *.safetensors files")
@@ -41,6 +44,10 @@ def _dequantized_state(folder: Path) -> tuple[dict[str, torch.Tensor], set[str]]
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     for key, t in raw.items():
+        if key.endswith((".weight_packed", ".weight")) and t.dtype in (torch.int8, torch.float8_e4m3fn) \
+                and t.dtype != grid.dtype:
+            raise EvalError(f"{folder}: {key} holds {t.dtype} codes, but the quantization_config's scheme is "
+                            f"{grid.name} ({grid.dtype}); one checkpoint holds one scheme")
         if key.endswith(".weight_packed"):
             prefix = key[: -len(".weight_packed")]
             for need in ("weight_bitmask", "weight_scale"):
@@ -49,11 +56,11 @@ def _dequantized_state(folder: Path) -> tuple[dict[str, torch.Tensor], set[str]]
             w = unpack_24(t, raw[f"{prefix}.weight_bitmask"], name=prefix)
             state[f"{prefix}.weight"] = w.float() * raw[f"{prefix}.weight_scale"].float()
             quantized.add(prefix)
-        elif key.endswith(".weight") and t.dtype == torch.int8:
+        elif key.endswith(".weight") and t.dtype in (torch.int8, torch.float8_e4m3fn):
             prefix = key[: -len(".weight")]
             scale = raw.get(f"{prefix}.weight_scale")
             if scale is None:
-                raise EvalError(f"{folder}: int8 tensor {key} has no {prefix}.weight_scale")
+                raise EvalError(f"{folder}: {t.dtype} tensor {key} has no {prefix}.weight_scale")
             state[key] = t.float() * scale.float()
             quantized.add(prefix)
         elif key.endswith((".weight_bitmask", ".weight_scale")):
@@ -78,16 +85,26 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     if not qcfg:
         return load_model(p, torch.float32)
     method = qcfg.get("quant_method")
-    if method == "compressed-tensors" and qcfg.get("format") != "int-quantized":
-        raise EvalError(f"{p}: compressed-tensors format {qcfg.get('format')!r} not supported (int-quantized only)")
-    if method not in ("sparse24", "compressed-tensors"):
+    grid: Grid
+    if method == "compressed-tensors":
+        formats = {"int-quantized": INT8, "float-quantized": FP8}
+        if qcfg.get("format") not in formats:
+            raise EvalError(f"{p}: compressed-tensors format {qcfg.get('format')!r} not supported "
+                            f"(one of {sorted(formats)})")
+        grid = formats[qcfg["format"]]
+    elif method == "sparse24":
+        try:
+            grid = Sparse24Scheme.from_dict(qcfg).grid
+        except Sparse24ConfigError as e:
+            raise EvalError(f"{p / 'config.json'}: {e}") from e
+    else:
         raise EvalError(f"{p}: quant_method {method!r} not supported by offline eval")
     model_type = cfg_dict.pop("model_type", None)
     config = AutoConfig.for_model(model_type, **cfg_dict)
     check_architecture(config)
     config.use_cache = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state, quantized = _dequantized_state(p)
+    state, quantized = _dequantized_state(p, grid)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
@@ -97,10 +114,11 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         model.tie_weights()
     for prefix in quantized:
         mod = model.get_submodule(prefix)
-        mod.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0]),))
+        mod.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0], grid),))
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(p))
-    log.info("%s: %d quantized linears dequantized, activations fake-quantized per token", p, len(quantized))
+    log.info("%s: %d quantized linears dequantized, activations fake-quantized per token (%s)", p,
+             len(quantized), grid.name)
     return model, tok
 
 

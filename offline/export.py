@@ -1,5 +1,5 @@
 """Checkpoint writers: sparse24 (the plugin's format) and compressed-tensors dense W8A8
-("int-quantized", loads in stock vLLM). Both write into a temporary folder that is renamed into
+("int-quantized" for int8, "float-quantized" for fp8; both load in stock vLLM). Both write into a temporary folder that is renamed into
 place only when complete (``vllm_sparse24.checkpoint.atomic_output_dir``)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
 from vllm_sparse24.format import pack_24, pack_24_with_mask
-from vllm_sparse24.schema import INPUT_ARGS, WEIGHT_ARGS, Sparse24Scheme
+from vllm_sparse24.quant import INT8, Grid
+from vllm_sparse24.schema import SCHEME_ARGS, Sparse24Scheme
 
 from .group import LinearResult
 from .model_walk import hf_config_dict
@@ -43,7 +44,8 @@ def _write_side_files(folder: Path, model: nn.Module, tokenizer: Any) -> None:
 def sparse24_tensors(
     model: nn.Module, results: Mapping[str, LinearResult], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """All checkpoint tensors: packed sparse / int8 dense linears + float everything else."""
+    """All checkpoint tensors: packed sparse / dense quantized linears (codes int8 or
+    float8_e4m3fn, as in the results) + float everything else."""
     skip = {f"{n}.weight" for n in results}
     tensors = _float_tensors(model, skip, dtype)
     for name, r in results.items():
@@ -90,21 +92,23 @@ def write_sparse24(
     return Path(out)
 
 
-def dense_w8a8_quantization_config(ignore: tuple[str, ...]) -> dict[str, Any]:
+def dense_w8a8_quantization_config(ignore: tuple[str, ...], grid: Grid = INT8) -> dict[str, Any]:
     """compressed-tensors "int-quantized": int8 per-channel weights, dynamic per-token int8
-    activations (what vLLM's CompressedTensorsW8A8Int8 runs)."""
+    activations (what vLLM's CompressedTensorsW8A8Int8 runs); for fp8 "float-quantized": e4m3
+    per-channel weights, dynamic per-token e4m3 activations (CompressedTensorsW8A8Fp8)."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
     )
 
+    weights, inputs = SCHEME_ARGS[grid.name]
     cfg = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(
-            targets=["Linear"], weights=QuantizationArgs(**WEIGHT_ARGS),
-            input_activations=QuantizationArgs(**INPUT_ARGS),
+            targets=["Linear"], weights=QuantizationArgs(**weights),
+            input_activations=QuantizationArgs(**inputs),
         )},
-        format="int-quantized", quantization_status="compressed", ignore=list(ignore),
+        format=f"{grid.type}-quantized", quantization_status="compressed", ignore=list(ignore),
     )
     return cfg.model_dump(mode="json", exclude_none=True)
 
@@ -118,16 +122,19 @@ def write_dense_w8a8(
     report: dict[str, Any],
     dtype: torch.dtype,
     overwrite: bool = False,
+    grid: Grid = INT8,
 ) -> Path:
     for name, r in results.items():
         if r.kind != "dense":
             raise ValueError(f"{name}: dense-w8a8 export got a {r.kind} layer")
-    # int-quantized stores dense layers exactly as sparse24 does: weight int8 + weight_scale
+        if r.q.dtype != grid.dtype:
+            raise ValueError(f"{name}: dense-w8a8 {grid.name} export got {r.q.dtype} codes")
+    # int- / float-quantized store dense layers exactly as sparse24 does: weight codes + weight_scale
     tensors = sparse24_tensors(model, results, dtype)
     with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
         ckpt.save_safetensors_shards(tensors, tmp)
         cfg = hf_config_dict(model, dtype)
-        cfg["quantization_config"] = dense_w8a8_quantization_config(ignore)
+        cfg["quantization_config"] = dense_w8a8_quantization_config(ignore, grid)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         _write_side_files(tmp, model, tokenizer)
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))

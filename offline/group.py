@@ -1,5 +1,5 @@
 """Compress one group of linears that share an input: dispatch to a pruning algorithm, then
-int8. Pure tensor math (no model walking); the rows of the group are pruned together, which is
+int8 or fp8 (the ``grid``). Pure tensor math (no model walking); the rows of the group are pruned together, which is
 exact for row-separable algorithms (all three are) and shares one Hessian inverse."""
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from .prune import magnitude_24, sparsegpt_24, wanda_24
-from .quantize import channel_scale, dequantize, quantize_weight_per_channel, quantize_with_scale
+from .quantize import (
+    INT8,
+    Grid,
+    channel_scale,
+    dequantize,
+    quantize_weight_per_channel,
+    quantize_with_scale,
+)
 from .stats import relative_output_error, relative_weight_error
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -19,15 +26,15 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @dataclass
 class LinearResult:
-    """One compressed linear: int8 codes + scale, and its reconstruction errors."""
+    """One compressed linear: codes (int8 or float8_e4m3fn) + scale, and its reconstruction errors."""
 
     name: str
     kind: str  # "sparse" | "dense"
     method: str
-    q: torch.Tensor  # int8 [N, K]
+    q: torch.Tensor  # codes [N, K]: int8 or float8_e4m3fn (the grid's dtype)
     scale: torch.Tensor  # float32 [N, 1]
     # relative output errors on the calibration inputs (relative weight errors without calibration):
-    # "before" is magnitude 2:4 + round-to-nearest int8 (sparse) / RTN int8 (dense)
+    # "before" is magnitude 2:4 + round-to-nearest (sparse) / round-to-nearest (dense), on the same grid
     err_before: float
     err_after: float
     seconds: float
@@ -55,13 +62,15 @@ def compress_group(
     joint: bool = True,
     dampening: float = 0.01,
     block_size: int = 128,
+    grid: Grid = INT8,
 ) -> list[LinearResult]:
     """Compress linears [N_i, K] sharing input statistics ``hessian`` [K, K] (= 2XX^T/n).
 
-    kind "sparse": 2:4 by ``method`` then per-channel int8 (joint SparseGPT: int8 inside the
-    OBS loop, scale = absmax / 127 of a first SparseGPT pass without the grid). kind "dense": per-channel int8 only.
+    kind "sparse": 2:4 by ``method`` then per-channel quantization on ``grid`` (int8 or fp8;
+    joint SparseGPT: the grid inside the OBS loop, scale = absmax / qmax of a first SparseGPT pass
+    without the grid). kind "dense": per-channel quantization only.
     Errors are ||WX - W'X|| / ||WX|| on the calibration inputs; "before" is the naive
-    baseline (magnitude 2:4 + round-to-nearest int8) so the gain of the method is visible.
+    baseline (magnitude 2:4 + round-to-nearest on the grid) so the gain of the method is visible.
     ``hessian=None`` (no calibration data; magnitude and dense only): the errors are relative
     weight errors ||W - W'|| / ||W||.
     """
@@ -77,26 +86,26 @@ def compress_group(
     dev = weights[0][1].device if hessian is None else hessian.device
     w = torch.cat([t.detach().to(dev, torch.float32) for _, t in weights], 0)
     h = None if hessian is None else hessian.float()
-    naive_q, naive_s = quantize_weight_per_channel(w if kind == "dense" else magnitude_24(w, label))
+    naive_q, naive_s = quantize_weight_per_channel(w if kind == "dense" else magnitude_24(w, label), grid)
     if kind == "dense":
-        q, s, used = naive_q, naive_s, "int8-rtn"
+        q, s, used = naive_q, naive_s, f"{grid.name}-rtn"
     elif method == "magnitude":
         q, s, used = naive_q, naive_s, "magnitude"
     elif method == "wanda":
-        q, s = quantize_weight_per_channel(wanda_24(w, torch.diagonal(h), label))
+        q, s = quantize_weight_per_channel(wanda_24(w, torch.diagonal(h), label), grid)
         used = "wanda"
     else:
         if joint:
             # scale fixed up front from a first SparseGPT pass without the grid: the OBS updates
             # grow some weights past the dense row's absmax, which a dense-absmax scale would clip
             # (measured: clipping makes joint slightly worse than prune-then-quantize)
-            s = channel_scale(sparsegpt_24(w, h, dampening=dampening, block_size=block_size, name=label))
-            pruned = sparsegpt_24(w, h, dampening=dampening, block_size=block_size, scale=s, name=label)
-            q = quantize_with_scale(pruned, s)
+            s = channel_scale(sparsegpt_24(w, h, dampening=dampening, block_size=block_size, name=label), grid)
+            pruned = sparsegpt_24(w, h, dampening=dampening, block_size=block_size, scale=s, grid=grid, name=label)
+            q = quantize_with_scale(pruned, s, grid)
             used = "sparsegpt-joint"
         else:
             pruned = sparsegpt_24(w, h, dampening=dampening, block_size=block_size, name=label)
-            q, s = quantize_weight_per_channel(pruned)
+            q, s = quantize_weight_per_channel(pruned, grid)
             used = "sparsegpt"
     seconds = time.perf_counter() - t0
     naive = dequantize(naive_q, naive_s)

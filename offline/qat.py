@@ -1,11 +1,12 @@
 """Quantization-aware training of 2:4 W8A8 linears with a fixed mask (pure tensor math).
 
-The forward computes exactly what the plugin computes (``vllm_sparse24.quant``): weights
-``w * mask`` rounded per output channel to ``scale * {-127..127}``, inputs rounded per token with
-scale = absmax / 127. The weight scale is max(absmax / 127, the student's own scale): training
-starts on exactly the student's grid (a one-shot method may have chosen a scale above the row's
-absmax / 127) and the grid widens only where a row outgrows it. Rounding passes the gradient straight through (STE);
-the mask multiplies the weight, so pruned positions get no gradient and stay 0.
+The forward computes exactly what the plugin computes (``vllm_sparse24.quant``), on the
+student's grid (int8, or fp8 e4m3): weights ``w * mask`` rounded per output channel to
+``scale * codes``, inputs rounded per token with scale = absmax / qmax (127 for int8, 448 for
+fp8). The weight scale is max(absmax / qmax, the student's own scale): training starts on exactly
+the student's grid (a one-shot method may have chosen a scale above the row's absmax / qmax) and
+the grid widens only where a row outgrows it. Rounding passes the gradient straight through
+(STE); the mask multiplies the weight, so pruned positions get no gradient and stay 0.
 """
 
 from __future__ import annotations
@@ -14,53 +15,54 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vllm_sparse24.quant import QMAX, int8_scale, quantize_with_scale
+from vllm_sparse24.quant import INT8, Grid
 
 
 class _RoundToGridSTE(torch.autograd.Function):
-    """round(x / scale) clamped to +-127, times scale; the gradient passes straight through."""
+    """``grid.round(x, scale)`` (the nearest grid point); the gradient passes straight through."""
 
     @staticmethod
-    def forward(ctx, x, scale):  # type: ignore[override]
-        return (torch.round(x.float() / scale).clamp_(-QMAX, QMAX) * scale).to(x.dtype)
+    def forward(ctx, x, scale, grid):  # type: ignore[override]
+        return grid.round(x, scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
-def ste_fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Equal in value to ``vllm_sparse24.quant.fake_quant_per_token(x)``; identity gradient."""
-    scale = int8_scale(x.detach().abs().amax(dim=-1, keepdim=True))
-    return _RoundToGridSTE.apply(x, scale)
+def ste_fake_quant_per_token(x: torch.Tensor, grid: Grid = INT8) -> torch.Tensor:
+    """Equal in value to ``vllm_sparse24.quant.fake_quant_per_token(x, grid)``; identity gradient."""
+    scale = grid.scale(x.detach().abs().amax(dim=-1, keepdim=True))
+    return _RoundToGridSTE.apply(x, scale, grid)
 
 
-def weight_scale(w: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-output-channel scale [N, 1]: absmax / 127, at least ``floor`` where given."""
-    scale = int8_scale(w.detach().abs().amax(dim=1, keepdim=True))
+def weight_scale(w: torch.Tensor, floor: torch.Tensor | None = None, grid: Grid = INT8) -> torch.Tensor:
+    """Per-output-channel scale [N, 1]: absmax / qmax, at least ``floor`` where given."""
+    scale = grid.scale(w.detach().abs().amax(dim=1, keepdim=True))
     return scale if floor is None else torch.maximum(scale, floor)
 
 
-def ste_fake_quant_weight(w: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+def ste_fake_quant_weight(w: torch.Tensor, floor: torch.Tensor | None = None, grid: Grid = INT8) -> torch.Tensor:
     """``q * scale`` with the scale of :func:`weight_scale` (without ``floor``: the values of
-    ``quantize_weight_per_channel(w)``); identity gradient."""
-    return _RoundToGridSTE.apply(w, weight_scale(w, floor))
+    ``quantize_weight_per_channel(w, grid)``); identity gradient."""
+    return _RoundToGridSTE.apply(w, weight_scale(w, floor, grid), grid)
 
 
 class QATLinear(nn.Linear):
-    """A linear layer trained on the int8 grid, 2:4 mask fixed (``mask`` None: dense W8A8).
+    """A linear layer trained on ``grid`` (int8 or fp8), 2:4 mask fixed (``mask`` None: dense W8A8).
 
     A subclass of ``nn.Linear`` so that model walking treats it as the layer it replaces.
-    ``quant`` False trains in float (weights still masked); ``export()`` gives the int8 codes
+    ``quant`` False trains in float (weights still masked); ``export()`` gives the codes
     and scales the plugin will run, equal to the weights of the last quantized forward.
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None,
-                 name: str, scale_floor: torch.Tensor | None = None) -> None:
+                 name: str, scale_floor: torch.Tensor | None = None, grid: Grid = INT8) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: the parameters come from ``weight``
         if mask is not None and tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"{name}: mask {tuple(mask.shape)} does not match weight {tuple(weight.shape)}")
         self.name = name
+        self.grid = grid
         self.out_features, self.in_features = weight.shape
         w = weight.detach().float()
         if mask is not None:
@@ -80,11 +82,11 @@ class QATLinear(nn.Linear):
 
     def effective_weight(self) -> torch.Tensor:
         w = self.masked_weight()
-        return ste_fake_quant_weight(w, self.scale_floor) if self.quant else w
+        return ste_fake_quant_weight(w, self.scale_floor, self.grid) if self.quant else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant:
-            x = ste_fake_quant_per_token(x)
+            x = ste_fake_quant_per_token(x, self.grid)
         return F.linear(x, self.effective_weight(), self.bias)
 
     @torch.no_grad()
@@ -94,14 +96,14 @@ class QATLinear(nn.Linear):
 
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes [N, K], float32 scales [N, 1]) on CPU."""
+        """(codes [N, K] of the grid's dtype, float32 scales [N, 1]) on CPU."""
         w = self.masked_weight().float()
-        scale = weight_scale(w, self.scale_floor)
-        return quantize_with_scale(w, scale).cpu(), scale.cpu()
+        scale = weight_scale(w, self.scale_floor, self.grid)
+        return self.grid.codes(w, scale).cpu(), scale.cpu()
 
     def bool_mask(self) -> torch.Tensor | None:
         return None if self.mask is None else self.mask.bool().cpu()
 
     def extra_repr(self) -> str:
         kind = "dense" if self.mask is None else "2:4"
-        return f"{self.in_features}, {self.out_features}, {kind}, quant={self.quant}"
+        return f"{self.in_features}, {self.out_features}, {kind}, {self.grid.name}, quant={self.quant}"

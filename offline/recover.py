@@ -1,5 +1,5 @@
 """``python -m offline recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
-its dense teacher, with the 2:4 mask fixed and the int8 arithmetic of the plugin in the forward.
+its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8 or fp8) in the forward.
 
 Orchestration only: the losses are in :mod:`offline.distill_loss`, the quantization-aware linear
 in :mod:`offline.qat`, the student loading in :mod:`offline.student`, the training data in
@@ -13,7 +13,7 @@ Modes:
 * ``blocks``: each decoder layer in turn is fitted to the dense layer's output (EBFT-style
   block-wise reconstruction): cheaper, no output-layer cost, one layer's memory.
 
-Every quantized linear trains its kept weights on the int8 grid (``QATLinear``); pruned weights
+Every quantized linear trains its kept weights on the student's grid, int8 or fp8 (``QATLinear``); pruned weights
 stay 0 and the exported bitmask is the student's bit for bit. The result is written in the
 compressor's format (``offline.export.write_sparse24``, atomically) with ``recover_report.json``
 and ``recover_perplexity.png`` beside it. The training state is saved every ``save_every`` steps

@@ -1,5 +1,5 @@
 """Loading a sparse24 checkpoint back into a trainable float model (model walking and file
-reading only): int8 values dequantized, every sparse linear's 2:4 mask read from its bitmask,
+reading only): int8 / fp8 values dequantized, every sparse linear's 2:4 mask read from its bitmask,
 and checks that a teacher and a student can be distilled into one another."""
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def load_student(path: str | os.PathLike) -> Student:
             report = json.loads((p / "compress_report.json").read_text())
         except json.JSONDecodeError:
             log.warning("%s: compress_report.json is not valid JSON; not carried over", p)
-    log.info("student %s: %d sparse + %d dense int8 linears", p,
-             sum(k == "sparse" for k in kinds.values()), sum(k == "dense" for k in kinds.values()))
+    log.info("student %s: %d sparse + %d dense %s linears", p,
+             sum(k == "sparse" for k in kinds.values()), sum(k == "dense" for k in kinds.values()), scheme.quant)
     return Student(p, model, tok, scheme, kinds, masks, scales, float_dtype, report)
 
 
@@ -181,7 +181,8 @@ def wrap_quantized(student: Student) -> dict[str, QATLinear]:
         if not isinstance(lin, nn.Linear):
             raise RecoverError(f"student {student.path}: {prefix} is a {type(lin).__name__}, expected nn.Linear")
         mask = student.masks.get(prefix) if kind == "sparse" else None
-        q = QATLinear(lin.weight, mask, lin.bias, prefix, scale_floor=student.scales[prefix])
+        q = QATLinear(lin.weight, mask, lin.bias, prefix, scale_floor=student.scales[prefix],
+                      grid=student.scheme.grid)
         setattr(parent, child, q)
         out[prefix] = q
     student.qat = out

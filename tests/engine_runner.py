@@ -29,9 +29,9 @@ def _inject(fault: str) -> None:
 
         linear_method.unpack_24 = bad_unpack
     elif fault == "kernel":  # one activation scale per tensor instead of per token
-        def per_tensor(x):
-            scale = (x.abs().amax() / 127).clamp_min(1e-12).float()
-            return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale.expand(x.shape[0], 1)
+        def per_tensor(x, grid):
+            scale = (x.abs().amax() / grid.qmax).clamp_min(1e-12).float()
+            return grid.codes(x, scale), scale.expand(x.shape[0], 1)
 
         torch_ref.quantize_per_token = per_tensor
     else:

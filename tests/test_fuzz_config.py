@@ -31,7 +31,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vllm_sparse24.checkpoint import load_scheme, validate_checkpoint
-from vllm_sparse24.schema import INPUT_ARGS, WEIGHT_ARGS
+from vllm_sparse24.schema import INPUT_ARGS, SCHEME_ARGS, WEIGHT_ARGS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -138,7 +138,7 @@ def _check_accepted(q, scheme, kinds: dict[str, str]) -> None:
         assert q.get("sparsity_structure", "2:4") == "2:4"
         assert scheme.ignore == tuple(q.get("ignore", ["lm_head"]))
         assert scheme.dense_layers == tuple(q.get("dense_layers", []))
-        for key, want in (("weights", WEIGHT_ARGS), ("input_activations", INPUT_ARGS)):
+        for key, want in zip(("weights", "input_activations"), SCHEME_ARGS[scheme.quant], strict=True):
             got = q[key]
             assert all(_same(got.get(k), v) for k, v in want.items() if k in got), (key, got)
     for name, kind in kinds.items():

@@ -32,6 +32,7 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     sparse_mm,
 )
 from vllm_sparse24.kernels.dispatch import GEMM_TABLE, GemmPlan  # noqa: E402
+from vllm_sparse24.quant import FP8, INT8, quantize_weight_per_channel  # noqa: E402
 from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
 
 DEV = "cuda"
@@ -110,10 +111,10 @@ def test_every_config_matches_reference(name):
                     assert err < tol, (name, n, k, m, splits, err)
 
 
-def _layer(n, k, gen, dt):
-    w = random_24(n, k, gen)
+def _layer(n, k, gen, dt, grid=INT8):
+    w = random_24(n, k, gen, grid.dtype)
     scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
-    kern = CutlassSparse24Kernel(n, k, True, "layers.0.test", dt)
+    kern = CutlassSparse24Kernel(n, k, True, "layers.0.test", dt, grid)
     return kern, kern.prepare(w, scale), w, scale
 
 
@@ -209,7 +210,10 @@ def test_plan_covers_every_table_entry():
 
 
 def test_fp8_layer_level():
-    """fp8 e4m3 weights and per-token e4m3 activations through the plan path."""
+    """fp8 e4m3 weights and per-token e4m3 activations: the plan path, then the layer path of the fp8
+    scheme (CutlassSparse24Kernel with the FP8 grid: e4m3 compress at load, the per-token e4m3 quant
+    of vllm_sparse24/quant.py, the e4m3 GEMM_TABLE rows) at the token counts serving produces, with
+    bias and a strided input, against the float64 product of the same e4m3 operands."""
     gen = torch.Generator().manual_seed(9)
     n, k = 1024, 2048
     w = random_24(n, k, gen, torch.float8_e4m3fn)
@@ -222,6 +226,77 @@ def test_fp8_layer_level():
         xq = (xf / xs).to(torch.float8_e4m3fn)
         out = sparse_mm(xq, xs, values, meta, ws, None, plan)
         assert rel_err(out, reference(xq.float(), xs, w.float(), ws, None)) < 2e-2
+    kern, tensors, w, scale = _layer(n, k, gen, torch.bfloat16, FP8)
+    assert tensors["values"].dtype == torch.float8_e4m3fn
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    for m in (1, 3, 8, 16, 17, 64, 1000, 8192):
+        wide = (torch.randn(m, k + 128, generator=gen) * 3).to(torch.bfloat16).to(DEV)
+        x = wide[:, 64:64 + k]
+        for b in (bias, None):
+            out = kern.apply(tensors, x, b)
+            xq, xs = ref_quant(x, FP8)
+            assert xq.dtype == torch.float8_e4m3fn
+            err = rel_err(out, reference(xq.float(), xs, w.float(), scale, b))
+            assert out.dtype == torch.bfloat16 and out.shape == (m, n) and err < 2e-2, (m, err)
+    with pytest.raises(ValueError, match="layers.0.test: expected e4m3 weight"):
+        kern.prepare(random_24(n, k, gen), scale)
+
+
+def test_fp8_layer_under_torch_compile_and_cuda_graphs():
+    """fp8 layer: under torch.compile the e4m3 quant is plain torch ops before the one opaque GEMM op;
+    CUDA graph replay equals eager."""
+    gen = torch.Generator().manual_seed(12)
+    kern, tensors, w, scale = _layer(512, 1024, gen, torch.bfloat16, FP8)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    f = torch.compile(lambda x: kern.apply(tensors, x, None), backend=backend, fullgraph=True, dynamic=True)
+    x = torch.randn(33, 1024, generator=gen).to(torch.bfloat16).to(DEV)
+    out = f(x)
+    targets = [str(nd.target) for g in graphs for nd in g.graph.nodes if nd.op in ("call_function", "call_method")]
+    assert any("cutlass_sparse_mm" in t for t in targets) and any("amax" in t for t in targets), targets
+    assert rel_err(out, kern.apply(tensors, x, None)) < 2e-2
+    inductor = torch.compile(lambda x: kern.apply(tensors, x, None), dynamic=True)
+    for m in (1, 33, 1000):
+        x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16).to(DEV)
+        xq, xs = ref_quant(x, FP8)
+        assert rel_err(inductor(x), reference(xq.float(), xs, w.float(), scale, None)) < 2e-2
+    x = torch.randn(16, 1024, generator=gen).to(torch.bfloat16).to(DEV)
+    static_x = x.clone()
+    kern.apply(tensors, static_x, None)  # warm up outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = kern.apply(tensors, static_x, None)
+    x2 = torch.randn(16, 1024, generator=gen).to(torch.bfloat16).to(DEV)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, kern.apply(tensors, x2, None))
+
+
+def test_fp8_dense_layers_use_vllm_cutlass():
+    """Dense layers of the fp8 scheme: vLLM's cutlass_scaled_mm with e4m3 operands."""
+    try:
+        import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+    except Exception as e:  # vLLM not installed on this GPU host
+        pytest.skip(f"vLLM CUDA ops unavailable: {e}")
+    from vllm_sparse24.kernels.cuda.dense_linear import VllmCutlassInt8Kernel
+
+    gen = torch.Generator().manual_seed(14)
+    n, k = 768, 1024
+    w, scale = quantize_weight_per_channel(torch.randn(n, k, generator=gen).to(DEV), FP8)
+    kern = VllmCutlassInt8Kernel(n, k, False, "layers.0.dense", torch.bfloat16, FP8)
+    tensors = kern.prepare(w, scale)
+    assert tensors["weight"].dtype == torch.float8_e4m3fn
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    for m in (1, 17, 1000):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        xq, xs = ref_quant(x, FP8)
+        assert rel_err(kern.apply(tensors, x, bias), reference(xq.float(), xs, w.float(), scale, bias)) < 2e-2
 
 
 def test_errors_name_the_layer():

@@ -363,6 +363,16 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     for student in ("all-sparse", "auto10"):
         kinds = ckpt.validate_checkpoint(tmp_path / "students" / student, ckpt.load_scheme(tmp_path / "students" / student))
         assert ("dense" in kinds.values()) == (student == "auto10")
+    # fp8 students, one-shot only (no --modes), into the same JSON: keyed by scheme
+    doc = bench.main([*common, "--students", "all-sparse", "--scheme", "fp8", "--modes"])
+    fp8_student = tmp_path / "students" / "all-sparse-fp8"
+    assert ckpt.load_scheme(fp8_student).quant == "fp8"
+    saved = json.loads(path.read_text())
+    assert saved["runs"] == doc["runs"] and [r["scheme"] for r in saved["runs"]] == ["int8"] * 4
+    assert set(saved["one_shot"]) == {"int8", "fp8"} and saved["one_shot"]["fp8"]["all-sparse"] > 0
+    assert saved["table"]["fp8"] == {"all-sparse": {"one_shot": saved["one_shot"]["fp8"]["all-sparse"]}}
+    assert saved["table"]["int8"]["all-sparse"]["one_shot"] == saved["runs"][0]["ppl_before"]
+    assert set(saved["table"]["int8"]["auto10"]) == {"one_shot", "global", "blocks"}
 
 
 def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():

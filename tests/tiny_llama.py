@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sparse24.quant import fake_quant_per_token
+from vllm_sparse24.quant import INT8, Grid, fake_quant_per_token
 from vllm_sparse24.tiny import (  # noqa: F401  (re-exported for the tests)
     LINEARS,
     build_dense,
@@ -60,9 +60,10 @@ def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False) ->
 
 
 @torch.no_grad()
-def reference_logprobs(model, dequant: dict[str, torch.Tensor], token_ids: list[int]) -> torch.Tensor:
-    """float64 forward with the dequantized weights and per-token fake-quantized linear inputs;
-    returns log p(token_i | tokens_<i) for i >= 1."""
+def reference_logprobs(model, dequant: dict[str, torch.Tensor], token_ids: list[int],
+                       grid: Grid = INT8) -> torch.Tensor:
+    """float64 forward with the dequantized weights and per-token fake-quantized linear inputs
+    (on ``grid``: int8 or fp8); returns log p(token_i | tokens_<i) for i >= 1."""
     import copy
 
     ref = copy.deepcopy(model).double()
@@ -72,7 +73,7 @@ def reference_logprobs(model, dequant: dict[str, torch.Tensor], token_ids: list[
     hooks = []
     for name, mod in ref.named_modules():
         if name.rsplit(".", 1)[-1] in LINEARS:
-            hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant_per_token(args[0]),)))
+            hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant_per_token(args[0], grid),)))
     ids = torch.tensor([token_ids])
     logits = ref(ids).logits[0].double()
     for h in hooks:

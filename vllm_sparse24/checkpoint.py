@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fsutil import atomic_output_dir  # noqa: F401  (part of this module's API)
+from .quant import GRIDS
 from .schema import K_MULTIPLE, Sparse24ConfigError, Sparse24Scheme
 
 SPARSE_SUFFIXES = ("weight_packed", "weight_bitmask", "weight_scale")
@@ -117,6 +118,9 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
     """
     headers = read_headers(folder)
     packed_key, mask_key = ("compressed", "bitmask") if scheme.legacy else ("weight_packed", "weight_bitmask")
+    code_dtype = scheme.grid.dtype
+    code_dtypes = {g.dtype: name for name, g in GRIDS.items()}
+    _check_one_scheme(headers, scheme, packed_key)
     sparse = {k[: -len(packed_key) - 1] for k in headers if k.endswith("." + packed_key)}
     sparse |= {k[: -len(mask_key) - 1] for k in headers if k.endswith("." + mask_key)}
     kinds: dict[str, str] = {}
@@ -128,7 +132,7 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"makes it {kind} (check ignore / dense_layers)"
             )
         pk = f"{prefix}.{packed_key}"
-        _expect(headers, pk, (torch.int8,), None)
+        _expect(headers, pk, (code_dtype,), None)
         n, half_k = headers[pk][2] if len(headers[pk][2]) == 2 else (None, None)
         if n is None:
             raise CheckpointError(f"{headers[pk][0]}: tensor {pk!r} must be 2-D [N, K/2], got {list(headers[pk][2])}")
@@ -150,7 +154,7 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
         if not key.endswith(".weight") or key[: -len(".weight")] in kinds:
             continue
         prefix = key[: -len(".weight")]
-        if dtype == torch.int8:
+        if dtype in code_dtypes:
             kind = scheme.layer_kind(prefix)
             if kind == "sparse":
                 raise CheckpointError(
@@ -158,9 +162,9 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                     f"{prefix}.{packed_key} and {prefix}.{mask_key}"
                 )
             if kind == "unquantized":
-                # vLLM would cast the int8 codes into the layer's float weight, unscaled
+                # vLLM would cast the codes into the layer's float weight, unscaled
                 raise CheckpointError(
-                    f"{fname}: {key!r} is int8 but the quantization_config leaves {prefix} unquantized "
+                    f"{fname}: {key!r} is {code_dtypes[dtype]} but the quantization_config leaves {prefix} unquantized "
                     "(ignore); store it in float or quantize it"
                 )
             if len(shape) != 2:
@@ -179,17 +183,45 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"{sorted(allowed[kinds[prefix]])}"
             )
         if suffix == "weight_scale" and prefix not in kinds:
-            # a scale without an int8 weight: the weight is missing or has another dtype, which
-            # vLLM would cast into the layer's int8 parameter
+            # a scale without a quantized weight: the weight is missing or has another dtype, which
+            # vLLM would cast into the layer's quantized parameter
             weight = headers.get(f"{prefix}.weight")
             found = f"{prefix}.weight has dtype {weight[1]}" if weight else f"no {prefix}.weight"
             raise CheckpointError(
-                f"{fname}: {key!r} belongs to a quantized layer, but {found}; expected an int8 "
+                f"{fname}: {key!r} belongs to a quantized layer, but {found}; expected a {code_dtype} "
                 f"{prefix}.weight (dense) or {prefix}.{packed_key} + {prefix}.{mask_key} (sparse)"
             )
         if scheme.legacy and suffix == "shape" and prefix in kinds and prod(shape) != 2:
             raise CheckpointError(f"{fname}: tensor {key!r} must hold the 2 values [N, K], got shape {list(shape)}")
     return kinds
+
+
+def _check_one_scheme(headers, scheme: Sparse24Scheme, packed_key: str) -> None:
+    """One checkpoint, one scheme: every quantized linear's codes (``packed_key`` of sparse layers,
+    ``weight`` of dense ones) must have the dtype of the quantization_config's scheme. Names the
+    layers of each dtype when the scheme's dtype is not the only one."""
+    code_dtypes = {g.dtype: name for name, g in GRIDS.items()}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, (_, dtype, _) in headers.items():
+        prefix, _, suffix = key.rpartition(".")
+        if dtype in code_dtypes and suffix in (packed_key, "weight"):
+            by_dtype.setdefault(dtype, []).append(prefix)
+    want = scheme.grid.dtype
+    wrong = {d: sorted(p) for d, p in by_dtype.items() if d != want}
+    if not wrong:
+        return
+
+    def some(layers: list[str]) -> str:
+        return ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+
+    found = "; ".join(f"{code_dtypes[d]} ({d}) in {some(p)}" for d, p in sorted(wrong.items(), key=str))
+    right = by_dtype.get(want)
+    mixed = f" while {some(sorted(right))} hold {want}" if right else ""
+    raise CheckpointError(
+        f"quantization_config says scheme {scheme.quant} ({want} weights), but the tensors hold {found}{mixed}; "
+        "one checkpoint holds one scheme (int8 and fp8 layers cannot be mixed): re-compress the model "
+        "with one --scheme"
+    )
 
 
 # -- writing ------------------------------------------------------------------------------

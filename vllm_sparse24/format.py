@@ -5,6 +5,9 @@ A 2:4 weight W [N, K] (K a multiple of 8) is stored as
   * ``bitmask`` uint8 [N, K/8]: one bit per dense element, set where the value is kept,
     little bit order (``compressed_tensors.utils.pack_bitmasks``). Every group of 4 has
     exactly two bits set; a kept value may itself be 0.
+
+Values of any dtype: int8, or float8_e4m3fn (the fp8 scheme). 8-bit floats are moved as their
+bytes (uint8 views), which every device supports, and a value counts as zero when it is +0 or -0.
 """
 
 from __future__ import annotations
@@ -28,6 +31,28 @@ def _check_k(k: int, name: str) -> None:
         )
 
 
+# 8-bit floats whose only zeros are +0 (0x00) and -0 (0x80)
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _is_float8(t: torch.Tensor) -> bool:
+    return t.dtype in _FLOAT8
+
+
+def nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """bool, True where the value is not 0 (8-bit floats by their bits: +0 and -0 are 0)."""
+    if _is_float8(weight):
+        return (weight.view(torch.uint8) & 0x7F) != 0
+    return weight != 0
+
+
+def _take(weight: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """weight[mask] as [n, -1], 8-bit floats moved as bytes."""
+    if _is_float8(weight):
+        return weight.view(torch.uint8)[mask].reshape(n, -1).view(weight.dtype)
+    return weight[mask].reshape(n, -1)
+
+
 def first_bad_group(mask: torch.Tensor) -> tuple[int, int] | None:
     """(row, group) of the first group of 4 whose kept count is not 2, or None."""
     counts = mask.reshape(mask.shape[0], -1, GROUP).sum(-1)
@@ -41,7 +66,7 @@ def is_24(weight: torch.Tensor) -> bool:
     """True if at most 2 of every 4 consecutive values along the last dim are non-zero."""
     if weight.shape[-1] % GROUP:
         return False
-    nz = (weight != 0).reshape(*weight.shape[:-1], -1, GROUP).sum(-1)
+    nz = nonzero_mask(weight).reshape(*weight.shape[:-1], -1, GROUP).sum(-1)
     return bool((nz <= KEEP).all())
 
 
@@ -52,7 +77,7 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
     g = weight.reshape(n, k // GROUP, GROUP)
     pos = torch.arange(GROUP, device=weight.device)
     # non-zeros first, then the lowest positions; ties are impossible (distinct keys)
-    key = (g != 0).to(torch.int32) * GROUP + (GROUP - 1 - pos)
+    key = nonzero_mask(g).to(torch.int32) * GROUP + (GROUP - 1 - pos)
     keep = key.topk(KEEP, dim=-1).indices
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(n, k)
@@ -64,7 +89,7 @@ def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
         raise Sparse24FormatError(f"{name}: expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     _check_k(k, name)
-    nz = (weight != 0).reshape(n, k // GROUP, GROUP).sum(-1)
+    nz = nonzero_mask(weight).reshape(n, k // GROUP, GROUP).sum(-1)
     bad = (nz > KEEP).nonzero()
     if bad.numel():
         r, g = int(bad[0, 0]), int(bad[0, 1])
@@ -74,7 +99,7 @@ def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
             f"{bad.shape[0]} such groups in all"
         )
     mask = mask_24(weight)
-    values = weight[mask].reshape(n, k // 2)
+    values = _take(weight, mask, n)
     bitmask = pack_bitmasks(mask.cpu()).to(weight.device)
     return values, bitmask
 
@@ -120,6 +145,10 @@ def unpack_24(
         raise Sparse24FormatError(f"{name}: bitmask must be uint8, got {bitmask.dtype}")
     mask = unpack_bitmask(bitmask, k)
     check_24_mask(mask, name)
+    if _is_float8(values):
+        dense = torch.zeros(n, k, dtype=torch.uint8, device=values.device)
+        dense[mask] = values.view(torch.uint8).reshape(-1)
+        return dense.view(values.dtype)
     dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     dense[mask] = values.reshape(-1)
     return dense
@@ -139,13 +168,13 @@ def pack_24_with_mask(
     _check_k(k, name)
     mask = mask.bool()
     check_24_mask(mask, name)
-    outside = (weight != 0) & ~mask
+    outside = nonzero_mask(weight) & ~mask
     if bool(outside.any()):
         r, c = (int(v) for v in outside.nonzero()[0])
         raise Sparse24FormatError(
             f"{name}: non-zero value at row {r}, column {c} where the 2:4 mask is 0 "
             f"({int(outside.sum())} such values in all)"
         )
-    values = weight[mask].reshape(n, k // 2)
+    values = _take(weight, mask, n)
     bitmask = pack_bitmasks(mask.cpu()).to(weight.device)
     return values, bitmask

@@ -1,4 +1,4 @@
-"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers."""
+"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers, int8 or fp8 (e4m3)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 @register_weight_loader_v2_supported_method
 class Sparse24LinearMethod(LinearMethodBase):
-    """Loads values + bitmask (sparse) or int8 weight (dense) + per-channel scale, checks
-    them, and hands dense int8 to the kernel chosen for the device."""
+    """Loads values + bitmask (sparse) or the weight codes (dense) + per-channel scale, checks
+    them, and hands the dense codes (int8 or float8_e4m3fn, the checkpoint's scheme) to the
+    kernel chosen for the device."""
 
     def __init__(self, config: Sparse24Config, layer_name: str, kind: Literal["sparse", "dense"]):
         self.config = config
@@ -36,6 +37,7 @@ class Sparse24LinearMethod(LinearMethodBase):
         legacy = config.scheme.legacy
         self.packed_name = "compressed" if legacy else "weight_packed"
         self.bitmask_name = "bitmask" if legacy else "weight_bitmask"
+        self.grid = config.scheme.grid
         self.kernel = None
 
     def create_weights(
@@ -64,7 +66,7 @@ class Sparse24LinearMethod(LinearMethodBase):
             layer.register_parameter(
                 self.packed_name,
                 PackedvLLMParameter(
-                    data=torch.empty(n, k // 2, dtype=torch.int8),
+                    data=torch.empty(n, k // 2, dtype=self.grid.dtype),
                     input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=loader,
                 ),
             )
@@ -85,7 +87,7 @@ class Sparse24LinearMethod(LinearMethodBase):
             layer.register_parameter(
                 "weight",
                 ModelWeightParameter(
-                    data=torch.empty(n, k, dtype=torch.int8), input_dim=1, output_dim=0, weight_loader=loader
+                    data=torch.empty(n, k, dtype=self.grid.dtype), input_dim=1, output_dim=0, weight_loader=loader
                 ),
             )
         layer.register_parameter(
@@ -117,15 +119,15 @@ class Sparse24LinearMethod(LinearMethodBase):
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
         del layer.weight_scale
-        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name, layer.sparse24_act_dtype)
-        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name, layer.sparse24_act_dtype)
+        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name, layer.sparse24_act_dtype, self.grid)
+        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name, layer.sparse24_act_dtype, self.grid)
         try:
             resident = self.kernel.prepare(weight, scale)
         except torch.OutOfMemoryError as e:
             need = n * k * (5 / 8 if self.sparse else 1) / 2**20
             raise torch.OutOfMemoryError(
                 f"{self.layer_name}: out of GPU memory preparing the {'2:4 sparse' if self.sparse else 'dense'} "
-                f"int8 weight [{n}, {k}]: it needs {need:.1f} MiB resident plus {n * k / 2**20:.1f} MiB "
+                f"{self.grid.name} weight [{n}, {k}]: it needs {need:.1f} MiB resident plus {n * k / 2**20:.1f} MiB "
                 "while it is converted (freed after). The weights load before vLLM sizes its KV cache, so "
                 "gpu_memory_utilization does not help here: free the GPU (other processes) or shard the model "
                 f"over more GPUs (tensor_parallel_size). ({e})"

@@ -1,7 +1,7 @@
 """``config.json["quantization_config"]`` of sparse24 checkpoints, and of the legacy
 compressed-tensors ``sparse-24-bitmask`` checkpoints the plugin also loads.
 
-Pure Python + compressed-tensors (no vLLM import).
+Pure Python + compressed-tensors (no vLLM import; the grids of ``quant.py`` name the torch dtypes).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import regex
 from compressed_tensors.quantization import QuantizationArgs
+
+from .quant import GRIDS, Grid
 
 QUANT_METHOD = "sparse24"
 FORMAT_VERSION = 1
@@ -28,6 +30,13 @@ WEIGHT_ARGS: dict[str, Any] = {
 }
 INPUT_ARGS: dict[str, Any] = {
     "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+}
+FP8_WEIGHT_ARGS: dict[str, Any] = {**WEIGHT_ARGS, "type": "float"}
+FP8_INPUT_ARGS: dict[str, Any] = {**INPUT_ARGS, "type": "float"}
+# scheme name (vllm_sparse24.quant.GRIDS) -> (weights args, input_activations args)
+SCHEME_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "int8": (WEIGHT_ARGS, INPUT_ARGS),
+    "fp8": (FP8_WEIGHT_ARGS, FP8_INPUT_ARGS),
 }
 _KEYS = {
     "quant_method", "format_version", "sparsity_structure", "weights", "input_activations",
@@ -44,14 +53,33 @@ class Sparse24ConfigError(ValueError):
     """The quantization_config of a checkpoint is not one the plugin can load."""
 
 
-def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any], what: str) -> None:
-    """Validate with compressed-tensors' schema, then require the one scheme we run."""
+def _parse_quant_args(args: Mapping[str, Any] | None, what: str) -> QuantizationArgs:
     if args is None:
         raise Sparse24ConfigError(f"quantization_config: missing '{what}'")
+    if not isinstance(args, Mapping):
+        raise Sparse24ConfigError(f"quantization_config['{what}'] must be a JSON object, got {type(args).__name__}")
     try:
-        parsed = QuantizationArgs.model_validate(dict(args))
+        return QuantizationArgs.model_validate(dict(args))
     except Exception as e:  # pydantic's error already names the field
         raise Sparse24ConfigError(f"quantization_config['{what}'] is not valid QuantizationArgs: {e}") from e
+
+
+def scheme_of_args(args: Mapping[str, Any] | None, what: str) -> str:
+    """The scheme ("int8" / "fp8") that ``args`` ask for, by their type (int / float)."""
+    got = _parse_quant_args(args, what).type
+    got = getattr(got, "value", got)
+    for name, (weights, _) in SCHEME_ARGS.items():
+        if weights["type"] == got:
+            return name
+    raise Sparse24ConfigError(
+        f"quantization_config['{what}']: type={got!r} is not supported; sparse24 runs "
+        + " or ".join(f"type={w['type']!r} ({name})" for name, (w, _) in SCHEME_ARGS.items())
+    )
+
+
+def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any], what: str) -> None:
+    """Validate with compressed-tensors' schema, then require the one scheme we run."""
+    parsed = _parse_quant_args(args, what)
     for key, want in expected.items():
         got = getattr(parsed, key)
         got = getattr(got, "value", got)
@@ -103,7 +131,18 @@ class Sparse24Scheme:
     sparse_targets: tuple[str, ...] = ("Linear",)
     sparse_ignore: tuple[str, ...] = ()
     legacy: bool = False
+    # "int8" or "fp8" (vllm_sparse24.quant.GRIDS): the grid of every quantized layer's weights
+    # and activations; one checkpoint holds one scheme
+    quant: str = "int8"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.quant not in SCHEME_ARGS:
+            raise Sparse24ConfigError(f"unknown quantization scheme {self.quant!r}; choose from {sorted(SCHEME_ARGS)}")
+
+    @property
+    def grid(self) -> Grid:
+        return GRIDS[self.quant]
 
     def layer_kind(self, name: str) -> LayerKind:
         if _match(name, self.ignore) or not _match(name, self.quant_targets):
@@ -140,11 +179,21 @@ class Sparse24Scheme:
             raise Sparse24ConfigError(
                 f"quantization_config.sparsity_structure={structure!r}; only {SPARSITY_STRUCTURE!r} is supported"
             )
-        check_quant_args(cfg.get("weights"), WEIGHT_ARGS, "weights")
-        check_quant_args(cfg.get("input_activations"), INPUT_ARGS, "input_activations")
+        quant = scheme_of_args(cfg.get("weights"), "weights")
+        act_quant = scheme_of_args(cfg.get("input_activations"), "input_activations")
+        if act_quant != quant:
+            raise Sparse24ConfigError(
+                f"quantization_config mixes schemes: weights are {quant} (type "
+                f"{SCHEME_ARGS[quant][0]['type']!r}) but input_activations are {act_quant} (type "
+                f"{SCHEME_ARGS[act_quant][1]['type']!r}); sparse24 runs int8 weights with int8 "
+                "activations or fp8 weights with fp8 activations"
+            )
+        weights, inputs = SCHEME_ARGS[quant]
+        check_quant_args(cfg.get("weights"), weights, "weights")
+        check_quant_args(cfg.get("input_activations"), inputs, "input_activations")
         ignore = _str_list(cfg.get("ignore", ["lm_head"]), "ignore")
         dense = _str_list(cfg.get("dense_layers", []), "dense_layers")
-        return cls(ignore=tuple(ignore), dense_layers=tuple(dense))
+        return cls(ignore=tuple(ignore), dense_layers=tuple(dense), quant=quant)
 
     def to_dict(self) -> dict[str, Any]:
         if self.legacy:
@@ -153,8 +202,8 @@ class Sparse24Scheme:
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
             "sparsity_structure": SPARSITY_STRUCTURE,
-            "weights": dict(WEIGHT_ARGS),
-            "input_activations": dict(INPUT_ARGS),
+            "weights": dict(SCHEME_ARGS[self.quant][0]),
+            "input_activations": dict(SCHEME_ARGS[self.quant][1]),
             "ignore": list(self.ignore),
             "dense_layers": list(self.dense_layers),
         }

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .format import pack_24
-from .quant import quantize_weight_per_channel
+from .quant import INT8, Grid, quantize_weight_per_channel
 from .schema import Sparse24Scheme
 from .sparsity import magnitude_24
 
@@ -68,16 +68,16 @@ def build_dense(folder: Path, *, hidden: int = 256, intermediate: int = 512, lay
     return model
 
 
-def compress_state(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def compress_state(model, grid: Grid = INT8) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(sparse24 checkpoint tensors, dequantized dense weights by HF name) of ``model`` pruned
-    2:4 by magnitude and quantized W8A8."""
+    2:4 by magnitude and quantized W8A8 on ``grid`` (int8 or fp8)."""
     tensors: dict[str, torch.Tensor] = {}
     dequant: dict[str, torch.Tensor] = {}
     for name, p in model.state_dict().items():
         prefix = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in LINEARS:
             w = magnitude_24(p, name=prefix)
-            q, scale = quantize_weight_per_channel(w)
+            q, scale = quantize_weight_per_channel(w, grid)
             values, bitmask = pack_24(q, name=prefix)
             tensors[f"{prefix}.weight_packed"] = values
             tensors[f"{prefix}.weight_bitmask"] = bitmask
@@ -89,12 +89,12 @@ def compress_state(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
 
 def write_checkpoint(model, dense_dir: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None,
-                     quantization_config: dict | None = None) -> dict[str, torch.Tensor]:
-    """Write ``model`` compressed (or the given ``tensors`` with ``quantization_config``) as a
-    checkpoint in ``out``, tokenizer copied from ``dense_dir``; returns the dequantized weights
+                     quantization_config: dict | None = None, grid: Grid = INT8) -> dict[str, torch.Tensor]:
+    """Write ``model`` compressed on ``grid`` (or the given ``tensors`` with ``quantization_config``)
+    as a checkpoint in ``out``, tokenizer copied from ``dense_dir``; returns the dequantized weights
     (empty when ``tensors`` were given)."""
     if tensors is None:
-        tensors, dequant = compress_state(model)
+        tensors, dequant = compress_state(model, grid)
     else:
         dequant = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def write_checkpoint(model, dense_dir: Path, out: Path, tensors: dict[str, torch
     cfg = model.config.to_dict()
     cfg["rope_theta"] = 10000.0
     cfg["torch_dtype"] = "float32"
-    cfg["quantization_config"] = quantization_config or Sparse24Scheme().to_dict()
+    cfg["quantization_config"] = quantization_config or Sparse24Scheme(quant=grid.name).to_dict()
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return dequant

@@ -1,4 +1,4 @@
-"""SparseGPT 2:4 (Frantar & Alistarh 2023), optionally joint with int8 weight quantization.
+"""SparseGPT 2:4 (Frantar & Alistarh 2023), optionally joint with int8 or fp8 weight quantization.
 
 H = 2XX^T/n (from :class:`offline.stats.HessianAccumulator`), dampened by ``dampening`` times
 the mean diagonal; U = upper Cholesky factor of H^-1. Columns are visited in blocks of
@@ -7,12 +7,13 @@ remaining columns of the block at once, and the accumulated block error is appli
 columns with one matmul. At the first column of each group of 4, the 2 weights with the smallest
 w^2 / U_jj^2 (OBS saliency, on the already-updated weights) are dropped.
 
-Joint mode (``scale`` given): each kept weight is rounded to its row's int8 grid
-``scale * {-127..127}`` before its error is propagated, so the OBS update compensates the
-pruning and the quantization error together (GPTQ + SparseGPT). The scale is fixed up front by
-the caller (``offline.group`` uses absmax / 127 of the rows after a first SparseGPT pass without
-the grid, because the OBS updates grow weights past the dense absmax); weights that the updates
-push beyond 127 steps are clamped, and the clamp error is compensated like any other.
+Joint mode (``scale`` given): each kept weight is rounded to its row's grid (``grid``: int8
+``scale * {-127..127}``, or fp8 ``scale * e4m3`` values in [-448, 448]) before its error is
+propagated, so the OBS update compensates the pruning and the quantization error together
+(GPTQ + SparseGPT). The scale is fixed up front by the caller (``offline.group`` uses absmax / qmax
+of the rows after a first SparseGPT pass without the grid, because the OBS updates grow weights
+past the dense absmax); weights that the updates push beyond the grid's end are clamped, and the
+clamp error is compensated like any other.
 On int8 (255 levels) the gain over prune-then-round is within noise; on coarser grids it is
 clear (see tests/test_offline_prune.py).
 """
@@ -27,7 +28,7 @@ import torch
 from vllm_sparse24.format import GROUP, KEEP
 from vllm_sparse24.sparsity import PruneError, check_prunable
 
-from ..quantize import QMAX
+from ..quantize import INT8, Grid
 
 
 def _inverse_cholesky(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:
@@ -55,12 +56,13 @@ def sparsegpt_24(
     dampening: float = 0.01,
     block_size: int = 128,
     scale: torch.Tensor | None = None,
+    grid: Grid = INT8,
     name: str = "weight",
 ) -> torch.Tensor:
     """2:4-prune ``weight`` [N, K] with OBS updates; returns float32 [N, K] on weight's device.
 
     ``hessian`` [K, K] = 2XX^T/n. With ``scale`` [N, 1] (joint mode) every non-zero of the
-    result lies on the int8 grid ``scale * {-127..127}``.
+    result lies on ``grid`` (int8: ``scale * {-127..127}``; fp8: ``scale`` times an e4m3 value).
     """
     check_prunable(weight, name)
     n, k = weight.shape
@@ -80,7 +82,7 @@ def sparsegpt_24(
     s = None if scale is None else scale.float().to(w.device)
 
     with _few_threads(w.device):
-        _obs_loop(w, u, s, k, block_size)
+        _obs_loop(w, u, s, grid, k, block_size)
     return w
 
 
@@ -99,7 +101,9 @@ def _few_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, k: int, block_size: int) -> None:
+def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, grid: Grid, k: int,
+              block_size: int) -> None:
+    srow = None if s is None else s[:, 0]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         count = i2 - i1
@@ -116,8 +120,8 @@ def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, k: int, 
                 keep[:, i : i + GROUP].scatter_(1, idx, True)
             col = w1[:, i]
             q = torch.where(keep[:, i], col, torch.zeros_like(col))
-            if s is not None:
-                q = torch.round(q / s[:, 0]).clamp_(-QMAX, QMAX) * s[:, 0]
+            if srow is not None:
+                q = grid.round(q, srow)
             q1[:, i] = q
             e = (col - q) / u1[i, i]
             w1[:, i:].addcmul_(e.unsqueeze(1), u1[i, i:].unsqueeze(0), value=-1.0)

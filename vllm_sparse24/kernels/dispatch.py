@@ -3,8 +3,11 @@ which CUTLASS GEMM config serves which token count M on which layer shape.
 
 Kernels:
   * CPU, float32 models, or ``VLLM_SPARSE24_KERNEL=torch``: ``TorchW8A8Kernel`` (the reference);
-  * Hopper (sm90) sparse layers: ``CutlassSparse24Kernel`` (libsparse24, built ahead of time);
-  * Hopper dense W8A8 layers (``dense_layers``): ``VllmCutlassInt8Kernel`` (vLLM's cutlass_scaled_mm).
+  * Hopper (sm90) sparse layers: ``CutlassSparse24Kernel`` (libsparse24, built ahead of time), when
+    ``GEMM_TABLE`` has configs for the scheme's weight dtype and the model dtype (int8: bf16 and
+    fp16 models; fp8 e4m3: bf16 models); other combinations take the reference kernel;
+  * Hopper dense W8A8 layers (``dense_layers``): ``VllmCutlassInt8Kernel`` (vLLM's cutlass_scaled_mm,
+    int8 or e4m3).
 Other GPUs are refused with a message that says so: the CUDA library holds sm_90a code only.
 
 Few tokens: the decode GEMM (csrc/decode/) serves M <= ``GemmPlan.decode_max_m``, measured per layer
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant import INT8, Grid
 from .base import UnsupportedDeviceError, W8A8LinearKernel
 
 KERNEL_ENV = "VLLM_SPARSE24_KERNEL"
@@ -32,9 +36,11 @@ HOPPER = (9, 0)
 
 
 def choose_kernel(
-    device: torch.device, sparse: bool, layer_name: str = "", act_dtype: torch.dtype | None = None
+    device: torch.device, sparse: bool, layer_name: str = "", act_dtype: torch.dtype | None = None,
+    grid: Grid = INT8,
 ) -> type[W8A8LinearKernel]:
-    """The kernel class for one layer; raises UnsupportedDeviceError naming the layer and the reason."""
+    """The kernel class for one layer (``grid``: the checkpoint's int8 / fp8 scheme); raises
+    UnsupportedDeviceError naming the layer and the reason."""
     from .cuda.dense_linear import VllmCutlassInt8Kernel
     from .cuda.sparse24_linear import CutlassSparse24Kernel
     from .torch_ref import TorchW8A8Kernel
@@ -63,6 +69,12 @@ def choose_kernel(
         if forced is not None:
             raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs {[str(d) for d in cls.act_dtypes]} "
                                          f"models, the model is {act_dtype}")
+        return TorchW8A8Kernel
+    gemm = (DTYPE_NAMES.get(grid.dtype), DTYPE_NAMES.get(act_dtype))
+    if sparse and act_dtype is not None and gemm not in GEMM_TABLE:
+        if forced is not None:
+            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} has no {grid.name} GEMM for "
+                                         f"{act_dtype} models (it has {sorted(GEMM_TABLE)})")
         return TorchW8A8Kernel
     if forced is not None and forced != cls.name:
         raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} does not serve "
@@ -129,7 +141,7 @@ GEMM_TABLE: dict[tuple[str, str], dict[str, list[tuple[int | None, GemmChoice]]]
             (None, GemmChoice("i8_f16_128x128x128_c1x2_coop")),
         ],
     },
-    ("e4m3", "bf16"): {  # kernel level only (no fp8 checkpoint scheme yet)
+    ("e4m3", "bf16"): {  # the fp8 scheme (bf16 models)
         "narrow": [
             (64, GemmChoice("e4m3_bf16_64x32x256_c1x1_ws")),
             (512, GemmChoice("e4m3_bf16_128x128x128_c1x2_coop")),

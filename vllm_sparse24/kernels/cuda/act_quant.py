@@ -1,25 +1,28 @@
-"""Dynamic per-token int8 activation quant for the CUDA kernels, written so torch.compile can fuse it.
+"""Dynamic per-token activation quant (int8 or e4m3) for the CUDA kernels, written so torch.compile
+can fuse it.
 
 Under torch.compile the quant is the plain torch ops of vllm_sparse24/quant.py (amax, scale, round,
 clamp, cast), visible to Inductor, which fuses them into the RMSNorm / SiLU-mul kernel before the
-GEMM, as it does for vLLM's own fp8 path; the GEMM is an opaque custom op after them. Eager calls
-take one CUDA kernel of libsparse24 instead, bit-identical to the torch ops.
+GEMM, as it does for vLLM's own fp8 path; the GEMM is an opaque custom op after them. Eager int8
+calls take one CUDA kernel of libsparse24 instead, bit-identical to the torch ops. The library has
+no e4m3 quant kernel: eager fp8 calls run the same plain torch ops (a few elementwise kernels;
+vLLM serves with torch.compile and CUDA graphs, where they are fused).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...quant import quantize_per_token
+from ...quant import INT8, Grid, quantize_per_token
 from . import lib
 
 _DTYPES = {torch.bfloat16: lib.BF16, torch.float16: lib.F16}
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] bf16/fp16 -> (int8 [M, K] contiguous, float32 scale [M, 1])."""
-    if torch.compiler.is_compiling():
-        return quantize_per_token(x)
+def quantize_activations(x: torch.Tensor, grid: Grid = INT8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16/fp16 -> (codes [M, K] of grid.dtype, contiguous; float32 scale [M, 1])."""
+    if torch.compiler.is_compiling() or grid.dtype != torch.int8:
+        return quantize_per_token(x, grid)
     return quantize_per_token_cuda(x)
 
 

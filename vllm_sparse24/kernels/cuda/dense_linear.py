@@ -1,6 +1,6 @@
-"""Dense W8A8 layers (``dense_layers``, ``auto:P``) on Hopper: int8 resident, vLLM's CUTLASS
-``cutlass_scaled_mm`` (per-token x per-channel scales and bias fused), the same fusable activation
-quant as the sparse layers. The op is looked up as ``torch.ops._C.cutlass_scaled_mm``, which vLLM
+"""Dense W8A8 layers (``dense_layers``, ``auto:P``) on Hopper: int8 (or, in the fp8 scheme, e4m3)
+resident, vLLM's CUTLASS ``cutlass_scaled_mm`` (per-token x per-channel scales and bias fused), the
+same fusable activation quant as the sparse layers. (The kernel's name predates the fp8 scheme.) The op is looked up as ``torch.ops._C.cutlass_scaled_mm``, which vLLM
 registers in every worker: no import of vLLM here."""
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class VllmCutlassInt8Kernel(W8A8LinearKernel):
         return True, None
 
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.n, self.k):
-            raise ValueError(f"{self.layer_name}: expected int8 weight [{self.n}, {self.k}], "
-                             f"got {weight.dtype} {tuple(weight.shape)}")
+        if weight.dtype != self.grid.dtype or tuple(weight.shape) != (self.n, self.k):
+            raise ValueError(f"{self.layer_name}: expected {self.grid.dtype} weight [{self.n}, {self.k}] "
+                             f"({self.grid.name} scheme), got {weight.dtype} {tuple(weight.shape)}")
         if self.n % 16 or self.k % 16:
             raise ValueError(f"{self.layer_name}: vLLM's cutlass_scaled_mm needs N and K multiples of 16, "
                              f"got [{self.n}, {self.k}]")
@@ -48,7 +48,7 @@ class VllmCutlassInt8Kernel(W8A8LinearKernel):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
-        xq, xs = quantize_activations(x.reshape(-1, self.k))
+        xq, xs = quantize_activations(x.reshape(-1, self.k), self.grid)
         out = torch.empty(xq.shape[0], self.n, dtype=x.dtype, device=x.device)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

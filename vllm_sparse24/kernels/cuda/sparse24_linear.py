@@ -1,17 +1,20 @@
 """2:4 sparse W8A8 linear on Hopper: libsparse24's CUTLASS GEMM with both scales and the bias fused.
+int8 or fp8 (e4m3 weights and activations), the checkpoint's scheme: the GEMM configs of that
+input dtype (dispatch.GEMM_TABLE), the compressor and the layout are shared.
 
 Resident weight (one copy, made at load time on the GPU by CUTLASS's sm90 compressor from the
-unpacked checkpoint weight): ``values`` [N, K/2] (the kept int8 values, row-major) and ``meta`` (2-bit
+unpacked checkpoint weight): ``values`` [N, K/2] (the kept int8 / e4m3 values, row-major) and ``meta`` (2-bit
 indices of the kept pair of every group of 4, in CUTLASS's reordered metadata layout; see
 ``Sm90GemmSparseConfig`` in CUTLASS's ``sm90_sparse_config.inl``: 64-row x 128-column atoms) =
 0.625 bytes per weight for N a multiple of 64 and K a multiple of 128 (padded to those otherwise).
 
-A call: per-token int8 quant (act_quant.py: plain torch ops under torch.compile, so Inductor fuses
-it into the previous norm / activation; one CUDA kernel in eager mode), then the custom op
-``sparse24::cutlass_sparse_mm``, which picks the kernel for its M (dispatch.GemmPlan, resolved at
-load time: the decode GEMM of csrc/decode/ up to the plan's measured ``decode_max_m`` tokens, a
-CUTLASS config above) and launches ONE kernel writing the bf16/fp16 output. Capture-safe under CUDA
-graphs: no allocation but the output; the split-K workspaces are allocated at load time.
+A call: per-token quant (act_quant.py: plain torch ops under torch.compile, so Inductor fuses
+it into the previous norm / activation; in eager mode one CUDA kernel for int8, the torch ops for
+e4m3), then the custom op ``sparse24::cutlass_sparse_mm``, which picks the kernel for its M
+(dispatch.GemmPlan, resolved at load time: the decode GEMM of csrc/decode/ up to the plan's measured
+``decode_max_m`` tokens, a CUTLASS config above) and launches ONE kernel writing the bf16/fp16
+output. Capture-safe under CUDA graphs: no allocation but the output; the split-K workspaces are
+allocated at load time.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..base import W8A8LinearKernel
-from ..dispatch import HOPPER, GemmPlan, decode_max_m
+from ..dispatch import DTYPE_NAMES, HOPPER, GemmPlan, decode_max_m
 from . import lib
 from .act_quant import quantize_activations
 
@@ -228,22 +231,23 @@ class CutlassSparse24Kernel(W8A8LinearKernel):
         return True, None
 
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.n, self.k):
-            raise ValueError(f"{self.layer_name}: expected int8 weight [{self.n}, {self.k}], "
-                             f"got {weight.dtype} {tuple(weight.shape)}")
+        want = self.grid.dtype
+        if weight.dtype != want or tuple(weight.shape) != (self.n, self.k):
+            raise ValueError(f"{self.layer_name}: expected {DTYPE_NAMES[want]} weight [{self.n}, {self.k}] "
+                             f"({self.grid.name} scheme), got {weight.dtype} {tuple(weight.shape)}")
         if self.n % 8:
             raise ValueError(f"{self.layer_name}: N={self.n} output features must be a multiple of 8 "
                              "(16-byte rows of the bf16/fp16 output); keep this layer dense (dense_layers)")
         if self.act_dtype not in MODEL_DTYPES:
             raise ValueError(f"{self.layer_name}: the model dtype must be bfloat16 or float16, got {self.act_dtype}")
         values, meta = compress_24(weight)
-        self.plan_id = make_plan(self.n, self.k, torch.int8, self.act_dtype, weight.device, values, meta)
+        self.plan_id = make_plan(self.n, self.k, want, self.act_dtype, weight.device, values, meta)
         ws = weight_scale.reshape(-1).to(device=weight.device, dtype=torch.float32).contiguous()
         return {"values": values, "meta": meta, "weight_scale": ws}
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
-        xq, xs = quantize_activations(x.reshape(-1, self.k))
+        xq, xs = quantize_activations(x.reshape(-1, self.k), self.grid)
         args = (xq, xs, tensors["values"], tensors["meta"], tensors["weight_scale"], bias, self.plan_id)
         # eager: call the implementation directly (no dispatcher round trip); compiled: the opaque op
         out = cutlass_sparse_mm(*args) if torch.compiler.is_compiling() else sparse_mm(*args)
