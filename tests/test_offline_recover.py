@@ -355,7 +355,7 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     assert saved["runs"] == doc["runs"] and saved["dense_ppl"] == doc["dense_ppl"] > 0
     assert path.with_suffix(".png").exists()
     assert [(r["mode"], r["dense_layers"]) for r in saved["runs"]] == [
-        ("global", "none"), ("blocks", "none"), ("global", "auto:10"), ("blocks", "auto:10")]
+        ("global", []), ("blocks", []), ("global", "auto:10"), ("blocks", "auto:10")]
     for r in saved["runs"]:
         assert r["tokens"] > 0 and r["ppl_after"] > 0 and r["minutes"] <= 2
         assert r["curve"][0]["tokens"] == 0 and r["curve"][-1]["tokens"] == r["tokens"]
@@ -373,6 +373,17 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     assert saved["table"]["fp8"] == {"all-sparse": {"one_shot": saved["one_shot"]["fp8"]["all-sparse"]}}
     assert saved["table"]["int8"]["all-sparse"]["one_shot"] == saved["runs"][0]["ppl_before"]
     assert set(saved["table"]["int8"]["auto10"]) == {"one_shot", "global", "blocks"}
+
+    # runs made side by side (one --out each) merge into one JSON + PNG, keyed by scheme, student, mode
+    other = json.loads(path.read_text())
+    other["runs"] = other["runs"][:1]
+    other["runs"][0] = {**other["runs"][0], "ppl_after": 1.5}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / path.name).write_text(json.dumps(other))
+    merged = bench.main(["--out", str(tmp_path / "merged"), "--merge", str(path), str(tmp_path / "other" / path.name)])
+    assert (tmp_path / "merged" / path.name).exists() and (tmp_path / "merged" / path.with_suffix(".png").name).exists()
+    assert len(merged["runs"]) == 4 and merged["runs"][-1]["ppl_after"] == 1.5
+    assert merged["one_shot"] == saved["one_shot"] and merged["table"]["int8"]["all-sparse"]["global"] == 1.5
 
 
 def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():
