@@ -20,10 +20,10 @@
 //
 // Work split: a CTA = 8 warps = 32 output rows (two 16-row mma tiles per warp, so each activation
 // fragment is used twice); its warps take the K blocks round robin and are reduced in shared memory.
-// Layers with too few 32-row tiles to fill the GPU also split K across CTAs (grid.y): each CTA
-// stores its partial sums in the caller's workspace, and the last CTA of a row tile (an atomic
-// ticket) adds them in split order, applies the epilogue and re-arms its ticket, so one launch does
-// it all and graph replays need no memset.
+// Layers whose 32-row tiles do not spread evenly over the SMs also split K across CTAs (grid.y,
+// choose_splits): each CTA stores its partial sums in the caller's workspace, and the last CTA of a
+// row tile (an atomic ticket) adds them in split order, applies the epilogue and re-arms its
+// ticket, so one launch does it all and graph replays need no memset.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -253,12 +253,22 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
       }
     }
   };
-  __syncthreads();  // lut
-
-  // All loads of the U blocks first (bytes in flight), then the math. (A rotating double buffer,
-  // refilling each block right after its math, spilled at U = 2 under the 128-register cap.)
-  for (int kb0 = kb_first; kb0 < kb_end; kb0 += kWarps * U, vp += kWarps * U * (kMetaBlockK / 2),
-           mp += U * mstep, xp += kWarps * U * kMetaBlockK) {
+  // The first iteration is peeled so that its loads leave before the barrier that publishes the lut
+  // (a warp without K blocks multiplies zeros); then all loads of the U blocks of an iteration first
+  // (bytes in flight), then the math. Keeping blocks live across the loop's back edge (a rotating
+  // double buffer refilled right after each block's math, or the next iteration's loads issued at
+  // the end of the body) would overlap the math with loads, but spilled every int8 kernel under the
+  // 128-register cap of two CTAs per SM (ptxas -v).
+  {
+    Block<NT> blk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load(blk[u], u, kb_first + kWarps * u < kb_end);
+    __syncthreads();  // lut
+#pragma unroll
+    for (int u = 0; u < U; ++u) compute(blk[u]);
+  }
+  for (int kb0 = kb_first + kWarps * U; kb0 < kb_end; kb0 += kWarps * U) {
+    vp += kWarps * U * (kMetaBlockK / 2), mp += U * mstep, xp += kWarps * U * kMetaBlockK;
     Block<NT> blk[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) load(blk[u], u, u == 0 || kb0 + kWarps * u < kb_end);
