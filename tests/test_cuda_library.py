@@ -128,6 +128,15 @@ def test_decode_abi_is_exported(built):
     assert need > 0 and lib.decode_splits(16, 256, 4096, need) > 1
     assert lib.decode_splits(16, 256, 4096, 0) == 1  # no workspace: no cross-CTA split
     assert lib.decode_workspace_bytes(32, 57344, 4096) == 0  # 1792 row tiles fill it alone
+    assert lib.decode_splits(8, 10240, 8192, 0) == 1
+    # the split model (decode_gemm.cu, choose_splits) on 132 SMs (H100 / H200 SXM; without a GPU the
+    # library assumes 132): 6144 rows (192 tiles) take one round of unsplit CTAs, not several rounds
+    # of one-block CTAs; 10240 rows (320 tiles, a third CTA on some SMs) split in two to even the
+    # bytes per SM; 4096 x 4096 splits until two CTAs fill each SM
+    if not torch.cuda.is_available() or torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert [lib.decode_splits(m, 6144, 4096, 1 << 30) for m in (1, 8, 16)] == [1, 1, 1]
+        assert [lib.decode_splits(m, 10240, 8192, 1 << 30) for m in (1, 8, 16)] == [2, 2, 2]
+        assert [lib.decode_splits(m, 4096, 4096, 1 << 30) for m in (1, 8, 16)] == [2, 2, 2]
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.decode_workspace_bytes(8, 64, 96)
     with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):

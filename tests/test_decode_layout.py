@@ -7,8 +7,9 @@
    kernel assumes (int8 and e4m3) against CuTe's MMA_Traits of the instruction.
 2. A Python transcription of decode_gemm.cu's per-lane work (addresses, PRMT expansion with the
    selectors the probe prints from layout.h, the PTX mma.m16n8k32 fragment layouts, the warp and
-   split reductions) run on weights packed the way the compressor packs them (incl. its
-   single-nonzero and all-zero groups) must give the exact int32 product.
+   split reductions, the epilogue's thread per output element, each stored once) run on weights
+   packed the way the compressor packs them (incl. its single-nonzero and all-zero groups) must
+   give the exact int32 product.
 Skipped when nvcc or the CUTLASS headers are missing.
 """
 
@@ -115,6 +116,7 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
     rows_padded, kblocks = meta_rows(n), k // 128
     out = np.zeros((m, n), dtype=np.int64)
+    written = np.zeros((m, n), dtype=np.int64)
     for cta in range(-(-n // 32)):
         row0 = cta * 32
         total = np.zeros((8 * nt, 32), dtype=np.int64)  # [token, row in CTA], summed over splits
@@ -156,8 +158,16 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
                             for c in range(4):
                                 red[warp, 8 * j + 2 * t + (c & 1), 16 * r + g + 8 * (c >> 1)] = acc[r, j, lane, c]
             total += red.sum(axis=0)
-        rows = min(32, n - row0)
-        out[:, row0:row0 + rows] = total[:m, :rows]
+        # the epilogue: thread (warp, lane) stores tokens warp + 8 i of row row0 + lane
+        for warp in range(8):
+            for lane in range(32):
+                for i in range(nt):
+                    tok, row = warp + 8 * i, row0 + lane
+                    if tok < m and row < n:
+                        assert written[tok, row] == 0, (tok, row)
+                        written[tok, row] += 1
+                        out[tok, row] = total[tok, lane]
+    assert (written == 1).all(), "every output element stored exactly once"
     return out
 
 

@@ -20,10 +20,10 @@
 //
 // Work split: a CTA = 8 warps = 32 output rows (two 16-row mma tiles per warp, so each activation
 // fragment is used twice); its warps take the K blocks round robin and are reduced in shared memory.
-// Layers with too few 32-row tiles to fill the GPU also split K across CTAs (grid.y): each CTA
-// stores its partial sums in the caller's workspace, and the last CTA of a row tile (an atomic
-// ticket) adds them in split order, applies the epilogue and re-arms its ticket, so one launch does
-// it all and graph replays need no memset.
+// Layers whose 32-row tiles do not spread evenly over the SMs also split K across CTAs (grid.y,
+// choose_splits): each CTA stores its partial sums in the caller's workspace, and the last CTA of a
+// row tile (an atomic ticket) adds them in split order, applies the epilogue and re-arms its
+// ticket, so one launch does it all and graph replays need no memset.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -138,9 +138,26 @@ __device__ __forceinline__ void store_out(const Params& p, int t, int row, A acc
   static_cast<Out*>(p.out)[static_cast<int64_t>(t) * p.n + row] = from_float<Out>(v);
 }
 
+// Brings a line into L1 (and L2) without a register: the epilogue's scale and bias loads, issued
+// before the main loop, so the kernel's end does not wait for one more DRAM round trip after its
+// last weight load (holding them in registers instead makes the M <= 16 int8 kernels spill).
+__device__ __forceinline__ void prefetch_l1(const void* ptr) { asm volatile("prefetch.global.L1 [%0];" ::"l"(ptr)); }
+
+// One K block of one lane, as loaded: 4 value chunks (rows g, g + 8, g + 16, g + 24), their 4
+// metadata words and the NT x 32 activation bytes.
+template <int NT>
+struct Block {
+  uint4 val[kRowTiles][2];
+  uint32_t met[kRowTiles][2];
+  uint4 act[NT][2];
+};
+
 // NT token tiles of 8 (M <= 8 * NT); U K blocks of 128 loaded per iteration (bytes in flight).
 template <class In, class Out, int NT, int U>
 __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
+  // The reduction and the epilogue give element (token warp + 8 i, row lane) of the CTA's
+  // [8 NT tokens, 32 rows] output to thread (warp, lane): one output row per lane.
+  static_assert(kCtaRows == 32 && kThreads == 256, "epilogue mapping: one CTA row per lane");
   using A = typename Acc<In>::type;
   constexpr int kTok = 8 * NT;
   __shared__ uint32_t lut[256];
@@ -151,17 +168,28 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
   lut[tid] = expand_selector(tid);  // kThreads == 256: one entry per thread
 
   const int row0 = blockIdx.x * kCtaRows;
+  const int m = p.m;
   const int kblocks = p.k / kMetaBlockK;
   const int kb_begin = static_cast<int>(static_cast<int64_t>(kblocks) * blockIdx.y / p.splits);
   const int kb_end = static_cast<int>(static_cast<int64_t>(kblocks) * (blockIdx.y + 1) / p.splits);
   const uint64_t policy = evict_first_policy();
 
+  // The epilogue operands of this thread's output row and tokens, fetched into L1 now.
+  const int erow = row0 + lane;
+  const bool erow_ok = erow < p.n;
+  if (erow_ok) {
+    prefetch_l1(p.w_scale + erow);
+    if (p.bias) prefetch_l1(static_cast<const Out*>(p.bias) + erow);
+  }
+  if (lane == 0)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      if (warp + 8 * i < m) prefetch_l1(p.x_scale + warp + 8 * i);
+
   // Per lane: rows row0 + 8 i + g (i = 2 r + h; r: mma tile, h: upper/lower 8 rows), tokens 8 j + g.
-  // One base pointer per operand: the metadata rows of the lane are 16 bytes apart (immediate
-  // offsets), the value rows k/2 bytes apart; rows past n and tokens past m are never loaded.
   // Running pointers at the warp's first K block, advanced by a constant per iteration (no 64-bit
   // multiplies in the loop); the four value rows of a lane are k/2 bytes * 8 apart, its metadata
-  // rows 128 bytes apart (immediate offsets).
+  // rows 128 bytes apart (immediate offsets); rows past n and tokens past m are never loaded.
   const int row_g = row0 + g;
   const int kb_first = kb_begin + warp;
   const int64_t vrows8 = 8 * value_offset(1, 0, p.k);
@@ -183,55 +211,69 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][j][i] = A(0);
-  __syncthreads();  // lut
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int kb0 = kb_first; kb0 < kb_end; kb0 += kWarps * U, vp += kWarps * U * (kMetaBlockK / 2),
-           mp += U * mstep, xp += kWarps * U * kMetaBlockK) {
-    uint4 val[U][kRowTiles][2];
-    uint32_t met[U][kRowTiles][2];
-    uint4 act[U][NT][2];
-    // All loads of the U blocks first (bytes in flight), then the math.
+  // Loads the warp's K block `u` strides (of kWarps blocks) past the running pointers; a block past
+  // the CTA's K range (ok false) is zero and adds nothing.
+  auto load = [&](Block<NT>& b, int u, bool ok) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool kb_ok = u == 0 || kb0 + kWarps * u < kb_end;
+    for (int r = 0; r < kRowTiles; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = 2 * r + h;
+        const bool row_in = ok && row_ok[i];
+        b.val[r][h] = row_in ? ld_stream16(vp + i * vrows8 + u * kWarps * (kMetaBlockK / 2), policy) : zero;
+        b.met[r][h] = row_in ? ld_stream4(mp + 128 * i + u * mstep, policy) : 0u;
+      }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        b.act[j][q] = ok && tok_ok[j] ? ld_act16(xp + j * xrows8 + u * kWarps * kMetaBlockK + 16 * q) : zero;
+  };
+  auto compute = [&](const Block<NT>& b) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {  // k-step w: logical k 32 t + 8 w .. + 7 of this block
+      uint32_t a[kRowTiles][4];
 #pragma unroll
       for (int r = 0; r < kRowTiles; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int i = 2 * r + h;
-          const bool ok = kb_ok && row_ok[i];
-          val[u][r][h] = ok ? ld_stream16(vp + i * vrows8 + u * kWarps * (kMetaBlockK / 2), policy) : zero;
-          met[u][r][h] = ok ? ld_stream4(mp + 128 * i + u * mstep, policy) : 0u;
+          const uint32_t v = reinterpret_cast<const uint32_t*>(&b.val[r][h])[w];
+          const uint32_t sel = lut[(b.met[r][h] >> (8 * w)) & 0xffu];
+          a[r][h] = __byte_perm(v, 0u, sel);            // rows g / g + 8, k slots 4t .. 4t+3
+          a[r][2 + h] = __byte_perm(v, 0u, sel >> 16);  // rows g / g + 8, k slots 16 + 4t ..
         }
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&b.act[j][w / 2]);
+        const uint32_t b0 = xw[2 * (w % 2)], b1 = xw[2 * (w % 2) + 1];
 #pragma unroll
-        for (int q = 0; q < 2; ++q)
-          act[u][j][q] = kb_ok && tok_ok[j] ? ld_act16(xp + j * xrows8 + u * kWarps * kMetaBlockK + 16 * q) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {  // k-step w: logical k 32 t + 8 w .. + 7 of this block
-        uint32_t a[kRowTiles][4];
-#pragma unroll
-        for (int r = 0; r < kRowTiles; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t v = reinterpret_cast<const uint32_t*>(&val[u][r][h])[w];
-            const uint32_t sel = lut[(met[u][r][h] >> (8 * w)) & 0xffu];
-            a[r][h] = __byte_perm(v, 0u, sel);            // rows g / g + 8, k slots 4t .. 4t+3
-            a[r][2 + h] = __byte_perm(v, 0u, sel >> 16);  // rows g / g + 8, k slots 16 + 4t ..
-          }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&act[u][j][w / 2]);
-          const uint32_t b0 = xw[2 * (w % 2)], b1 = xw[2 * (w % 2) + 1];
-#pragma unroll
-          for (int r = 0; r < kRowTiles; ++r) mma(acc[r][j], a[r], b0, b1);
-        }
+        for (int r = 0; r < kRowTiles; ++r) mma(acc[r][j], a[r], b0, b1);
       }
+    }
+  };
+  // The first iteration is peeled so that its loads leave before the barrier that publishes the lut
+  // (a warp without K blocks multiplies zeros); then all loads of the U blocks of an iteration first
+  // (bytes in flight), then the math. Keeping blocks live across the loop's back edge (a rotating
+  // double buffer refilled right after each block's math, or the next iteration's loads issued at
+  // the end of the body) would overlap the math with loads, but spilled every int8 kernel under the
+  // 128-register cap of two CTAs per SM (ptxas -v).
+  {
+    Block<NT> blk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load(blk[u], u, kb_first + kWarps * u < kb_end);
+    __syncthreads();  // lut
+#pragma unroll
+    for (int u = 0; u < U; ++u) compute(blk[u]);
+  }
+  for (int kb0 = kb_first + kWarps * U; kb0 < kb_end; kb0 += kWarps * U) {
+    vp += kWarps * U * (kMetaBlockK / 2), mp += U * mstep, xp += kWarps * U * kMetaBlockK;
+    Block<NT> blk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load(blk[u], u, u == 0 || kb0 + kWarps * u < kb_end);
+#pragma unroll
+    for (int u = 0; u < U; ++u) compute(blk[u]);
   }
 
   // Reduce the warps' K slices: red[warp][token][row]; accumulator c of tile (r, j) holds
@@ -244,27 +286,28 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
       for (int c = 0; c < 4; ++c) red[warp][8 * j + 2 * t + (c & 1)][kTileRows * r + g + 8 * (c >> 1)] = acc[r][j][c];
   __syncthreads();
 
-  const int m = p.m;
   if (p.splits == 1) {
-    for (int e = tid; e < kTok * kCtaRows; e += kThreads) {
-      const int tok = e / kCtaRows, rl = e % kCtaRows, row = row0 + rl;
-      if (tok >= m || row >= p.n) continue;
-      A s = red[0][tok][rl];
 #pragma unroll
-      for (int w = 1; w < kWarps; ++w) s += red[w][tok][rl];
-      store_out<Out>(p, tok, row, s);
+    for (int i = 0; i < NT; ++i) {
+      const int tok = warp + 8 * i;
+      if (tok >= m || !erow_ok) continue;
+      A s = red[0][tok][lane];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) s += red[w][tok][lane];
+      store_out<Out>(p, tok, erow, s);
     }
     return;
   }
 
   A* part = static_cast<A*>(p.partials);
-  for (int e = tid; e < kTok * kCtaRows; e += kThreads) {
-    const int tok = e / kCtaRows, rl = e % kCtaRows, row = row0 + rl;
-    if (tok >= m || row >= p.n) continue;
-    A s = red[0][tok][rl];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) s += red[w][tok][rl];
-    __stcg(part + (static_cast<int64_t>(blockIdx.y) * m + tok) * p.n + row, s);
+  for (int i = 0; i < NT; ++i) {
+    const int tok = warp + 8 * i;
+    if (tok >= m || !erow_ok) continue;
+    A s = red[0][tok][lane];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) s += red[w][tok][lane];
+    __stcg(part + (static_cast<int64_t>(blockIdx.y) * m + tok) * p.n + erow, s);
   }
   __threadfence();  // partials visible device-wide before the ticket
   __syncthreads();
@@ -272,12 +315,13 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
   __syncthreads();
   if (!last_cta) return;
   __threadfence();  // acquire side: read the other CTAs' partials after seeing the full ticket count
-  for (int e = tid; e < kTok * kCtaRows; e += kThreads) {
-    const int tok = e / kCtaRows, rl = e % kCtaRows, row = row0 + rl;
-    if (tok >= m || row >= p.n) continue;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int tok = warp + 8 * i;
+    if (tok >= m || !erow_ok) continue;
     A s = A(0);
-    for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(part + (static_cast<int64_t>(sp) * m + tok) * p.n + row);
-    store_out<Out>(p, tok, row, s);
+    for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(part + (static_cast<int64_t>(sp) * m + tok) * p.n + erow);
+    store_out<Out>(p, tok, erow, s);
   }
   if (tid == 0) p.tickets[blockIdx.x] = 0;  // re-armed for the next call (or graph replay)
 }
@@ -314,23 +358,36 @@ int64_t workspace_need(int m, int n, int splits) {
   return splits <= 1 ? 0 : kTicketBytes + static_cast<int64_t>(splits) * m * n * 4;
 }
 
-// Cross-CTA K split, only for layers whose row tiles do not fill the GPU's CTA slots (two resident
-// CTAs per SM, __launch_bounds__): enough CTAs to cover the slots, each warp keeping >= 1 K block,
-// weighed against the partial sums' extra traffic.
+// Cross-CTA K split: the s with the least estimated time, in units of one 32-row x 128-k weight tile
+// (2.5 KB with its metadata) streamed at one SM's share of the HBM bandwidth (~0.08 us). Model
+// (fitted to H200 timings of s = 1, 2, 4 on the Llama-3 shapes, roughly):
+//   * the busiest SM runs c = ceil(ctas / sms) CTAs of B = ceil(kblocks / s) tiles; two resident
+//     CTAs stream at the SM's share, a CTA alone (c odd: its last round) ~25% slower;
+//   * every further round of CTAs in a slot (ceil(c / 2) - 1) exposes one CTA's start and end (first
+//     load latency, reduction, epilogue): ~1 us = 12 tiles. This is what many small split CTAs lose:
+//     6144 x 4096 at s = 4 (768 CTAs of one K block per warp, three rounds) took 13 us, where this
+//     model puts one round of 192 unsplit CTAs at ~5 us of streaming plus the same fixed cost;
+//   * a split adds the partial sums' hand-off (store, fence, ticket, reload by the last CTA),
+//     ~0.5 us = 6 tiles, plus their L2 traffic (2 s m n 4 bytes, counted at half the HBM cost).
+// So layers with few row tiles split until two CTAs fill every SM (8B o / down), and layers whose
+// row tiles leave some SMs a third CTA (10240 rows: 320 tiles on 132 SMs) split to even the bytes.
 int choose_splits(int m, int n, int k, int64_t workspace_bytes) {
   const int row_ctas = (n + kCtaRows - 1) / kCtaRows;
-  const double slots = 2.0 * sm_count();
-  if (row_ctas >= slots || row_ctas > kMaxTickets) return 1;
+  if (row_ctas > kMaxTickets) return 1;
+  const int sms = sm_count();
   const int kblocks = k / kMetaBlockK;
+  constexpr double kTileBytes = kCtaRows * (kMetaBlockK / 2 + 16);
+  constexpr double kRoundCost = 12.0, kSplitCost = 6.0, kAloneSlowdown = 0.25;
   int best = 1;
-  double best_score = 0;
+  double best_cost = 0;
   for (int s = 1; s <= kMaxSplits; ++s) {
     if (s > 1 && (kblocks < s * kWarps || workspace_need(m, n, s) > workspace_bytes)) break;
-    const double waves = row_ctas * s / slots;
-    const double fill = waves < 1 ? waves : waves / std::ceil(waves);
-    const double extra = s > 1 ? (2.0 * s * m * 4) / (k * 0.625) : 0.0;  // partials vs weight bytes
-    const double score = fill / (1.0 + extra);
-    if (score > best_score * 1.02) best = s, best_score = score;
+    const int64_t ctas = static_cast<int64_t>(row_ctas) * s;
+    const int64_t c = (ctas + sms - 1) / sms;
+    const int64_t tiles = (kblocks + s - 1) / s;
+    double cost = tiles * (c + kAloneSlowdown * (c % 2)) + kRoundCost * ((c + 1) / 2 - 1);
+    if (s > 1) cost += kSplitCost + 0.5 * (2.0 * s * m * n * 4) / sms / kTileBytes;
+    if (s == 1 || cost < best_cost) best = s, best_cost = cost;
   }
   return best;
 }
