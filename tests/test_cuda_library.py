@@ -82,12 +82,15 @@ def test_resident_bytes_are_five_eighths(built):
 
 
 def test_decode_threshold_rule(monkeypatch):
-    """The decode GEMM keeps every timed M up to the first where it loses; the env var overrides
+    """Unset env var: decode GEMM off. ``auto``: it keeps every timed M up to the first where it loses; a count overrides
     (capped at what the kernel serves), 0 turns it off, garbage is refused; shapes and dtypes it
     cannot read get 0 without timing."""
     from vllm_sparse24.kernels.dispatch import DECODE_ENV, decode_max_m
 
-    monkeypatch.delenv(DECODE_ENV, raising=False)
+    never = lambda m: pytest.fail("timed although the threshold was decided")  # noqa: E731
+    monkeypatch.delenv(DECODE_ENV, raising=False)  # default: decode GEMM off, nothing timed
+    assert decode_max_m(4096, 4096, torch.int8, 32, never) == 0
+    monkeypatch.setenv(DECODE_ENV, "auto")
     timed = []
 
     def measure(m):  # decode wins at 1..8, loses at 16, would win again at 32
@@ -98,7 +101,6 @@ def test_decode_threshold_rule(monkeypatch):
     assert decode_max_m(4096, 4096, torch.int8, 4, lambda m: (1.0, 2.0)) == 4
     assert decode_max_m(4096, 4096, torch.int8, 32, lambda m: (2.0, 1.0)) == 0
     assert decode_max_m(4096, 4096, torch.int8, 32, None) == 0
-    never = lambda m: pytest.fail("timed a shape the decode GEMM cannot serve")  # noqa: E731
     assert decode_max_m(4096, 4000, torch.int8, 32, never) == 0
     assert decode_max_m(4096, 4096, torch.bfloat16, 32, never) == 0
     assert decode_max_m(4096, 4096, torch.float8_e4m3fn, 32, lambda m: (1.0, 2.0)) == 32

@@ -77,7 +77,7 @@ def forced_threshold(monkeypatch):
     starts empty so a shape planned by an earlier test is planned again (old plan ids stay valid)."""
     monkeypatch.setattr(sparse24_linear, "_PLAN_IDS", {})
 
-    def force(value: int) -> None:
+    def force(value: int | str) -> None:
         monkeypatch.setenv(DECODE_ENV, str(value))
     return force
 
@@ -206,8 +206,9 @@ def test_env_zero_turns_decode_off(forced_threshold):
     assert plan_of(plan).decode_max_m == 0
 
 
-def test_measured_threshold_is_a_candidate():
-    """Without the override the threshold is measured at load: one of the timed token counts or 0."""
+def test_measured_threshold_is_a_candidate(forced_threshold):
+    """With ``auto`` the threshold is measured at load: one of the timed token counts or 0."""
+    forced_threshold("auto")
     plan = make_plan(4096, 4096, torch.int8, torch.float16, torch.device(DEV))
     assert plan_of(plan).decode_max_m in (0, 1, 2, 4, 8, 16, 32)
 

@@ -10,9 +10,9 @@ Kernels:
     int8 or e4m3).
 Other GPUs are refused with a message that says so: the CUDA library holds sm_90a code only.
 
-Few tokens: the decode GEMM (csrc/decode/) serves M <= ``GemmPlan.decode_max_m``, measured per layer
-shape when the plan is made at load time (``decode_max_m`` below), or forced by
-``VLLM_SPARSE24_DECODE_MAX_M`` (0 = off); the CUTLASS configs serve every larger M.
+Few tokens: the decode GEMM (csrc/decode/) serves M <= ``GemmPlan.decode_max_m``: 0 (off) by
+default, a count set by ``VLLM_SPARSE24_DECODE_MAX_M``, or with ``auto`` measured per layer shape when
+the plan is made at load time (``decode_max_m`` below); the CUTLASS configs serve every larger M.
 
 GEMM configs (csrc/configs.inc rows, by name): ``GEMM_TABLE`` maps (input dtype, output dtype) and a
 layer shape class to token-count buckets. Chosen by measurement on an H200 (benchmarks/kernels.py
@@ -205,16 +205,23 @@ DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def decode_forced_max_m() -> int | None:
-    """``VLLM_SPARSE24_DECODE_MAX_M`` as an int (0 = decode GEMM off), or None when unset."""
-    raw = os.environ.get(DECODE_ENV, "").strip()
+    """``VLLM_SPARSE24_DECODE_MAX_M`` as a token count (0 = decode GEMM off), or None for ``auto``
+    (measured per layer shape at load). Unset means 0: on an H200 the decode GEMM is not faster than
+    the CUTLASS configs back to back under CUDA-graph replay on the Llama-3 8B/70B shapes (it ties
+    at best; docs/kernels.md), while the timing at load, one isolated call at a time, picked it at
+    M <= 8 on two 8B shapes where it then ran 15-20% slower. So it is opt-in."""
+    raw = os.environ.get(DECODE_ENV, "").strip().lower()
     if not raw:
+        return 0
+    if raw == "auto":
         return None
     try:
         value = int(raw)
     except ValueError:
         value = -1
     if value < 0:
-        raise ValueError(f"{DECODE_ENV}={raw!r}: expected a token count >= 0 (0 turns the decode GEMM off)")
+        raise ValueError(f"{DECODE_ENV}={raw!r}: expected 'auto' or a token count >= 0 "
+                         "(0, the default, turns the decode GEMM off)")
     return value
 
 
@@ -222,8 +229,8 @@ def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
                  measure: Callable[[int], tuple[float, float]] | None) -> int:
     """Largest token count the decode GEMM serves for one layer shape (0: none), decided once at load.
 
-    ``VLLM_SPARSE24_DECODE_MAX_M`` decides when set (capped at what the kernel serves). Otherwise
-    ``measure(m)`` -> (decode seconds, CUTLASS GEMM seconds) on this shape: the decode GEMM keeps
+    ``VLLM_SPARSE24_DECODE_MAX_M`` decides (capped at what the kernel serves; unset: 0). With
+    ``auto``, ``measure(m)`` -> (decode seconds, CUTLASS GEMM seconds) on this shape: the decode GEMM keeps
     every candidate M up to the first one where it is slower, so the threshold splits the token
     counts into one decode range and one GEMM range (a call between two candidates runs the kernel
     instance of the next candidate up, so it costs about what was measured there)."""
