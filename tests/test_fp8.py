@@ -278,9 +278,10 @@ def test_fp8_activation_quant_traces_as_plain_torch_ops():
     assert "amax" in targets and "clamp" in targets, targets
 
 
-def test_dispatch_fp8(monkeypatch):
+def test_dispatch_fp8(monkeypatch, caplog):
     """CPU: the reference kernel. Hopper: the CUTLASS kernel for bf16 models (the e4m3 GEMM configs);
-    fp16 models have no e4m3 config and take the reference kernel, or fail when a kernel is forced."""
+    fp16 models have no e4m3 config and take the reference kernel, said once in a warning, or fail
+    when a kernel is forced."""
     from vllm_sparse24.kernels.cuda.sparse24_linear import CutlassSparse24Kernel
 
     assert choose_kernel(torch.device("cpu"), True, "l0", torch.float32, FP8) is TorchW8A8Kernel
@@ -288,7 +289,14 @@ def test_dispatch_fp8(monkeypatch):
     monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
     cuda0 = torch.device("cuda", 0)
     assert choose_kernel(cuda0, True, "l0", torch.bfloat16, FP8) is CutlassSparse24Kernel
-    assert choose_kernel(cuda0, True, "l0", torch.float16, FP8) is TorchW8A8Kernel
+    from vllm_sparse24.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="vllm_sparse24.kernels.dispatch"):
+        assert choose_kernel(cuda0, True, "l0", torch.float16, FP8) is TorchW8A8Kernel
+        assert choose_kernel(cuda0, True, "l1", torch.float16, FP8) is TorchW8A8Kernel
+    slow = [r.message for r in caplog.records if "reference kernel on the GPU" in r.message]
+    assert len(slow) == 1 and "no fp8 2:4 GEMM for torch.float16" in slow[0]
     assert choose_kernel(cuda0, True, "l0", torch.float16, INT8) is CutlassSparse24Kernel
     monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
     with pytest.raises(RuntimeError, match=r"l0: VLLM_SPARSE24_KERNEL=cutlass has no fp8 GEMM for torch.float16"):

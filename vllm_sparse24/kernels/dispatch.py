@@ -22,6 +22,7 @@ layer shape class to token-count buckets. Chosen by measurement on an H200 (benc
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 from ..quant import INT8, Grid
 from .base import UnsupportedDeviceError, W8A8LinearKernel
 
+log = logging.getLogger(__name__)
 KERNEL_ENV = "VLLM_SPARSE24_KERNEL"
 HOPPER = (9, 0)
 
@@ -69,13 +71,13 @@ def choose_kernel(
         if forced is not None:
             raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs {[str(d) for d in cls.act_dtypes]} "
                                          f"models, the model is {act_dtype}")
-        return TorchW8A8Kernel
+        return _slow_fallback(f"{cls.name} runs {[str(d) for d in cls.act_dtypes]} models, the model is {act_dtype}")
     gemm = (DTYPE_NAMES.get(grid.dtype), DTYPE_NAMES.get(act_dtype))
     if sparse and act_dtype is not None and gemm not in GEMM_TABLE:
         if forced is not None:
             raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} has no {grid.name} GEMM for "
                                          f"{act_dtype} models (it has {sorted(GEMM_TABLE)})")
-        return TorchW8A8Kernel
+        return _slow_fallback(f"no {grid.name} 2:4 GEMM for {act_dtype} models (there are {sorted(GEMM_TABLE)})")
     if forced is not None and forced != cls.name:
         raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} does not serve "
                                      f"{'2:4 sparse' if sparse else 'dense'} layers on CUDA")
@@ -83,6 +85,19 @@ def choose_kernel(
     if not ok:
         raise UnsupportedDeviceError(f"{layer_name}: {why}")
     return cls
+
+
+_WARNED: set[str] = set()
+
+
+def _slow_fallback(why: str) -> type[W8A8LinearKernel]:
+    """The float32 reference kernel on a GPU, said once per reason: correct, but far slower."""
+    from .torch_ref import TorchW8A8Kernel
+
+    if why not in _WARNED:
+        _WARNED.add(why)
+        log.warning("sparse24: %s; running the float32 reference kernel on the GPU (correct, slow)", why)
+    return TorchW8A8Kernel
 
 
 # ---- GEMM configs by token count ----------------------------------------------------------------
