@@ -59,8 +59,8 @@ LLAMA3_8B = {
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # kernel names of the decoder layers' linear GEMMs in a profile: CUTLASS (ours, vLLM's
-# cutlass_scaled_mm) and the 2:4 decode kernel
-LINEAR_KERNEL = re.compile(r"cutlass|sparse24|s24_", re.I)
+# cutlass_scaled_mm) and the 2:4 decode kernel (namespace sparse24), not the eager quant kernel
+LINEAR_KERNEL = re.compile(r"^(?!.*quant).*(cutlass|sparse24)", re.I | re.S)
 PROFILE_WORKLOADS = "prefill_64x1024x1,decode_8x128x256"
 
 
