@@ -114,6 +114,12 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str]:
     return run.get("scheme", "int8"), _student(run), run["mode"]
 
 
+def _put_run(doc: dict[str, Any], run: dict[str, Any]) -> None:
+    """Add ``run`` to the results, replacing a run of the same scheme, student and mode."""
+    doc["runs"] = [r for r in doc["runs"] if _key(r) != _key(run)]
+    doc["runs"].append(run)
+
+
 def _label(run: dict[str, Any]) -> str:
     scheme, student, mode = _key(run)
     return f"{scheme} {student}, {mode}"
@@ -150,8 +156,7 @@ def merge(json_paths: list[Path], out: Path) -> dict[str, Any]:
             doc["one_shot"].setdefault(scheme, {}).update(students)
     for d in docs:
         for run in d["runs"]:
-            doc["runs"] = [r for r in doc["runs"] if _key(r) != _key(run)]
-            doc["runs"].append(run)
+            _put_run(doc, run)
     doc["table"] = results_table(doc)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(json_paths[0]).stem
@@ -316,8 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "curve": [{k: e.get(k) for k in ("tokens", "perplexity", "top1_agreement", "kl")}
                           for e in rep["evals"]],
             }
-            doc["runs"] = [r for r in doc["runs"] if _key(r) != _key(run)]
-            doc["runs"].append(run)
+            _put_run(doc, run)
             doc["table"] = results_table(doc)
             log.info("%s %s %s: perplexity %.3f -> %.3f (dense %.3f), %d tokens in %.1f min", args.scheme, name,
                      mode, ppl_before, ppl_after, doc["dense_ppl"], run["tokens"], minutes)
