@@ -59,8 +59,15 @@ LLAMA3_8B = {
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # kernel names of the decoder layers' linear GEMMs in a profile: CUTLASS (ours, vLLM's
-# cutlass_scaled_mm) and the 2:4 decode kernel (namespace sparse24), not the eager quant kernel
-LINEAR_KERNEL = re.compile(r"^(?!.*quant).*(cutlass|sparse24)", re.I | re.S)
+# cutlass_scaled_mm) and the 2:4 decode kernel (namespace sparse24). Not the eager quant kernel, and
+# not Inductor's Triton kernels: it names a fused kernel after the ops around it, so the RMSNorm /
+# SiLU-mul + activation-quant kernels read "triton_red_fused_..._cutlass_sparse_mm_..."
+LINEAR_KERNEL = re.compile(r"^(?!triton_)(?!.*quant).*(cutlass|sparse24)", re.I | re.S)
+
+
+def is_linear_gemm(kernel_name: str) -> bool:
+    """Whether a profiled kernel is one of the decoder layers' linear GEMMs (``LINEAR_KERNEL``)."""
+    return LINEAR_KERNEL.search(kernel_name) is not None
 PROFILE_WORKLOADS = "prefill_64x1024x1,decode_8x128x256"
 
 
@@ -278,7 +285,7 @@ def run_profile(args) -> None:
         evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         gpu_ms = sum(e.self_device_time_total for e in evs) / 1e3
         # the decoder layers' linear GEMMs (ours and vLLM's W8A8 ones; the bf16 lm_head runs in cuBLAS)
-        linear_ms = sum(e.self_device_time_total for e in evs if LINEAR_KERNEL.search(e.key)) / 1e3
+        linear_ms = sum(e.self_device_time_total for e in evs if is_linear_gemm(e.key)) / 1e3
         evs.sort(key=lambda e: -e.self_device_time_total)
         steps = out if out > 1 else 1
         top = [{"kernel": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count,
@@ -394,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    engines = [e for e in args.engines.split(",") if e]
-    for e in engines:
+    engines = [e for e in args.engines.split(",") if e]  # empty with --profile: the profile only
+    profiled = [e for e in args.profile_engines.split(",") if e] if args.profile else []
+    for e in engines + profiled:
         if e not in ENGINES:
             ap.error(f"unknown engine {e!r} (choose from {ENGINES})")
     for w in args.workloads.split(","):
@@ -427,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
           "--seed", str(args.seed), "--tp", str(args.tp)] + (
         ["--num-layers", str(args.num_layers)] if args.num_layers else [])
     if not args.skip_build:  # own process: the engines get a GPU with nothing else on it
-        subprocess.run(me + ["--_build", "--engines", ",".join(engines)], check=True)
+        built = engines + [e for e in profiled if e not in engines]
+        subprocess.run(me + ["--_build", "--engines", ",".join(built)], check=True)
     if args.build_only:
         return 0
     out = Path(args.out)

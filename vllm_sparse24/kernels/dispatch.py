@@ -127,6 +127,8 @@ _PREFILL = [
     (None, GemmChoice("i8_bf16_128x256x128_c2x1_coop", swizzle=4)),
 ]
 
+_PREFILL_E4M3 = (None, GemmChoice("e4m3_bf16_128x256x128_c2x1_coop", swizzle=4))
+
 # (input, output) dtype -> shape class -> [(largest M of the bucket, choice)], ascending; the last
 # bucket's M bound is None (every larger M).
 GEMM_TABLE: dict[tuple[str, str], dict[str, list[tuple[int | None, GemmChoice]]]] = {
@@ -156,16 +158,21 @@ GEMM_TABLE: dict[tuple[str, str], dict[str, list[tuple[int | None, GemmChoice]]]
             (None, GemmChoice("i8_f16_128x128x128_c1x2_coop")),
         ],
     },
-    ("e4m3", "bf16"): {  # the fp8 scheme (bf16 models)
+    ("e4m3", "bf16"): {  # the fp8 scheme (bf16 models): the int8 table's tiles and schedules, e4m3 rows
         "narrow": [
-            (64, GemmChoice("e4m3_bf16_64x32x256_c1x1_ws")),
-            (512, GemmChoice("e4m3_bf16_128x128x128_c1x2_coop")),
-            (None, GemmChoice("e4m3_bf16_128x256x128_c2x1_coop", swizzle=4)),
+            (16, GemmChoice("e4m3_bf16_64x16x256_c1x1_ws")),
+            (32, GemmChoice("e4m3_bf16_64x32x256_c1x1_ws")),
+            (64, GemmChoice("e4m3_bf16_64x64x256_c1x1_ws")),
+            (256, GemmChoice("e4m3_bf16_64x128x256_c1x1_pp")),
+            (512, GemmChoice("e4m3_bf16_128x128x256_c1x2_coop")),
+            _PREFILL_E4M3,
         ],
         "wide": [
-            (64, GemmChoice("e4m3_bf16_64x32x256_c1x1_ws")),
-            (512, GemmChoice("e4m3_bf16_128x128x128_c1x2_coop")),
-            (None, GemmChoice("e4m3_bf16_128x256x128_c2x1_coop", swizzle=4)),
+            (16, GemmChoice("e4m3_bf16_128x16x256_c1x1_coopsk")),
+            (32, GemmChoice("e4m3_bf16_128x32x256_c1x1_coopsk")),
+            (64, GemmChoice("e4m3_bf16_128x64x128_c1x1_coop")),
+            (512, GemmChoice("e4m3_bf16_256x128x128_c2x1_coop")),
+            _PREFILL_E4M3,
         ],
     },
 }

@@ -1,0 +1,38 @@
+"""benchmarks/throughput.py --profile: which profiled kernels count as the layers' linear GEMMs.
+Kernel names as torch.profiler reports them for vLLM 0.26 engines (sparse24 and vLLM fp8, decode)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import throughput  # noqa: E402
+
+GEMMS = [
+    "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEENS1_10collective13CollectiveMma",
+    "void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t, cutlass::bfloat16_t, "
+    "vllm::c3x::ScaledEpilogue, cute::tuple<cute::C<64>, cute:",
+    "void sparse24::decode::(anonymous namespace)::decode_kernel<signed char, __nv_bfloat16, 1, 2>(sparse24::decode::(anonymous namespace)::Params)",
+]
+NOT_GEMMS = [
+    # Inductor's fused RMSNorm / SiLU-mul + activation quant, named after the GEMM op that consumes it
+    "triton_red_fused__to_copy_abs_amax_clamp_clamp_min_cutlass_sparse_mm_div_mul_round_silu_slice_2",
+    "triton_red_fused__to_copy_abs_clamp_cutlass_scaled_mm_div_fused_add_rms_norm_max_mul_reciprocal_unsqueeze_3",
+    "void sparse24::quant_int8_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long, signed char*, float*, int, int)",
+    "kernel_unified_attention",
+    "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT",
+    "reduce_segments",
+]
+
+
+@pytest.mark.parametrize("name", GEMMS)
+def test_linear_gemm_kernels_count(name):
+    assert throughput.is_linear_gemm(name)
+
+
+@pytest.mark.parametrize("name", NOT_GEMMS)
+def test_other_kernels_do_not_count(name):
+    assert not throughput.is_linear_gemm(name)
