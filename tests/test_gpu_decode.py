@@ -15,7 +15,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 # importing test_gpu_kernels skips this module too when there is no Hopper GPU or no built library
-from test_gpu_kernels import DEV, FP8_MAX, TOL, random_24, reference, rel_err  # noqa: E402
+from test_gpu_kernels import DEV, FP8_MAX, TOL, capture_apply, random_24, reference, rel_err  # noqa: E402
 
 from vllm_sparse24.kernels.cuda import lib, sparse24_linear  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
@@ -218,11 +218,7 @@ def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
         eager = kern.apply(tensors, x, None)
         static_x = x.clone()
-        kern.apply(tensors, static_x, None)  # warm up outside capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = kern.apply(tensors, static_x, None)
+        g, static_out = capture_apply(kern, tensors, static_x)
         x2 = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
         static_x.copy_(x2)
         for _ in range(3):

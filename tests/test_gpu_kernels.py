@@ -118,6 +118,29 @@ def _layer(n, k, gen, dt, grid=INT8):
     return kern, kern.prepare(w, scale), w, scale
 
 
+def capture_apply(kern, tensors, static_x):
+    """A CUDA graph of ``kern.apply`` on ``static_x`` (warmed up outside the capture) and its output."""
+    kern.apply(tensors, static_x, None)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = kern.apply(tensors, static_x, None)
+    return g, static_out
+
+
+def compiled_with_targets(kern, tensors, x):
+    """``kern.apply(x)`` under torch.compile (fullgraph, dynamic) and the ops of the traced graphs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    f = torch.compile(lambda x: kern.apply(tensors, x, None), backend=backend, fullgraph=True, dynamic=True)
+    out = f(x)
+    return out, [str(nd.target) for g in graphs for nd in g.graph.nodes if nd.op in ("call_function", "call_method")]
+
+
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_linear_matches_reference_at_every_m(dt):
     """The layer path (quant kernel + dispatch) at the token counts serving produces, with bias and a
@@ -154,11 +177,7 @@ def test_cuda_graph_replay_equals_eager():
         x = torch.randn(m, 2048, generator=gen).to(torch.bfloat16).to(DEV)
         eager = kern.apply(tensors, x, None)
         static_x = x.clone()
-        kern.apply(tensors, static_x, None)  # warm up outside capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = kern.apply(tensors, static_x, None)
+        g, static_out = capture_apply(kern, tensors, static_x)
         x2 = torch.randn(m, 2048, generator=gen).to(torch.bfloat16).to(DEV)
         static_x.copy_(x2)
         g.replay()
@@ -176,16 +195,8 @@ def test_torch_compile_puts_the_quant_in_the_graph():
     differently at a tie, so not bit-exact)."""
     gen = torch.Generator().manual_seed(5)
     kern, tensors, w, scale = _layer(512, 1024, gen, torch.bfloat16)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    f = torch.compile(lambda x: kern.apply(tensors, x, None), backend=backend, fullgraph=True, dynamic=True)
     x = torch.randn(33, 1024, generator=gen).to(torch.bfloat16).to(DEV)
-    out = f(x)
-    targets = [str(nd.target) for g in graphs for nd in g.graph.nodes if nd.op in ("call_function", "call_method")]
+    out, targets = compiled_with_targets(kern, tensors, x)
     assert any("cutlass_sparse_mm" in t for t in targets), targets
     assert any("amax" in t for t in targets) and any("round" in t for t in targets), targets
     ref = kern.apply(tensors, x, None)
@@ -247,16 +258,8 @@ def test_fp8_layer_under_torch_compile_and_cuda_graphs():
     CUDA graph replay equals eager."""
     gen = torch.Generator().manual_seed(12)
     kern, tensors, w, scale = _layer(512, 1024, gen, torch.bfloat16, FP8)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    f = torch.compile(lambda x: kern.apply(tensors, x, None), backend=backend, fullgraph=True, dynamic=True)
     x = torch.randn(33, 1024, generator=gen).to(torch.bfloat16).to(DEV)
-    out = f(x)
-    targets = [str(nd.target) for g in graphs for nd in g.graph.nodes if nd.op in ("call_function", "call_method")]
+    out, targets = compiled_with_targets(kern, tensors, x)
     assert any("cutlass_sparse_mm" in t for t in targets) and any("amax" in t for t in targets), targets
     assert rel_err(out, kern.apply(tensors, x, None)) < 2e-2
     inductor = torch.compile(lambda x: kern.apply(tensors, x, None), dynamic=True)
@@ -266,11 +269,7 @@ def test_fp8_layer_under_torch_compile_and_cuda_graphs():
         assert rel_err(inductor(x), reference(xq.float(), xs, w.float(), scale, None)) < 2e-2
     x = torch.randn(16, 1024, generator=gen).to(torch.bfloat16).to(DEV)
     static_x = x.clone()
-    kern.apply(tensors, static_x, None)  # warm up outside capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = kern.apply(tensors, static_x, None)
+    g, static_out = capture_apply(kern, tensors, static_x)
     x2 = torch.randn(16, 1024, generator=gen).to(torch.bfloat16).to(DEV)
     static_x.copy_(x2)
     g.replay()
