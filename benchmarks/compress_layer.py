@@ -3,7 +3,7 @@
     python benchmarks/compress_layer.py --out layer.json                 # CUDA, 128 x 2048 tokens, bf16
     python benchmarks/compress_layer.py --tiny --device cpu --out t.json # smoke test
 
-Runs exactly the driver's per-layer path (``offline.driver.compress_layer``: Hessians with hooks,
+Runs exactly the driver's per-layer path (``sparse24_tools.driver.compress_layer``: Hessians with hooks,
 q/k/v -> o -> gate/up -> down with re-runs, joint OBS loop, outputs for the next layer) and prints
 / writes wall seconds (after one warm-up layer on a small slice), peak device memory, versions.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from offline.driver import CompressOptions, compress_layer  # noqa: E402
-from offline.model_walk import LINEAR_GROUPS  # noqa: E402
+from sparse24_tools.driver import CompressOptions, compress_layer  # noqa: E402
+from sparse24_tools.model_walk import LINEAR_GROUPS  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
              "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0}

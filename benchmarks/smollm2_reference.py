@@ -54,7 +54,7 @@ TOLERANCE_RULE = ("d = engine - float64 reference prompt logprobs over all windo
 
 def _window_ids(tok, text_file: Path, seqlen: int, windows: int) -> list[list[int]]:
     """The first ``windows`` non-overlapping windows of ``seqlen`` tokens, exactly as
-    ``offline.evaluate.perplexity`` takes them (tokenizer without special tokens)."""
+    ``sparse24_tools.evaluate.perplexity`` takes them (tokenizer without special tokens)."""
     ids = tok(text_file.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
     if len(ids) < windows * seqlen:
         raise ValueError(f"{text_file}: {len(ids)} tokens, fewer than {windows} windows of {seqlen}")
@@ -93,7 +93,7 @@ def write_reference(args) -> int:
     import torch
     import transformers
 
-    from offline.evaluate import load_for_eval, perplexity
+    from sparse24_tools.evaluate import load_for_eval, perplexity
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,8 +152,8 @@ def write_reference(args) -> int:
         "checkpoint": _checkpoint_summary(ckpt),
         "text": {"file": text.name, "sha256": sha256_file(text), "windows": args.windows, "seqlen": args.seqlen,
                  "selection": "the first WINDOWS non-overlapping windows of SEQLEN tokens of the text tokenized "
-                              "without special tokens (as offline.evaluate.perplexity)"},
-        "reference": "float64 HF forward (offline.evaluate.load_for_eval: dequantized int8*scale weights, "
+                              "without special tokens (as sparse24_tools.evaluate.perplexity)"},
+        "reference": "float64 HF forward (sparse24_tools.evaluate.load_for_eval: dequantized int8*scale weights, "
                      "vllm_sparse24.quant.fake_quant_per_token on every quantized linear's input)",
         "perplexity": {"float64_reference": math.exp(-ref.mean().item()),
                        "offline_eval_float32": offline_eval["perplexity"],

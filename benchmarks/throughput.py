@@ -8,9 +8,9 @@ per engine (speed does not depend on the values):
   * ``bf16``: vLLM's dummy weights (``load_format="dummy"``) in a config-only folder; ``fp8`` = the
     same with vLLM's own ``--quantization fp8`` (dynamic W8A8, weights quantized at load);
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
-    compressor's ``dense-w8a8`` writer (``offline.export.write_dense_w8a8``), loaded by stock vLLM;
+    compressor's ``dense-w8a8`` writer (``sparse24_tools.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
-    written with ``vllm_sparse24.checkpoint`` as ``offline.export.write_sparse24`` does;
+    written with ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations).
 Each engine runs in its own process (``--_engine``), every workload in that process, with the
 same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
@@ -129,9 +129,9 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     the engines need); returns seconds."""
     import torch
 
-    from offline.export import write_dense_w8a8
-    from offline.group import LinearResult
-    from offline.model_walk import hf_config_dict
+    from sparse24_tools.export import write_dense_w8a8
+    from sparse24_tools.group import LinearResult
+    from sparse24_tools.model_walk import hf_config_dict
     from vllm_sparse24 import checkpoint as ckpt
     from vllm_sparse24.format import pack_24
     from vllm_sparse24.quant import GRIDS, quantize_weight_per_channel
@@ -187,7 +187,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
         secs["w8a8_int8_write_s"] = round(time.time() - t, 1)
     for e in sparse:
         t = time.time()
-        # what offline.export.write_sparse24 does, minus its CPU pack_24 (packed above on the GPU)
+        # what sparse24_tools.export.write_sparse24 does, minus its CPU pack_24 (packed above on the GPU)
         scheme = Sparse24Scheme(quant=SPARSE_ENGINES[e])
         with ckpt.atomic_output_dir(root / e, overwrite=True) as tmp:
             ckpt.save_safetensors_shards({**common, **sparse_tensors.pop(e)}, tmp)

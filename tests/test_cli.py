@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import offline.cli as cli
-from offline.__main__ import build_parser as offline_parser
+import sparse24_tools.cli as cli
+from sparse24_tools.__main__ import build_parser as offline_parser
 from vllm_sparse24.demo import build_parser as demo_parser
 
 BIN = shutil.which("vllm-sparse24", path=str(Path(sys.executable).parent))
@@ -68,8 +68,8 @@ def test_unknown_or_missing_command_is_an_error(capsys):
 
 def test_recover_is_listed_once_offline_recover_exists(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "_available", lambda module: module == "offline.recover")
-    monkeypatch.setattr("offline.__main__.main", lambda argv, prog: calls.append((argv, prog)) or 0)
+    monkeypatch.setattr(cli, "_available", lambda module: module == "sparse24_tools.recover")
+    monkeypatch.setattr("sparse24_tools.__main__.main", lambda argv, prog: calls.append((argv, prog)) or 0)
     assert "recover" in cli.commands()
     assert cli.main(["recover", "--model", "m"]) == 0
     assert calls == [(["recover", "--model", "m"], "vllm-sparse24")]

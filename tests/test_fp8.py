@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from offline.evaluate import EvalError, load_for_eval, perplexity  # noqa: E402
-from offline.group import compress_group  # noqa: E402
-from offline.prune import sparsegpt_24  # noqa: E402
-from offline.quantize import channel_scale  # noqa: E402
-from offline.stats import HessianAccumulator  # noqa: E402
+from sparse24_tools.evaluate import EvalError, load_for_eval, perplexity  # noqa: E402
+from sparse24_tools.group import compress_group  # noqa: E402
+from sparse24_tools.prune import sparsegpt_24  # noqa: E402
+from sparse24_tools.quantize import channel_scale  # noqa: E402
+from sparse24_tools.stats import HessianAccumulator  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
 from vllm_sparse24.format import is_24, pack_24, unpack_24  # noqa: E402
 from vllm_sparse24.kernels import TorchW8A8Kernel, choose_kernel  # noqa: E402
@@ -371,8 +371,8 @@ def _text(path: Path, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """``python -m offline compress --scheme fp8`` (SparseGPT-joint, one dense layer) on a tiny model."""
-    from offline.__main__ import main
+    """``python -m sparse24_tools compress --scheme fp8`` (SparseGPT-joint, one dense layer) on a tiny model."""
+    from sparse24_tools.__main__ import main
 
     root = tmp_path_factory.mktemp("fp8c")
     _dense_model(root / "dense")
@@ -412,7 +412,7 @@ def test_compress_cli_writes_the_fp8_scheme(compressed):
 
 
 def test_dense_w8a8_export_in_fp8_is_compressed_tensors_float_quantized(compressed, tmp_path):
-    from offline.compress import compress
+    from sparse24_tools.compress import compress
 
     root, _, ev = compressed
     compress(root / "dense", tmp_path / "dense-fp8", scheme="fp8", export="dense-w8a8", progress=False)
@@ -430,7 +430,7 @@ def test_dense_w8a8_export_in_fp8_is_compressed_tensors_float_quantized(compress
 
 
 def test_recovery_of_an_fp8_student_keeps_the_mask_and_the_grid(compressed, tmp_path):
-    from offline.recover import RecoverOptions, recover
+    from sparse24_tools.recover import RecoverOptions, recover
 
     root, calib, ev = compressed
     student, out = root / "fp8", tmp_path / "recovered"
@@ -466,7 +466,7 @@ def test_recovery_of_an_fp8_student_keeps_the_mask_and_the_grid(compressed, tmp_
 
 
 def test_qat_fp8_forward_and_export_are_the_plugin_arithmetic():
-    from offline.qat import QATLinear, ste_fake_quant_per_token
+    from sparse24_tools.qat import QATLinear, ste_fake_quant_per_token
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(16, 64, generator=g)

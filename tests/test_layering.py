@@ -14,7 +14,7 @@ PLUGIN = Path(__file__).resolve().parents[1] / "vllm_sparse24"
 
 def test_importing_the_plugin_pulls_in_no_offline_module():
     code = ("import json, sys; import vllm_sparse24, vllm_sparse24.config, vllm_sparse24.demo, vllm_sparse24.tiny; "
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'offline' or m.startswith('offline.'))))")
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'sparse24_tools' or m.startswith('sparse24_tools.'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
@@ -28,5 +28,5 @@ def test_no_plugin_source_imports_offline():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             bad += [f"{path.relative_to(PLUGIN.parent)}:{node.lineno} imports {n}"
-                    for n in names if n == "offline" or n.startswith("offline.")]
+                    for n in names if n == "sparse24_tools" or n.startswith("sparse24_tools.")]
     assert not bad, bad

@@ -1,5 +1,5 @@
 """``--mode blocks``: block-wise reconstruction (EBFT-style), the cheap alternative to global
-distillation. Model walking only; the loss is :func:`offline.distill_loss.normalized_mse`.
+distillation. Model walking only; the loss is :func:`sparse24_tools.distill_loss.normalized_mse`.
 
 Decoder layer i of the student is trained (kept weights on the student's int8 or fp8 grid, mask fixed) so that,
 fed the student's own layer-i inputs (the outputs of its already-recovered layers, computed in

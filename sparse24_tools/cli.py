@@ -1,7 +1,7 @@
 """The ``vllm-sparse24`` console command: one entry for the offline tools (compress, recover, eval,
 compare, merge), the demo server and the CUDA library build.
 
-Each command is handed the rest of the command line by its own parser (``python -m offline``
+Each command is handed the rest of the command line by its own parser (``python -m sparse24_tools``
 for the offline tools, ``vllm_sparse24.demo``, ``vllm_sparse24.build``), so its options and their
 help are written once. The module lives in this package rather than in the plugin because the
 plugin (``vllm_sparse24``) never imports the compressor; the plugin modules are imported lazily.
@@ -53,7 +53,7 @@ def commands() -> dict[str, tuple[str, Runner]]:
     table: dict[str, tuple[str, Runner] | None] = {
         "compress": ("dense Hugging Face model (folder or .gguf) -> sparse24 checkpoint", _offline("compress")),
         "recover": (("fine-tune a sparse24 checkpoint to recover accuracy lost to pruning", _offline("recover"))
-                    if _available("offline.recover") else None),
+                    if _available("sparse24_tools.recover") else None),
         "eval": ("perplexity of a dense or quantized checkpoint, computed as the plugin computes", _offline("eval")),
         "compare": ("compress with several methods, evaluate each -> table, JSON, plot", _offline("compare")),
         "merge": ("combine the JSON files of several compare runs", _offline("merge")),

@@ -1,4 +1,4 @@
-"""python -m offline {compress,eval,compare,merge,recover} ... (the same commands as ``vllm-sparse24``)."""
+"""python -m sparse24_tools {compress,eval,compare,merge,recover} ... (the same commands as ``vllm-sparse24``)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _add_recover_args(p: argparse.ArgumentParser) -> None:
 
     d = RecoverOptions()
     p.add_argument("--teacher", required=True, help="the dense model: HF folder or .gguf file")
-    p.add_argument("--student", required=True, help="sparse24 checkpoint folder (python -m offline compress)")
+    p.add_argument("--student", required=True, help="sparse24 checkpoint folder (python -m sparse24_tools compress)")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--calib", required=True, help="training text: file, folder of text files or HF data set name")
     p.add_argument("--mode", choices=MODES, default=d.mode,
@@ -161,7 +161,7 @@ def _recover_options(args: argparse.Namespace):
     )
 
 
-def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Make and evaluate sparse24 (2:4 + W8A8) checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     common = _common_args()
@@ -215,7 +215,7 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m offline") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m sparse24_tools") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""``python -m offline recover`` on a tiny random Llama (CPU): the 2:4 mask is kept bit for bit,
+"""``python -m sparse24_tools recover`` on a tiny random Llama (CPU): the 2:4 mask is kept bit for bit,
 the exported values are the trained int8 values, the loss goes down in both modes, an
 interrupted run leaves no output and resumes to the same result, bad inputs fail clearly, and
 the output runs in the plugin with the log-probs of ``offline eval``."""
@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from offline.calib import CalibrationError  # noqa: E402
-from offline.compress import compress  # noqa: E402
-from offline.evaluate import load_for_eval, perplexity  # noqa: E402
-from offline.recover import RecoverError, RecoverOptions, recover  # noqa: E402
+from sparse24_tools.calib import CalibrationError  # noqa: E402
+from sparse24_tools.compress import compress  # noqa: E402
+from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
+from sparse24_tools.recover import RecoverError, RecoverOptions, recover  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
 from vllm_sparse24.format import unpack_bitmask  # noqa: E402
 
@@ -85,7 +85,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def global_run(tiny):
-    from offline.__main__ import main
+    from sparse24_tools.__main__ import main
 
     root, calib, ev, student = tiny
     out = root / "recovered"
@@ -219,7 +219,7 @@ def test_blocks_mode_fits_every_layer(tiny, tmp_path):
 
 
 def test_interrupted_run_leaves_no_output_and_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
-    import offline.recover as rec
+    import sparse24_tools.recover as rec
 
     root, calib, ev, student = tiny
     opts = RecoverOptions(**{**BASE, "tokens": 12 * 8 * 64, "eval_every": 4, "save_every": 3,
@@ -326,7 +326,7 @@ def test_bad_inputs_name_the_file(tiny, tmp_path):
 
 
 def test_cli_documents_every_option():
-    from offline.__main__ import _add_recover_args
+    from sparse24_tools.__main__ import _add_recover_args
 
     p = argparse.ArgumentParser()
     _add_recover_args(p)
@@ -391,7 +391,7 @@ def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():
     their evaluations fill the time that is left (not one step, not more than the time)."""
     from types import SimpleNamespace
 
-    from offline.recover import _fit_budget
+    from sparse24_tools.recover import _fit_budget
 
     run = SimpleNamespace(budget_left=lambda: 300.0, seconds_eval=4.0, evals=[{}, {}],
                           opts=SimpleNamespace(max_minutes=5.0))

@@ -1,9 +1,9 @@
-"""``python -m offline recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
+"""``python -m sparse24_tools recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
 its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8 or fp8) in the forward.
 
-Orchestration only: the losses are in :mod:`offline.distill_loss`, the quantization-aware linear
-in :mod:`offline.qat`, the student loading in :mod:`offline.student`, the training data in
-:mod:`offline.distill_data` and the block-wise mode in :mod:`offline.block_recon`.
+Orchestration only: the losses are in :mod:`sparse24_tools.distill_loss`, the quantization-aware linear
+in :mod:`sparse24_tools.qat`, the student loading in :mod:`sparse24_tools.student`, the training data in
+:mod:`sparse24_tools.distill_data` and the block-wise mode in :mod:`sparse24_tools.block_recon`.
 
 Modes:
 
@@ -15,7 +15,7 @@ Modes:
 
 Every quantized linear trains its kept weights on the student's grid, int8 or fp8 (``QATLinear``); pruned weights
 stay 0 and the exported bitmask is the student's bit for bit. The result is written in the
-compressor's format (``offline.export.write_sparse24``, atomically) with ``recover_report.json``
+compressor's format (``sparse24_tools.export.write_sparse24``, atomically) with ``recover_report.json``
 and ``recover_perplexity.png`` beside it. The training state is saved every ``save_every`` steps
 (blocks: every layer) into ``OUT.recover-state`` so that ``resume`` continues an interrupted run.
 """
@@ -65,7 +65,7 @@ __all__ = ["RecoverError", "RecoverOptions", "recover", "plot_perplexity"]
 
 @dataclass
 class RecoverOptions:
-    """Training options (the CLI flags of ``python -m offline recover``)."""
+    """Training options (the CLI flags of ``python -m sparse24_tools recover``)."""
 
     mode: str = "global"
     tokens: int = 1_000_000  # global: tokens trained on; blocks: tokens each layer trains on
@@ -281,7 +281,7 @@ def _check_text_file(path: str | os.PathLike, what: str) -> str:
 
 
 def eval_windows_of(tokenizer: Any, text_file: str | os.PathLike, seqlen: int, windows: int) -> torch.Tensor:
-    """The first ``windows`` non-overlapping windows, as ``offline.evaluate.perplexity`` takes them."""
+    """The first ``windows`` non-overlapping windows, as ``sparse24_tools.evaluate.perplexity`` takes them."""
     p = Path(text_file)
     text = _check_text_file(p, "--eval-text")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""``python -m offline compress``: load, calibrate, compress, write (orchestration only)."""
+"""``python -m sparse24_tools compress``: load, calibrate, compress, write (orchestration only)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def compress(
     Wanda and SparseGPT need ``calib``. Magnitude runs without it (no calibration forwards; the
     report then holds relative weight errors and says that output errors were not measured); with
     it, magnitude also measures the output errors. ``nsamples`` / ``seqlen`` default by device
-    (:func:`offline.calib.calibration_size`)."""
+    (:func:`sparse24_tools.calib.calibration_size`)."""
     from .export import write_dense_w8a8, write_sparse24
 
     t_start = time.perf_counter()

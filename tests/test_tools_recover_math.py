@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.distill_data import BatchOrder
-from offline.distill_loss import chunked_kl, kl_reference, normalized_mse, squarehead_loss
-from offline.qat import QATLinear, ste_fake_quant_per_token, ste_fake_quant_weight
-from offline.recover import lr_at
+from sparse24_tools.distill_data import BatchOrder
+from sparse24_tools.distill_loss import chunked_kl, kl_reference, normalized_mse, squarehead_loss
+from sparse24_tools.qat import QATLinear, ste_fake_quant_per_token, ste_fake_quant_weight
+from sparse24_tools.recover import lr_at
 from vllm_sparse24.format import Sparse24FormatError, pack_24, pack_24_with_mask, unpack_24
 from vllm_sparse24.quant import fake_quant_per_token, quantize_weight_per_channel
 
@@ -74,7 +74,7 @@ def test_ste_fake_quant_equals_the_plugin_arithmetic_with_identity_gradient():
 
 
 def test_qat_linear_keeps_the_mask_and_exports_its_forward_weights():
-    from offline.prune.magnitude import magnitude_24
+    from sparse24_tools.prune.magnitude import magnitude_24
 
     g = torch.Generator().manual_seed(0)
     w = magnitude_24(torch.randn(16, 64, generator=g))

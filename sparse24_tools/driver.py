@@ -1,4 +1,4 @@
-"""Sequential layer-by-layer calibration: the model walking around :mod:`offline.group`.
+"""Sequential layer-by-layer calibration: the model walking around :mod:`sparse24_tools.group`.
 
 Only the current decoder layer, its Hessians and the calibration activations live on
 ``device``; the rest of the model stays on CPU. Inside a layer the linears are compressed in

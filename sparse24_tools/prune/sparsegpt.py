@@ -1,6 +1,6 @@
 """SparseGPT 2:4 (Frantar & Alistarh 2023), optionally joint with int8 or fp8 weight quantization.
 
-H = 2XX^T/n (from :class:`offline.stats.HessianAccumulator`), dampened by ``dampening`` times
+H = 2XX^T/n (from :class:`sparse24_tools.stats.HessianAccumulator`), dampened by ``dampening`` times
 the mean diagonal; U = upper Cholesky factor of H^-1. Columns are visited in blocks of
 ``block_size`` with lazy batch updates: inside a block every column's error is spread over the
 remaining columns of the block at once, and the accumulated block error is applied to all later
@@ -10,7 +10,7 @@ w^2 / U_jj^2 (OBS saliency, on the already-updated weights) are dropped.
 Joint mode (``scale`` given): each kept weight is rounded to its row's grid (``grid``: int8
 ``scale * {-127..127}``, or fp8 ``scale * e4m3`` values in [-448, 448]) before its error is
 propagated, so the OBS update compensates the pruning and the quantization error together
-(GPTQ + SparseGPT). The scale is fixed up front by the caller (``offline.group`` uses absmax / qmax
+(GPTQ + SparseGPT). The scale is fixed up front by the caller (``sparse24_tools.group`` uses absmax / qmax
 of the rows after a first SparseGPT pass without the grid, because the OBS updates grow weights
 past the dense absmax); weights that the updates push beyond the grid's end are clamped, and the
 clamp error is compensated like any other.

@@ -1,4 +1,4 @@
-"""A tiny model compressed by ``python -m offline compress`` loads in the sparse24 plugin on
+"""A tiny model compressed by ``python -m sparse24_tools compress`` loads in the sparse24 plugin on
 CPU and generates, with prompt log-probs equal to ``offline eval``'s model (one engine start)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_compressed_tiny_model_runs_in_the_plugin(tmp_path):
     calib.write_text("the sparse model keeps two of every four weights and the quick brown fox " * 300)
     out = tmp_path / "sparse24"
     subprocess.run(
-        [sys.executable, "-m", "offline", "compress", "--model", str(dense), "--out", str(out),
+        [sys.executable, "-m", "sparse24_tools", "compress", "--model", str(dense), "--out", str(out),
          "--method", "sparsegpt", "--joint", "--calib", str(calib), "--nsamples", "8", "--seqlen", "64",
          "--dense-layers", r"model\.layers\.1\.mlp\.down_proj", "--device", "cpu"],
         check=True, cwd=REPO, timeout=600,
@@ -61,7 +61,7 @@ def test_compressed_tiny_model_runs_in_the_plugin(tmp_path):
     got = json.loads(result.read_text())
     assert len(got["completion_ids"]) > 0
 
-    from offline.evaluate import load_for_eval
+    from sparse24_tools.evaluate import load_for_eval
 
     ev, _ = load_for_eval(out)
     with torch.no_grad():

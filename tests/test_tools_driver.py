@@ -1,4 +1,4 @@
-"""Model-level tests of ``offline``: sequential compression of a tiny random Llama, the
+"""Model-level tests of ``sparse24_tools``: sequential compression of a tiny random Llama, the
 written checkpoint, evaluation arithmetic, atomic output and error messages (fast, CPU)."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from offline.calib import CalibrationError  # noqa: E402
-from offline.compress import compress  # noqa: E402
-from offline.driver import CompressError  # noqa: E402
-from offline.evaluate import load_for_eval  # noqa: E402
-from offline.model_walk import UnsupportedModelError  # noqa: E402
+from sparse24_tools.calib import CalibrationError  # noqa: E402
+from sparse24_tools.compress import compress  # noqa: E402
+from sparse24_tools.driver import CompressError  # noqa: E402
+from sparse24_tools.evaluate import load_for_eval  # noqa: E402
+from sparse24_tools.model_walk import UnsupportedModelError  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
 from vllm_sparse24.format import unpack_24  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_dense_w8a8_export_is_compressed_tensors_int_quantized(tiny, tmp_path):
 
 
 def test_interrupted_run_leaves_no_output(tiny, tmp_path, monkeypatch):
-    import offline.driver as drv
+    import sparse24_tools.driver as drv
 
     root, _, calib = tiny
     real = drv.compress_group
@@ -214,8 +214,8 @@ def test_compress_layer_benchmark_tiny_on_cpu(tmp_path):
 def test_magnitude_without_calibration_runs_no_forward_and_says_so(tiny, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import offline.compress as comp
-    from offline.stats import relative_weight_error
+    import sparse24_tools.compress as comp
+    from sparse24_tools.stats import relative_weight_error
 
     root, model, calib = tiny
     with_calib = tmp_path / "with"
@@ -251,7 +251,7 @@ def test_calibration_free_compress_refuses_what_needs_data(tiny, tmp_path):
 
 
 def test_default_calibration_size_by_device():
-    from offline.calib import calibration_size
+    from sparse24_tools.calib import calibration_size
 
     assert calibration_size("cpu") == (32, 512)
     assert calibration_size("cuda:1") == (128, 2048)

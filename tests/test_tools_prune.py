@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.prune import PruneError, magnitude_24, sparsegpt_24, wanda_24
-from offline.quantize import (
+from sparse24_tools.prune import PruneError, magnitude_24, sparsegpt_24, wanda_24
+from sparse24_tools.quantize import (
     QMAX,
     channel_scale,
     quantize_weight_per_channel,
     quantize_with_scale,
     round_to_grid,
 )
-from offline.stats import HessianAccumulator, relative_output_error
+from sparse24_tools.stats import HessianAccumulator, relative_output_error
 from vllm_sparse24.format import is_24
 
 

@@ -39,7 +39,7 @@ class LinearResult:
     err_after: float
     seconds: float
     # sparse only: the kept positions to write (bool [N, K]); None = the non-zeros of q, padded
-    # (offline.recover passes the input checkpoint's mask so that it is kept bit for bit)
+    # (sparse24_tools.recover passes the input checkpoint's mask so that it is kept bit for bit)
     mask: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:

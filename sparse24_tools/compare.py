@@ -1,4 +1,4 @@
-"""``python -m offline compare``: compress with several methods, evaluate each, write a table
+"""``python -m sparse24_tools compare``: compress with several methods, evaluate each, write a table
 (stdout), JSON and a log-scale bar plot (PNG)."""
 
 from __future__ import annotations

@@ -1,0 +1,24 @@
+"""Offline tools that turn a dense Llama-family model into a sparse24 (2:4 + W8A8) checkpoint.
+
+Layout (llm-compressor modifier style, one algorithm per file, pure tensor math apart from
+model walking):
+
+* ``sparse24_tools.prune.magnitude`` / ``wanda`` / ``sparsegpt``: 2:4 pruning of one weight matrix
+  (magnitude and the shared 2:4 helpers live in ``vllm_sparse24.sparsity``);
+* ``sparse24_tools.quantize``: per-output-channel symmetric int8 weights;
+* ``sparse24_tools.stats``: Hessian / input-norm accumulation and reconstruction error;
+* ``sparse24_tools.model_walk``: which architectures and linears, layer-0 input capture;
+* ``sparse24_tools.driver``: sequential layer-by-layer calibration;
+* ``sparse24_tools.export``: sparse24 and compressed-tensors dense W8A8 writers;
+* ``sparse24_tools.evaluate``: perplexity that matches the plugin's arithmetic;
+* ``sparse24_tools.compare``: several methods, one table, JSON + PNG;
+* ``sparse24_tools.__main__`` (``python -m sparse24_tools``) and ``sparse24_tools.cli`` (the ``vllm-sparse24``
+  console command, which also starts the demo server and the CUDA build).
+* ``sparse24_tools.recover``: accuracy recovery of a sparse24 checkpoint by distillation from the dense
+  model, mask fixed, int8 in the forward (``sparse24_tools.block_recon``: its block-wise mode;
+  ``sparse24_tools.distill_loss``: chunked KL and SquareHead; ``sparse24_tools.qat``: fake-quant linear;
+  ``sparse24_tools.student``: loading a checkpoint for training; ``sparse24_tools.distill_data``: training data).
+
+This package uses the plugin's pure modules (format, quantization, schema, checkpoint writing);
+the plugin never imports this package. Nothing here imports vLLM.
+"""
