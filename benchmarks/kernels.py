@@ -11,7 +11,10 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
   sparse24      ours: 2:4 int8, both scales + bias fused, the kernel dispatch.py picks for M (the
                 decode GEMM up to the plan's measured decode_max_m, a CUTLASS config above)
   sparse24_fp8  ours: 2:4 e4m3, the same
-  sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 32)
+  sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 32);
+                _nopdl: launched without programmatic dependent launch (back to back, PDL lets a call
+                start streaming its weight while the previous call finishes)
+  sparse24_fp8_decode  the same for e4m3
 TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for the sparse impls,
 the dense weight for vLLM's; the summary prints both per shape for the decode token counts.
 With --search, every library config of the input dtype is also timed per shape and M (rows with
@@ -55,6 +58,8 @@ MODELS = {
     "llama3-70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+# decode GEMM launch variants timed beside the default launch (impl "sparse24_decode<tag>")
+DECODE_TUNINGS: dict[str, lib.DecodeTuning | None] = {"": None, "_nopdl": lib.DecodeTuning(0, 0, 0)}
 ROTATE_BYTES = 256 << 20
 FP8_MAX = 448.0
 DEV = "cuda"
@@ -167,8 +172,12 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
         impls["sparse24_fp8"] = (lambda i: sparse_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]),
                                  sh.c_sparse, sparse_bytes)
         if m <= lib.decode_max_m() and k % 128 == 0:
-            impls["sparse24_decode"] = (lambda i: decode_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plans["int8"]),
-                                        sh.c_sparse, sparse_bytes)
+            for tag, tuning in DECODE_TUNINGS.items():
+                impls[f"sparse24_decode{tag}"] = (
+                    lambda i, tuning=tuning: decode_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plans["int8"], tuning),
+                    sh.c_sparse, sparse_bytes)
+            impls["sparse24_fp8_decode"] = (
+                lambda i: decode_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]), sh.c_sparse, sparse_bytes)
         if search:
             for name, cid in ids.items():
                 if "_bf16_" not in name or not re.search(search, name):
@@ -412,7 +421,8 @@ def summarize(res):
             continue
         thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
         parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"
-                 for i in ("sparse24", "sparse24_decode", "fp8_cutlass") if (model, layer, m, i) in cells]
+                 for i in ("sparse24", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_fp8_decode", "fp8_cutlass")
+                 if (model, layer, m, i) in cells]
         fp8 = cells.get((model, layer, m, "fp8_cutlass"))
         ratio = f"  time/fp8 {us / fp8:.2f}" if fp8 else ""
         print(f"  {model:10s} {layer:8s} M={m:3d} (decode_max_m {thr}): " + " | ".join(parts) + ratio)

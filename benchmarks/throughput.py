@@ -213,6 +213,8 @@ def make_engine(args, eng: str):
     returns (LLM, the model's config.json)."""
     from vllm import LLM
 
+    # engine_facts runs a function in the workers (LLM.apply_model), which vLLM pickles only when allowed
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     model = {"fp8": "bf16"}.get(eng, eng)
     quant = {"fp8": "fp8", **dict.fromkeys(SPARSE_ENGINES, "sparse24")}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
@@ -233,7 +235,8 @@ def run_engine(args) -> None:
     t0 = time.time()
     llm, cfg = make_engine(args, eng)
     load_s = time.time() - t0
-    print(f"[{eng}] engine ready in {load_s:.1f}s", flush=True)
+    facts = engine_facts(llm)
+    print(f"[{eng}] engine ready in {load_s:.1f}s: {facts}", flush=True)
     warm = make_prompts(8, min(256, args.max_model_len // 2), cfg["vocab_size"], seed=12345)
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
                  SamplingParams(max_tokens=32, ignore_eos=True, temperature=0, detokenize=False),
@@ -253,14 +256,74 @@ def run_engine(args) -> None:
         row = {"engine": eng, "workload": wl, "requests_s": round(n / dt, 3),
                "total_tok_s": round((n * inp + gen) / dt, 1), "output_tok_s": round(gen / dt, 1),
                "elapsed_s": round(dt, 3), "elapsed_all_s": [round(v, 3) for v in times],
-               "generated_tokens": gen, "engine_load_s": round(load_s, 1)}
+               "generated_tokens": gen, "engine_load_s": round(load_s, 1), **facts}
         print("ROW " + json.dumps(row), flush=True)
         rows.append(row)
         Path(args.result_json).write_text(json.dumps(rows))
 
 
+def attention_backends(model) -> list[str]:
+    """The attention implementations a model runs (``LLM.apply_model``: executed in each worker)."""
+    return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
+
+
+def engine_facts(llm) -> dict:
+    """What the engine chose, for the results: attention backend and CUDA-graph mode."""
+    facts = {}
+    try:
+        facts["attention"] = sorted({b for per_worker in llm.apply_model(attention_backends) for b in per_worker})
+    except Exception as e:  # an engine that cannot run functions in its workers: say why
+        facts["attention"] = f"unknown ({type(e).__name__}: {str(e)[:100]})"
+    try:
+        facts["cudagraph_mode"] = str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
+    except AttributeError:
+        pass
+    return facts
+
+
+# CUDA runtime calls counted per decode step in a profile (host work that is not a graph replay)
+RUNTIME_CALLS = ("cudaGraphLaunch", "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                 "cudaMemcpyAsync", "cudaMemsetAsync", "cudaStreamSynchronize", "cudaEventSynchronize",
+                 "cudaDeviceSynchronize", "cudaStreamWaitEvent", "cudaEventRecord")
+
+
+def timeline(prof, steps: int) -> dict:
+    """GPU-busy share and where the GPU waits: kernel intervals merged (overlapping kernels count
+    once), the idle gaps between them summed by the pair of kernels around them, and the CUDA
+    runtime calls per step."""
+    from torch.autograd import DeviceType
+
+    evs = prof.events()
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in evs if e.device_type == DeviceType.CUDA),
+                     key=lambda k: k[0])
+    if not kernels:
+        return {}
+    busy, gaps, cur_end, prev = 0.0, {}, kernels[0][0], kernels[0][2]
+    for start, end, name in kernels:
+        if start > cur_end:
+            key = f"{prev[:60]} -> {name[:60]}"
+            gap = gaps.setdefault(key, [0.0, 0])
+            gap[0] += start - cur_end
+            gap[1] += 1
+        busy += max(0.0, end - max(start, cur_end))
+        if end >= cur_end:
+            cur_end, prev = end, name
+    span = cur_end - kernels[0][0]
+    calls = {}
+    for e in evs:
+        if e.device_type == DeviceType.CPU and e.name in RUNTIME_CALLS:
+            calls[e.name] = calls.get(e.name, 0) + 1
+    top_gaps = sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"kernels_per_step": round(len(kernels) / steps, 1), "gpu_span_ms": round(span / 1e3, 3),
+            "gpu_busy_in_span": round(busy / span, 4), "idle_ms": round((span - busy) / 1e3, 3),
+            "runtime_calls_per_step": {k: round(v / steps, 2) for k, v in sorted(calls.items())},
+            "top_gaps": [{"between": k, "ms": round(v[0] / 1e3, 3), "count": v[1],
+                          "us_each": round(v[0] / max(v[1], 1), 2)} for k, v in top_gaps]}
+
+
 def run_profile(args) -> None:
-    """In-process engine (set by the parent): time each workload, then profile one more run of it."""
+    """In-process engine (set by the parent): time each workload, then profile one more run of it
+    (GPU kernels and the host's CUDA runtime calls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
@@ -268,7 +331,7 @@ def run_profile(args) -> None:
 
     eng = args._profile
     llm, cfg = make_engine(args, eng)
-    result = {}
+    result = {"engine": engine_facts(llm)}
     for wi, wl in enumerate(args.profile_workloads.split(",")):
         n, inp, out = workload_shape(wl)
         ps = [TokensPrompt(prompt_token_ids=p) for p in make_prompts(n, inp, cfg["vocab_size"], args.seed + wi)]
@@ -279,7 +342,7 @@ def run_profile(args) -> None:
         llm.generate(ps, sp, use_tqdm=False)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t) * 1e3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(ps, sp, use_tqdm=False)
             torch.cuda.synchronize()
         evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
@@ -293,13 +356,18 @@ def run_profile(args) -> None:
                 "share": round(e.self_device_time_total / 1e3 / gpu_ms, 4)} for e in evs[: args.profile_top]]
         layers = cfg["num_hidden_layers"]
         linear_us = linear_ms * 1e3 / (steps * layers)
+        tl = timeline(prof, steps)
         result[wl] = {"wall_ms": round(wall_ms, 1), "gpu_kernel_ms": round(gpu_ms, 1), "steps": steps,
                       "gpu_busy": round(gpu_ms / wall_ms, 3), "layers": layers,
                       "linear_gemm_ms": round(linear_ms, 2), "linear_us_per_layer_step": round(linear_us, 2),
-                      "top": top}
+                      "timeline": tl, "top": top}
         print(f"PROFILE {eng} {wl}: wall {wall_ms:.1f} ms, GPU kernels {gpu_ms:.1f} ms "
               f"({gpu_ms / wall_ms * 100:.0f}% busy; {gpu_ms / steps:.3f} ms/step over {steps} steps); "
-              f"linear GEMMs {linear_ms:.1f} ms = {linear_us:.1f} us per layer and step", flush=True)
+              f"linear GEMMs {linear_ms:.1f} ms = {linear_us:.1f} us per layer and step; "
+              f"{tl.get('kernels_per_step')} kernels/step, idle {tl.get('idle_ms')} ms in the GPU span; "
+              f"runtime calls/step {tl.get('runtime_calls_per_step')}", flush=True)
+        for g in tl.get("top_gaps", [])[:6]:
+            print(f"  gap {g['ms']:8.2f} ms  n={g['count']:6d} {g['us_each']:7.2f} us  {g['between'][:120]}", flush=True)
         for row in top:
             print(f"  {row['ms']:9.2f} ms {row['share'] * 100:5.1f}%  n={row['calls']:6d} "
                   f"{row['us_per_call']:9.2f} us/call  {row['kernel'][:110]}", flush=True)

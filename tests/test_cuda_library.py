@@ -123,23 +123,16 @@ def test_plan_uses_decode_up_to_its_threshold():
 
 
 def test_decode_abi_is_exported(built):
-    """The decode GEMM's host-side entry points (no GPU touched): limits and refusals."""
+    """The decode GEMM's host-side entry points (no GPU touched): limits, the work partition and
+    refusals."""
     assert lib.decode_max_m() == 32
-    # 8 row tiles of 32 cannot fill the GPU: K is split across CTAs when the workspace allows it
-    need = lib.decode_workspace_bytes(32, 256, 4096)
-    assert need > 0 and lib.decode_splits(16, 256, 4096, need) > 1
-    assert lib.decode_splits(16, 256, 4096, 0) == 1  # no workspace: no cross-CTA split
-    assert lib.decode_workspace_bytes(32, 57344, 4096) == 0  # 1792 row tiles fill it alone
-    assert lib.decode_splits(8, 10240, 8192, 0) == 1
-    # the split model (decode_gemm.cu, choose_splits) on 132 SMs (H100 / H200 SXM; without a GPU the
-    # library assumes 132): 6144 rows (192 tiles) take one round of unsplit CTAs, not several rounds
-    # of one-block CTAs; 10240 rows (320 tiles, a third CTA on some SMs) split in two to even the
-    # bytes per SM; 4096 x 4096 splits until two CTAs fill each SM
-    if not torch.cuda.is_available() or torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert [lib.decode_splits(m, 6144, 4096, 1 << 30) for m in (1, 8, 16)] == [1, 1, 1]
-        assert [lib.decode_splits(m, 10240, 8192, 1 << 30) for m in (1, 8, 16)] == [2, 2, 2]
-        assert [lib.decode_splits(m, 4096, 4096, 1 << 30) for m in (1, 8, 16)] == [2, 2, 2]
+    assert lib.decode_workspace_bytes(32, 256, 4096) > 0
+    # units of 64 rows x 512 k, one persistent CTA per SM (132: H100 / H200 SXM), never more CTAs than units
+    assert lib.decode_partition(4096, 4096, 132) == (64 * 8, 132, 8)
+    assert lib.decode_partition(28672, 4096, 132) == (448 * 8, 132, 8)
+    assert lib.decode_partition(4096, 14336, 132) == (64 * 28, 132, 28)
+    assert lib.decode_partition(200, 384, 132) == (4, 4, 1)  # a partial tile in K and in rows
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.decode_workspace_bytes(8, 64, 96)
     with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):
-        lib.decode_splits(33, 64, 128, 0)
+        lib.decode_workspace_bytes(33, 64, 128)

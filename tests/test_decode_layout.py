@@ -6,8 +6,9 @@
    closed forms of csrc/decode/layout.h; it also checks the mma.m16n8k32 register fragments the
    kernel assumes (int8 and e4m3) against CuTe's MMA_Traits of the instruction.
 2. A Python transcription of decode_gemm.cu's per-lane work (addresses, PRMT expansion with the
-   selectors the probe prints from layout.h, the PTX mma.m16n8k32 fragment layouts, the warp and
-   split reductions, the epilogue's thread per output element, each stored once) run on weights
+   selectors the probe prints from layout.h, the producer's copies into a stage and the consumers'
+   reads of it, the PTX mma.m16n8k32 fragment layouts, the stream-K partition and its fixup slots,
+   the epilogue's thread per output element, each stored once) run on weights
    packed the way the compressor packs them (incl. its single-nonzero and all-zero groups) must
    give the exact int32 product.
 Skipped when nvcc or the CUTLASS headers are missing.
@@ -108,65 +109,107 @@ def signed_bytes(w: int) -> list[int]:
     return [int(b) for b in np.frombuffer(w.to_bytes(4, "little"), dtype=np.int8)]
 
 
-def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, splits: int,
+# decode_gemm.cu's constants
+TILE_ROWS, WARPS, STAGE_BLOCKS = 64, 4, 4
+VALUE_PITCH, ACT_PITCH, ATOM = STAGE_BLOCKS * 64 + 64, STAGE_BLOCKS * 128 + 16, 64 * 16
+
+
+def partition(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
+    """make_partition: (k blocks, units per 64-row tile, units, CTAs)."""
+    kblocks = k // 128
+    per_tile = -(-kblocks // STAGE_BLOCKS)
+    units = -(-n // TILE_ROWS) * per_tile
+    return kblocks, per_tile, units, min(units, sms)
+
+
+def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, sms: int,
                    selectors: list[int]) -> np.ndarray:
-    """decode_gemm.cu's accumulators, lane by lane: returns acc [m, n] (int64)."""
+    """decode_gemm.cu lane by lane: the producer's bulk copies into a stage buffer, the consumer
+    warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
+    epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees."""
     m = x.shape[0]
     nt = 1 if m <= 8 else 2 if m <= 16 else 4
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
-    rows_padded, kblocks = meta_rows(n), k // 128
+    rows_padded = meta_rows(n)
+    kblocks, per_tile, units, ctas = partition(n, k, sms)
+    begin = [c * units // ctas for c in range(ctas + 1)]
+
+    def cta_of(u: int) -> int:
+        return ((u + 1) * ctas - 1) // units
+
     out = np.zeros((m, n), dtype=np.int64)
     written = np.zeros((m, n), dtype=np.int64)
-    for cta in range(-(-n // 32)):
-        row0 = cta * 32
-        total = np.zeros((8 * nt, 32), dtype=np.int64)  # [token, row in CTA], summed over splits
-        for split in range(splits):
-            kb_begin, kb_end = kblocks * split // splits, kblocks * (split + 1) // splits
-            red = np.zeros((8, 8 * nt, 32), dtype=np.int64)  # red[warp][token][row]
-            for warp in range(8):
-                acc = np.zeros((2, nt, 32, 4), dtype=np.int64)  # [tile r][token tile j][lane][c]
-                for kb in range(kb_begin + warp, kb_end, 8):
-                    for w in range(4):
-                        a_regs = np.zeros((2, 32, 4), dtype=object)
-                        b_regs = np.zeros((nt, 32, 2), dtype=object)
-                        for lane in range(32):
-                            g, t = lane // 4, lane % 4
-                            for r in range(2):
-                                for h in range(2):
-                                    row = row0 + 16 * r + 8 * h + g
-                                    if row >= n:
-                                        v = mword = 0
-                                    else:
-                                        v = word(vflat, row * (k // 2) + 16 * t + kb * 64 + 4 * w)
-                                        mword = word(meta, meta_offset(row, 4 * t, rows_padded) + kb * rows_padded * 16)
-                                    sel = selectors[(mword >> (8 * w)) & 0xFF]
-                                    a_regs[r, lane, h] = byte_perm(v, 0, sel & 0xFFFF)
-                                    a_regs[r, lane, 2 + h] = byte_perm(v, 0, sel >> 16)
-                            for j in range(nt):
-                                tok = 8 * j + g
-                                base = tok * k + kb * 128 + 32 * t + 8 * w
-                                ok = tok < m
-                                b_regs[j, lane, 0] = word(xflat, base) if ok else 0
-                                b_regs[j, lane, 1] = word(xflat, base + 4) if ok else 0
-                        for r in range(2):
-                            for j in range(nt):
-                                acc[r, j] += mma_m16n8k32(a_regs[r], b_regs[j])
-                for r in range(2):
+    slots: dict[tuple[int, int, int], np.ndarray] = {}  # (cta, which, warp) -> [token, 16 rows]
+    tickets: dict[tuple[int, int], int] = {}
+    accs: dict[tuple[int, int], np.ndarray] = {}  # (cta, warp) -> accumulators of its current tile
+    order = [(c, i) for c in range(ctas) for i in range(begin[c + 1] - begin[c])]
+    for cta, i in order:  # a CTA's units in order; CTAs one after another (any order must do)
+        u = begin[cta] + i
+        rt, ku = divmod(u, per_tile)
+        kb0 = ku * STAGE_BLOCKS
+        nkb = min(STAGE_BLOCKS, kblocks - kb0)
+        # the producer's copies into one stage (uncopied bytes hold garbage, here 0x5a)
+        stage_v = np.full(TILE_ROWS * VALUE_PITCH, 0x5A, dtype=np.uint8)
+        stage_m = np.full(STAGE_BLOCKS * ATOM, 0x5A, dtype=np.uint8)
+        stage_x = np.zeros(8 * nt * ACT_PITCH, dtype=np.uint8)  # token rows >= m: zeroed once
+        for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
+            src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
+            stage_v[r * VALUE_PITCH:r * VALUE_PITCH + nkb * 64] = vflat[src:src + nkb * 64]
+        for b in range(nkb):
+            src = meta_offset(rt * TILE_ROWS, (kb0 + b) * 16, rows_padded)
+            stage_m[b * ATOM:(b + 1) * ATOM] = meta[src:src + ATOM]
+        for tok in range(m):
+            src = tok * k + kb0 * 128
+            stage_x[tok * ACT_PITCH:tok * ACT_PITCH + nkb * 128] = xflat[src:src + nkb * 128]
+        for warp in range(WARPS):
+            key = (cta, warp)
+            acc = np.zeros((nt, 32, 4), dtype=np.int64) if i == 0 or ku == 0 else accs[key]
+            wrow = warp * 16
+            for b in range(nkb):
+                for w in range(4):
+                    a_regs = np.zeros((32, 4), dtype=object)
+                    b_regs = np.zeros((nt, 32, 2), dtype=object)
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        for h in range(2):
+                            v = word(stage_v, (wrow + g + 8 * h) * VALUE_PITCH + 16 * t + b * 64 + 4 * w)
+                            mword = word(stage_m, (wrow + g + 8 * h) * 16 + 4 * t + b * ATOM)
+                            sel = selectors[(mword >> (8 * w)) & 0xFF]
+                            a_regs[lane, h] = byte_perm(v, 0, sel & 0xFFFF)
+                            a_regs[lane, 2 + h] = byte_perm(v, 0, sel >> 16)
+                        for j in range(nt):
+                            base = (8 * j + g) * ACT_PITCH + b * 128 + 32 * t + 8 * w
+                            b_regs[j, lane, 0] = word(stage_x, base)
+                            b_regs[j, lane, 1] = word(stage_x, base + 4)
                     for j in range(nt):
-                        for lane in range(32):
-                            g, t = lane // 4, lane % 4
-                            for c in range(4):
-                                red[warp, 8 * j + 2 * t + (c & 1), 16 * r + g + 8 * (c >> 1)] = acc[r, j, lane, c]
-            total += red.sum(axis=0)
-        # the epilogue: thread (warp, lane) stores tokens warp + 8 i of row row0 + lane
-        for warp in range(8):
-            for lane in range(32):
-                for i in range(nt):
-                    tok, row = warp + 8 * i, row0 + lane
-                    if tok < m and row < n:
-                        assert written[tok, row] == 0, (tok, row)
+                        acc[j] += mma_m16n8k32(a_regs, b_regs[j])
+            accs[key] = acc
+            if not (ku == per_tile - 1 or i == begin[cta + 1] - begin[cta] - 1):
+                continue
+            # finish(rt, whole): accumulator c of token tile j is row wrow + g + 8 (c >> 1), token 8 j + 2 t + (c & 1)
+            frag = np.zeros((8 * nt, 16), dtype=np.int64)
+            for j in range(nt):
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    for c in range(4):
+                        frag[8 * j + 2 * t + (c & 1), g + 8 * (c >> 1)] = acc[j, lane, c]
+            whole = u - ku >= begin[cta] and ku == per_tile - 1
+            first = rt * per_tile
+            c_first, c_last = cta_of(first), cta_of(first + per_tile - 1)
+            if not whole:
+                which = 0 if begin[cta] // per_tile == rt else 1
+                assert (cta, which, warp) not in slots, "one partial slot per CTA, end and warp"
+                slots[(cta, which, warp)] = frag
+                tickets[(rt, warp)] = tickets.get((rt, warp), 0) + 1
+                if tickets[(rt, warp)] != c_last - c_first + 1:
+                    continue
+                frag = sum(slots[(c, 0 if begin[c] // per_tile == rt else 1, warp)] for c in range(c_first, c_last + 1))
+            for tok in range(m):
+                for r in range(16):
+                    row = rt * TILE_ROWS + wrow + r
+                    if row < n:
                         written[tok, row] += 1
-                        out[tok, row] = total[tok, lane]
+                        out[tok, row] = frag[tok, r]
     assert (written == 1).all(), "every output element stored exactly once"
     return out
 
@@ -200,9 +243,10 @@ def random_24(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return w.reshape(n, k)
 
 
-@pytest.mark.parametrize("n,k,m,splits", [(96, 384, 1, 1), (40, 2048, 13, 2), (72, 1152, 30, 1),
-                                          (33, 1024, 8, 1), (64, 2048, 17, 2)])
-def test_transcription_gives_the_exact_product(probe, n, k, m, splits):
+# sms: few, so that row tiles are split across CTAs (the fixup) and CTAs hold several units
+@pytest.mark.parametrize("n,k,m,sms", [(96, 384, 1, 1), (40, 2048, 13, 3), (72, 1152, 30, 5),
+                                       (33, 1024, 8, 2), (200, 2048, 17, 7), (128, 640, 3, 132)])
+def test_transcription_gives_the_exact_product(probe, n, k, m, sms):
     proc = subprocess.run([probe, "--selectors"], capture_output=True, text=True, check=True)
     selectors = [int(s, 16) for s in proc.stdout.split()]
     assert len(selectors) == 256
@@ -210,6 +254,6 @@ def test_transcription_gives_the_exact_product(probe, n, k, m, splits):
     w = random_24(n, k, rng)
     x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
     values, meta = compress_like_cutlass(w)
-    got = emulate_decode(values, meta, x, n, k, splits, selectors)
+    got = emulate_decode(values, meta, x, n, k, sms, selectors)
     want = x.astype(np.int64) @ w.astype(np.int64).T
     np.testing.assert_array_equal(got, want)

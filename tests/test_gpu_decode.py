@@ -77,7 +77,8 @@ def forced_threshold(monkeypatch):
 @pytest.mark.parametrize("n,k", [(1536, 1024), (200, 384), (256, 4096), (72, 1152)])
 def test_decode_matches_reference_at_every_m(n, k, out_dt):
     """Every M the kernel serves (odd ones too), bias and none; (200, 384) and (72, 1152) have a
-    partial 32-row tile, (256, 4096) splits K across CTAs (asserted)."""
+    partial 64-row tile, (256, 4096) has more CTAs than row tiles, so its tiles are split across
+    CTAs and finished by the fixup (asserted)."""
     gen = torch.Generator().manual_seed(n + k)
     w = random_24(n, k, gen)
     values, meta = compress_24(w)
@@ -85,7 +86,8 @@ def test_decode_matches_reference_at_every_m(n, k, out_dt):
     bias = torch.randn(n, generator=gen).to(out_dt).to(DEV)
     plan = make_plan(n, k, torch.int8, out_dt, torch.device(DEV))
     if (n, k) == (256, 4096):
-        assert lib.decode_splits(16, n, k, 1 << 30) > 1, "this shape is meant to cover the cross-CTA split"
+        units, ctas, per_tile = lib.decode_partition(n, k)
+        assert ctas > units // per_tile, "this shape is meant to cover the cross-CTA fixup"
     for m in DECODE_MS:
         xq, xs = quantized(m, k, gen)
         for b in (bias, None):
@@ -118,12 +120,13 @@ def test_llama_shapes_equal_the_cutlass_gemm(n, k):
 
 
 def test_split_layers_of_different_shapes_share_the_workspace():
-    """Two layers that both split K across CTAs, called alternately: each call must find its tickets
-    zero although the other shape's partial sums went through the same workspace."""
+    """Two layers whose row tiles are split across CTAs, called alternately: each call must find its
+    tickets zero although the other shape's partial sums went through the same workspace."""
     gen = torch.Generator().manual_seed(13)
     layers = []
     for n, k in [(256, 4096), (1024, 2048)]:
-        assert lib.decode_splits(8, n, k, 1 << 30) > 1, (n, k)
+        units, ctas, per_tile = lib.decode_partition(n, k)
+        assert units % ctas, (n, k)  # some tiles end mid-CTA range: the fixup runs
         w = random_24(n, k, gen)
         values, meta = compress_24(w)
         ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
@@ -238,11 +241,13 @@ def test_bad_shapes_are_refused_with_a_message():
     x = torch.zeros(40, 256, dtype=torch.int8, device=DEV)
     f = torch.ones(64, device=DEV)
     out = torch.empty(40, 64, dtype=torch.bfloat16, device=DEV)
+    ws = torch.zeros(lib.decode_workspace_bytes(32, 64, 256), dtype=torch.uint8, device=DEV)
     stream = torch.cuda.current_stream().cuda_stream
 
     def call(m, n, k, stride):
         return so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), x.data_ptr(), stride,
-                                  f.data_ptr(), f.data_ptr(), None, out.data_ptr(), m, n, k, None, 0, stream)
+                                  f.data_ptr(), f.data_ptr(), None, out.data_ptr(), m, n, k, ws.data_ptr(),
+                                  ws.numel(), None, stream)
 
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.check_decode(call(4, 64, 96, 96), "k=96")
@@ -250,3 +255,32 @@ def test_bad_shapes_are_refused_with_a_message():
         lib.check_decode(call(33, 64, 256, 256), "m=33")
     with pytest.raises(lib.Sparse24LibraryError, match="row stride"):
         lib.check_decode(call(4, 64, 256, 200), "stride 200")
+    with pytest.raises(lib.Sparse24LibraryError, match="workspace"):
+        lib.check_decode(so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), x.data_ptr(), 256,
+                                            f.data_ptr(), f.data_ptr(), None, out.data_ptr(), 4, 64, 256, None, 0,
+                                            None, stream), "no workspace")
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 2048), (6144, 4096)])
+def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
+    """Programmatic dependent launch on / off, shallow and deep rings, fewer CTAs (more units each,
+    other fixup splits): bit-equal outputs, also after a kernel that writes the activations just
+    before (the PDL wait must order the activation reads after it)."""
+    gen = torch.Generator().manual_seed(n + 3 * k)
+    w = random_24(n, k, gen)
+    values, meta = compress_24(w)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
+    tunings = [lib.DecodeTuning(0, 0, 1), lib.DecodeTuning(0, 0, 0), lib.DecodeTuning(2, 0, 1),
+               lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1)]
+    for m in (1, 8, 13, 32):
+        xq, xs = quantized(m, k, gen)
+        want = reference(xq, xs, w, ws, bias)
+        first = decode_mm(xq, xs, values, meta, ws, bias, plan, tunings[0])
+        assert rel_err(first, want) < TOL[torch.bfloat16], m
+        for tuning in tunings[1:]:
+            xq2 = torch.empty_like(xq)
+            xq2.copy_(xq)  # written by the kernel right before the GEMM
+            got = decode_mm(xq2, xs, values, meta, ws, bias, plan, tuning)
+            assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl)

@@ -36,3 +36,26 @@ def test_linear_gemm_kernels_count(name):
 @pytest.mark.parametrize("name", NOT_GEMMS)
 def test_other_kernels_do_not_count(name):
     assert not throughput.is_linear_gemm(name)
+
+
+def test_timeline_merges_overlaps_and_sums_gaps_between_kernel_pairs():
+    """GPU-busy share from merged kernel intervals (a kernel launched early under programmatic
+    dependent launch overlaps its predecessor and counts once); idle gaps summed per kernel pair;
+    runtime calls per step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(name, start, end, dev=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end))
+
+    evs = [ev("norm", 0, 10), ev("gemm", 8, 30), ev("attn", 40, 50), ev("norm", 50, 60), ev("gemm", 65, 80),
+           ev("cudaGraphLaunch", 0, 1, DeviceType.CPU), ev("cudaGraphLaunch", 2, 3, DeviceType.CPU),
+           ev("aten::add", 0, 1, DeviceType.CPU)]
+    tl = throughput.timeline(SimpleNamespace(events=lambda: evs), steps=2)
+    assert tl["gpu_span_ms"] == 0.08 and tl["idle_ms"] == 0.015
+    assert tl["gpu_busy_in_span"] == round(65 / 80, 4)
+    assert tl["kernels_per_step"] == 2.5
+    assert tl["runtime_calls_per_step"] == {"cudaGraphLaunch": 1.0}
+    assert [(g["between"], g["count"], g["us_each"]) for g in tl["top_gaps"]] == [
+        ("gemm -> attn", 1, 10.0), ("norm -> gemm", 1, 5.0)]

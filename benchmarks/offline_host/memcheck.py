@@ -3,9 +3,10 @@ built library):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/offline_host/memcheck.py
 
-Partial 32-row tiles (N not a multiple of 32), odd token counts, every token tile instance (M 1..32),
-the cross-CTA split (few rows, long K) with its ticket re-arm across two calls, strided rows, bias
-and none, fp16 output, e4m3 inputs. Prints one line per case; a memory error makes the sanitizer
+Partial 64-row tiles (N not a multiple of 64), odd token counts, every token tile instance (M 1..32),
+row tiles split across CTAs (the fixup) with its ticket re-arm across two calls, a shallow ring and
+few CTAs (the ring wraps around), PDL on and off, strided rows, bias and none, fp16 output, e4m3
+inputs. Prints one line per case; a memory error makes the sanitizer
 exit non-zero. The decode threshold is forced (no load-time timing under the sanitizer).
 """
 
@@ -23,6 +24,8 @@ from vllm_sparse24.kernels.cuda import lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, decode_mm, make_plan  # noqa: E402
 
 DEV = "cuda"
+# default launch, no PDL with a 2-stage ring, and 3 CTAs (long per-CTA ranges, ring wrap-around)
+TUNINGS = [None, lib.DecodeTuning(2, 0, 0), lib.DecodeTuning(0, 3, 1)]
 CASES = [  # (n, k, weight dtype, out dtype)
     (200, 384, torch.int8, torch.bfloat16),
     (72, 1152, torch.int8, torch.float16),
@@ -48,12 +51,13 @@ def main() -> None:
             xq = wide[:, 16:16 + k].view(wdt)  # rows 16-byte aligned, k + 32 bytes apart
             xs = torch.rand(m, 1, generator=gen, device=DEV) * 1e-2
             for b in (bias, None):
-                for _ in range(2):  # the split path re-arms its tickets between calls
-                    out = decode_mm(xq, xs, values, meta, ws, b, plan)
+                for tuning in TUNINGS:
+                    for _ in range(2):  # the fixup re-arms its tickets between calls
+                        out = decode_mm(xq, xs, values, meta, ws, b, plan, tuning)
             torch.cuda.synchronize()
-            splits = lib.decode_splits(m, n, k, 1 << 40)
-            print(f"n={n} k={k} {wdt} -> {odt} m={m} (split up to {splits}): finite={bool(torch.isfinite(out).all())}",
-                  flush=True)
+            units, ctas, _ = lib.decode_partition(n, k)
+            print(f"n={n} k={k} {wdt} -> {odt} m={m} ({units} units on {ctas} CTAs): "
+                  f"finite={bool(torch.isfinite(out).all())}", flush=True)
     print("memcheck driver done")
 
 

@@ -10,11 +10,18 @@ from pathlib import Path
 
 from .build import DEFAULT_LIB
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 # S24Dtype in csrc/sparse24.h
 INT8, E4M3, BF16, F16 = 0, 1, 2, 3
 
 _c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+
+
+class DecodeTuning(ctypes.Structure):
+    """S24DecodeTuning (csrc/decode/decode_gemm.h): pipeline stages and persistent CTAs (0 = the
+    kernel's choice) and programmatic dependent launch on/off."""
+
+    _fields_ = [("stages", _c_int), ("ctas", _c_int), ("pdl", _c_int)]
 
 
 class Sparse24LibraryError(RuntimeError):
@@ -64,10 +71,10 @@ def lib() -> ctypes.CDLL:
     so.s24_decode_max_m.restype = _c_int
     so.s24_decode_last_error.restype = ctypes.c_char_p
     so.s24_decode_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
-    so.s24_decode_splits.argtypes = [_c_int, _c_int, _c_int, _c_i64]
+    so.s24_decode_partition.argtypes = [_c_int, _c_int, _c_int] + [ctypes.POINTER(_c_int)] * 3
     so.s24_decode_gemm.argtypes = [_c_int, _c_int, _vp, _vp, _vp, _c_i64, _vp, _vp, _vp, _vp, _c_int, _c_int,
-                                   _c_int, _vp, _c_i64, _vp]
-    for fn in (so.s24_decode_workspace_bytes, so.s24_decode_splits, so.s24_decode_gemm):
+                                   _c_int, _vp, _c_i64, ctypes.POINTER(DecodeTuning), _vp]
+    for fn in (so.s24_decode_workspace_bytes, so.s24_decode_partition, so.s24_decode_gemm):
         fn.restype = _c_int
     return so
 
@@ -94,11 +101,13 @@ def decode_workspace_bytes(m: int, n: int, k: int) -> int:
     return b.value
 
 
-def decode_splits(m: int, n: int, k: int, workspace_bytes: int) -> int:
-    """The cross-CTA K split the decode GEMM uses for these arguments (1 = none)."""
-    rc = lib().s24_decode_splits(m, n, k, workspace_bytes)
-    check_decode(rc, f"decode split of m={m} [{n}, {k}]")
-    return rc
+def decode_partition(n: int, k: int, sms: int = 0) -> tuple[int, int, int]:
+    """(work units, persistent CTAs, units per 64-row tile) of the decode GEMM on an [n, k] layer with
+    ``sms`` SMs (0: this GPU's)."""
+    units, ctas, per_tile = _c_int(), _c_int(), _c_int()
+    check_decode(lib().s24_decode_partition(n, k, sms, ctypes.byref(units), ctypes.byref(ctas), ctypes.byref(per_tile)),
+                 f"decode partition of [{n}, {k}]")
+    return units.value, ctas.value, per_tile.value
 
 
 @functools.cache

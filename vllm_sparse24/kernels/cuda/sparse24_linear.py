@@ -159,7 +159,8 @@ def _cutlass_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, m
 
 
 def _decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-               w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan) -> torch.Tensor:
+               w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan,
+               tuning: lib.DecodeTuning | None = None) -> torch.Tensor:
     m = xq.shape[0]
     out = torch.empty(m, plan.n, dtype=plan.out_dtype, device=xq.device)
     if m == 0:
@@ -174,7 +175,7 @@ def _decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, me
         _WEIGHT_DTYPES[plan.in_dtype], _OUT_DTYPES[plan.out_dtype], values.data_ptr(), meta.data_ptr(), xq.data_ptr(),
         xq.stride(0) if m > 1 else plan.k, x_scale.data_ptr(), w_scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), m, plan.n, plan.k,
-        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), tuning,
         torch.cuda.current_stream().cuda_stream)
     if rc:
         lib.check_decode(rc, f"sparse24 decode GEMM m={m} n={plan.n} k={plan.k}")
@@ -191,10 +192,12 @@ def sparse_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, met
 
 
 def decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int) -> torch.Tensor:
+              w_scale: torch.Tensor, bias: torch.Tensor | None, plan_id: int,
+              tuning: lib.DecodeTuning | None = None) -> torch.Tensor:
     """``sparse_mm`` through the decode GEMM whatever the plan's threshold (benchmarks, tests);
-    M <= lib.decode_max_m() and K a multiple of 128."""
-    return _decode_mm(xq, x_scale, values, meta, w_scale, bias, _PLANS[plan_id])
+    M <= lib.decode_max_m() and K a multiple of 128. ``tuning``: launch knobs (None: the kernel's
+    defaults)."""
+    return _decode_mm(xq, x_scale, values, meta, w_scale, bias, _PLANS[plan_id], tuning)
 
 
 def plan_of(plan_id: int) -> GemmPlan:

@@ -15,7 +15,7 @@
 namespace sparse24 {
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr size_t kErrLen = 512;
 thread_local char g_err[kErrLen] = "";
 

@@ -11,20 +11,28 @@
 #include <cuda_runtime_api.h>
 
 extern "C" {
+// Launch knobs; a null pointer means the defaults (0 fields too): as many pipeline stages as the
+// shared memory holds, one CTA per SM, programmatic dependent launch on.
+struct S24DecodeTuning {
+  int stages;  // shared-memory ring depth (units of 64 rows x 512 k), 0 = as many as fit
+  int ctas;    // persistent CTAs, 0 = one per SM (capped at the work units and 2 per SM)
+  int pdl;     // 1: launch with programmatic stream serialization (overlaps the previous kernel's tail)
+};
 // Largest token count the decode kernel serves.
 int s24_decode_max_m();
 const char* s24_decode_last_error();
-// Bytes of the workspace that lets a call at up to m tokens split K across CTAs as it prefers (layers
-// with few output rows). The caller allocates it ZEROED once; every call leaves its tickets zeroed
-// again (graph replays need no memset). One workspace must not serve two launches that run
-// concurrently on different streams. A call given less (or none) picks a split that fits (or none).
+// Bytes of the workspace every call needs (tickets + partial sums of row tiles split across CTAs).
+// The caller allocates it ZEROED once; every call leaves its tickets zeroed again (graph replays
+// need no memset). One workspace must not serve two launches that run concurrently on different
+// streams.
 int s24_decode_workspace_bytes(int m, int n, int k, int64_t* bytes);
+// The work partition of an [n, k] layer on `sms` SMs (0: this GPU's): units of 64 rows x 512 k,
+// the persistent CTAs that share them, and the units per 64-row tile. For benchmarks and tests.
+int s24_decode_partition(int n, int k, int sms, int* units, int* ctas, int* units_per_tile);
 // in_dtype: S24_INT8 or S24_E4M3 (values and x); out_dtype: S24_BF16 or S24_F16 (out and bias).
 // x: [m, k] rows x_row_stride bytes apart (a multiple of 16), 16-byte aligned. k % 128 == 0.
 int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void* meta, const void* x,
                     int64_t x_row_stride, const float* x_scale, const float* w_scale, const void* bias,
                     void* out, int m, int n, int k, void* workspace, int64_t workspace_bytes,
-                    cudaStream_t stream);
-// The cross-CTA K split a call with these arguments uses (1 = none); for benchmarks and tests.
-int s24_decode_splits(int m, int n, int k, int64_t workspace_bytes);
+                    const S24DecodeTuning* tuning, cudaStream_t stream);
 }
