@@ -8,7 +8,7 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
   bf16          cuBLAS bf16 (x @ W^T)
   int8_cutlass  vLLM cutlass_scaled_mm, int8 x int8, per-token x per-channel scales fused
   fp8_cutlass   vLLM cutlass_scaled_mm, e4m3 x e4m3, per-token x per-channel scales fused
-  sparse24      ours: 2:4 int8, both scales + bias fused, the kernel dispatch.py picks for M (the
+  sparse24      ours: 2:4 int8, both scales + bias fused, the kernel gemm_table.py picks for M (the
                 decode GEMM up to the plan's measured decode_max_m, a CUTLASS config above)
   sparse24_fp8  ours: 2:4 e4m3, the same
   sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 32);
@@ -19,7 +19,7 @@ TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for 
 the dense weight for vLLM's; the summary prints both per shape for the decode token counts.
 With --search, every library config of the input dtype is also timed per shape and M (rows with
 "impl": "cfg:<name>[/s<splits>][/w<swizzle>]"), and the best per cell is printed as a table to
-paste into dispatch.GEMM_TABLE.
+paste into gemm_table.GEMM_TABLE.
 
 Timing: CUDA-graph replay of R calls (R from a first estimate, >= 10), median of 5 replays, CUDA
 events. Calls rotate over C copies of the weight (C x bytes >= 256 MB, several times the 60 MB L2),
@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vllm_sparse24.kernels.cuda import lib  # noqa: E402
+from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     compress_24,
     decode_mm,
@@ -50,7 +51,6 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     plan_of,
     sparse_mm,
 )
-from vllm_sparse24.kernels.dispatch import DTYPE_NAMES  # noqa: E402
 from vllm_sparse24.quant import FP8, INT8, quantize_per_token  # noqa: E402
 
 MODELS = {
@@ -265,9 +265,9 @@ def propose_table(res: dict, classes: dict[str, list[str]]) -> dict:
 
 
 def table_report(paths: list[str]) -> list[dict]:
-    """What dispatch.GEMM_TABLE picks for every (layer, M) of --search results, timed in those runs
+    """What gemm_table.GEMM_TABLE picks for every (layer, M) of --search results, timed in those runs
     beside vLLM's fp8 and int8 kernels (a later file's cell replaces an earlier one's)."""
-    from vllm_sparse24.kernels.dispatch import GEMM_TABLE, shape_class
+    from vllm_sparse24.kernels.cuda.gemm_table import GEMM_TABLE, shape_class
 
     cells = {}
     for path in paths:
@@ -340,7 +340,7 @@ def main():
                     "wide=llama3-8b:gate_up,llama3-70b:gate_up,llama3-70b:down",
                     help="shape classes for --propose: name=model:layer,...;name=...")
     ap.add_argument("--table-report", nargs="+", default=None, metavar="SEARCH_JSON",
-                    help="print (and write to --out) what dispatch.GEMM_TABLE picks, timed in these --search results")
+                    help="print (and write to --out) what gemm_table.GEMM_TABLE picks, timed in these --search results")
     args = ap.parse_args()
     if args.table_report:
         rep = table_report(args.table_report)

@@ -45,6 +45,23 @@ def tiny(tmp_path_factory) -> TinyModels:
     return TinyModels(root / "dense", root / "sparse24", root / "legacy", model, dequant, ids, ref)
 
 
+@pytest.fixture
+def force_kernel(monkeypatch):
+    """``force_kernel("torch")`` sets VLLM_SPARSE24_KERNEL for this test (None unsets it); the
+    dispatcher reads it once per process, so its cached reading is dropped before and after."""
+    from vllm_sparse24.kernels import dispatch
+
+    def force(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(dispatch.KERNEL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(dispatch.KERNEL_ENV, value)
+        dispatch.kernel_override.cache_clear()
+
+    yield force
+    dispatch.kernel_override.cache_clear()
+
+
 def run_engine(model_dir: Path, out: Path, ids: list[int], *extra: str, check: bool = True):
     """Run tests/engine_runner.py in a fresh process; returns (result dict or None, completed process with stdout+stderr in .stdout)."""
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

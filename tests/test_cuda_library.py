@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
+from vllm_sparse24.kernels import UnsupportedDeviceError
 from vllm_sparse24.kernels.cuda import build, lib
-from vllm_sparse24.kernels.dispatch import GEMM_TABLE, GemmPlan, UnsupportedDeviceError
+from vllm_sparse24.kernels.cuda.gemm_table import GEMM_TABLE, GemmPlan
 
 
 def test_config_rows_parse_in_order():
@@ -85,7 +86,7 @@ def test_decode_threshold_rule(monkeypatch):
     """Unset env var: decode GEMM off. ``auto``: it keeps every timed M up to the first where it loses; a count overrides
     (capped at what the kernel serves), 0 turns it off, garbage is refused; shapes and dtypes it
     cannot read get 0 without timing."""
-    from vllm_sparse24.kernels.dispatch import DECODE_ENV, decode_max_m
+    from vllm_sparse24.kernels.cuda.gemm_table import DECODE_ENV, decode_max_m
 
     never = lambda m: pytest.fail("timed although the threshold was decided")  # noqa: E731
     monkeypatch.delenv(DECODE_ENV, raising=False)  # default: decode GEMM off, nothing timed

@@ -22,7 +22,7 @@ from sparse24_tools.quantize import channel_scale  # noqa: E402
 from sparse24_tools.stats import HessianAccumulator  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
 from vllm_sparse24.format import is_24, pack_24, unpack_24  # noqa: E402
-from vllm_sparse24.kernels import TorchW8A8Kernel, choose_kernel  # noqa: E402
+from vllm_sparse24.kernels import LinearLayer, TorchW8A8Kernel, choose_kernel  # noqa: E402
 from vllm_sparse24.quant import (  # noqa: E402
     FP8,
     INT8,
@@ -227,7 +227,7 @@ def test_torch_kernel_fp8_matches_float64(m, n, k, with_bias):
     q, scale = quantize_weight_per_channel(magnitude_24(w), FP8)
     bias = torch.randn(n, generator=g) if with_bias else None
     x = torch.randn(m, k, generator=g) * 3
-    kern = TorchW8A8Kernel(n, k, sparse=True, layer_name="l", grid=FP8)
+    kern = TorchW8A8Kernel(LinearLayer("l", n, k, True, torch.float32, FP8))
     out = kern.apply(kern.prepare(q, scale), x.reshape(1, m, k), bias)
     assert out.shape == (1, m, n) and out.dtype == x.dtype
     xq, xs = quantize_per_token(x, FP8)
@@ -236,14 +236,14 @@ def test_torch_kernel_fp8_matches_float64(m, n, k, with_bias):
     rel = ((out.reshape(m, n).double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-6, rel
     # and it is the fp8 computation, not the int8 one (a wrong grid is far outside the bound)
-    int8 = TorchW8A8Kernel(n, k, sparse=True, layer_name="l")
+    int8 = TorchW8A8Kernel(LinearLayer("l", n, k, True, torch.float32))
     qi, si = quantize_weight_per_channel(q.float() * scale)
     other = int8.apply(int8.prepare(qi, si), x, bias).double()
     assert ((other - ref).norm() / ref.norm()).item() > 100 * max(rel, 1e-9)
 
 
 def test_torch_kernel_refuses_codes_of_the_other_grid():
-    kern = TorchW8A8Kernel(8, 64, sparse=True, layer_name="model.layers.2.mlp.up_proj", grid=FP8)
+    kern = TorchW8A8Kernel(LinearLayer("model.layers.2.mlp.up_proj", 8, 64, True, torch.float32, FP8))
     with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.up_proj: expected torch.float8_e4m3fn weight "
                                          r"codes \(fp8\), got torch.int8"):
         kern.prepare(torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 1))
@@ -252,7 +252,7 @@ def test_torch_kernel_refuses_codes_of_the_other_grid():
 def test_fp8_custom_op_compiles_fullgraph():
     n, k = 64, 128
     q, s = quantize_weight_per_channel(torch.randn(n, k), FP8)
-    kern = TorchW8A8Kernel(n, k, sparse=False, layer_name="l", grid=FP8)
+    kern = TorchW8A8Kernel(LinearLayer("l", n, k, False, torch.float32, FP8))
     tensors = kern.prepare(q, s)
     fn = torch.compile(lambda x: kern.apply(tensors, x, None), fullgraph=True, backend="eager", dynamic=True)
     for m in (1, 5, 33):
@@ -278,29 +278,31 @@ def test_fp8_activation_quant_traces_as_plain_torch_ops():
     assert "amax" in targets and "clamp" in targets, targets
 
 
-def test_dispatch_fp8(monkeypatch, caplog):
+def test_dispatch_fp8(monkeypatch, caplog, force_kernel):
     """CPU: the reference kernel. Hopper: the CUTLASS kernel for bf16 models (the e4m3 GEMM configs);
     fp16 models have no e4m3 config and take the reference kernel, said once in a warning, or fail
-    when a kernel is forced."""
+    when the CUDA kernels are forced."""
+    from vllm_sparse24.kernels import dispatch
     from vllm_sparse24.kernels.cuda.sparse24_linear import CutlassSparse24Kernel
 
-    assert choose_kernel(torch.device("cpu"), True, "l0", torch.float32, FP8) is TorchW8A8Kernel
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
-    cuda0 = torch.device("cuda", 0)
-    assert choose_kernel(cuda0, True, "l0", torch.bfloat16, FP8) is CutlassSparse24Kernel
-    from vllm_sparse24.kernels import dispatch
+    def layer(name, dtype, device="cuda", grid=FP8):
+        return LinearLayer(name, 256, 256, True, dtype, grid, torch.device(device))
 
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+    assert choose_kernel(layer("l0", torch.float32, "cpu")) is TorchW8A8Kernel
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d: (True, None)))
+    assert choose_kernel(layer("l0", torch.bfloat16)) is CutlassSparse24Kernel
+    dispatch._warn_slow.cache_clear()
     with caplog.at_level("WARNING", logger="vllm_sparse24.kernels.dispatch"):
-        assert choose_kernel(cuda0, True, "l0", torch.float16, FP8) is TorchW8A8Kernel
-        assert choose_kernel(cuda0, True, "l1", torch.float16, FP8) is TorchW8A8Kernel
+        assert choose_kernel(layer("l0", torch.float16)) is TorchW8A8Kernel
+        assert choose_kernel(layer("l1", torch.float16)) is TorchW8A8Kernel
     slow = [r.message for r in caplog.records if "reference kernel on the GPU" in r.message]
-    assert len(slow) == 1 and "no fp8 2:4 GEMM for torch.float16" in slow[0]
-    assert choose_kernel(cuda0, True, "l0", torch.float16, INT8) is CutlassSparse24Kernel
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
-    with pytest.raises(RuntimeError, match=r"l0: VLLM_SPARSE24_KERNEL=cutlass has no fp8 GEMM for torch.float16"):
-        choose_kernel(cuda0, True, "l0", torch.float16, FP8)
+    assert len(slow) == 1 and "has no fp8 2:4 GEMM for torch.float16" in slow[0]
+    assert choose_kernel(layer("l0", torch.float16, grid=INT8)) is CutlassSparse24Kernel
+    force_kernel("cutlass")
+    with pytest.raises(RuntimeError, match=r"l0: no sparse24 kernel \(VLLM_SPARSE24_KERNEL=cutlass\) runs this 2:4 "
+                                           r"layer: cutlass_sparse24 has no fp8 2:4 GEMM for torch.float16"):
+        choose_kernel(layer("l0", torch.float16))
 
 
 # -- the compressor -------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.gpu
 # importing test_gpu_kernels skips this module too when there is no Hopper GPU or no built library
 from test_gpu_kernels import DEV, FP8_MAX, TOL, capture_apply, random_24, reference, rel_err  # noqa: E402
 
+from vllm_sparse24.kernels import LinearLayer  # noqa: E402
 from vllm_sparse24.kernels.cuda import lib, sparse24_linear  # noqa: E402
+from vllm_sparse24.kernels.cuda.gemm_table import DECODE_ENV  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     CutlassSparse24Kernel,
     _cutlass_mm,
@@ -27,7 +29,6 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     plan_of,
     sparse_mm,
 )
-from vllm_sparse24.kernels.dispatch import DECODE_ENV  # noqa: E402
 from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
 
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
@@ -215,7 +216,7 @@ def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
     gen = torch.Generator().manual_seed(n)
     w = random_24(n, k, gen)
     scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
-    kern = CutlassSparse24Kernel(n, k, True, "layers.0.decode", torch.bfloat16)
+    kern = CutlassSparse24Kernel(LinearLayer("layers.0.decode", n, k, True, torch.bfloat16))
     tensors = kern.prepare(w, scale)
     for m in (1, 5, 16, 32):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)

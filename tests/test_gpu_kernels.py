@@ -24,14 +24,15 @@ try:
 except lib.Sparse24LibraryError as e:
     pytest.skip(f"sparse24 CUDA library not built: {e}", allow_module_level=True)
 
+from vllm_sparse24.kernels import LinearLayer  # noqa: E402
 from vllm_sparse24.kernels.cuda.act_quant import quantize_per_token_cuda  # noqa: E402
+from vllm_sparse24.kernels.cuda.gemm_table import GEMM_TABLE, GemmPlan  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     CutlassSparse24Kernel,
     compress_24,
     make_plan,
     sparse_mm,
 )
-from vllm_sparse24.kernels.dispatch import GEMM_TABLE, GemmPlan  # noqa: E402
 from vllm_sparse24.quant import FP8, INT8, quantize_weight_per_channel  # noqa: E402
 from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
 
@@ -114,7 +115,7 @@ def test_every_config_matches_reference(name):
 def _layer(n, k, gen, dt, grid=INT8):
     w = random_24(n, k, gen, grid.dtype)
     scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
-    kern = CutlassSparse24Kernel(n, k, True, "layers.0.test", dt, grid)
+    kern = CutlassSparse24Kernel(LinearLayer("layers.0.test", n, k, True, dt, grid))
     return kern, kern.prepare(w, scale), w, scale
 
 
@@ -283,12 +284,12 @@ def test_fp8_dense_layers_use_vllm_cutlass():
         import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
     except Exception as e:  # vLLM not installed on this GPU host
         pytest.skip(f"vLLM CUDA ops unavailable: {e}")
-    from vllm_sparse24.kernels.cuda.dense_linear import VllmCutlassInt8Kernel
+    from vllm_sparse24.kernels.cuda.dense_linear import CutlassScaledMMKernel
 
     gen = torch.Generator().manual_seed(14)
     n, k = 768, 1024
     w, scale = quantize_weight_per_channel(torch.randn(n, k, generator=gen).to(DEV), FP8)
-    kern = VllmCutlassInt8Kernel(n, k, False, "layers.0.dense", torch.bfloat16, FP8)
+    kern = CutlassScaledMMKernel(LinearLayer("layers.0.dense", n, k, False, torch.bfloat16, FP8))
     tensors = kern.prepare(w, scale)
     assert tensors["weight"].dtype == torch.float8_e4m3fn
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
@@ -300,27 +301,27 @@ def test_fp8_dense_layers_use_vllm_cutlass():
 
 def test_errors_name_the_layer():
     gen = torch.Generator().manual_seed(2)
-    kern = CutlassSparse24Kernel(100, 128, True, "layers.3.mlp", torch.bfloat16)
+    kern = CutlassSparse24Kernel(LinearLayer("layers.3.mlp", 100, 128, True, torch.bfloat16))
     with pytest.raises(ValueError, match="layers.3.mlp: N=100"):
         kern.prepare(random_24(100, 128, gen), torch.ones(100, 1, device=DEV))
-    kern = CutlassSparse24Kernel(128, 128, True, "layers.4.mlp", torch.bfloat16)
+    kern = CutlassSparse24Kernel(LinearLayer("layers.4.mlp", 128, 128, True, torch.bfloat16))
     with pytest.raises(ValueError, match="layers.4.mlp: expected int8 weight"):
         kern.prepare(torch.zeros(128, 64, dtype=torch.int8, device=DEV), torch.ones(128, 1, device=DEV))
 
 
-def test_dense_layers_use_vllm_cutlass_int8():
+def test_dense_layers_use_cutlass_scaled_mm():
     """Dense W8A8 layers: vLLM's cutlass_scaled_mm when vLLM's CUDA ops are loaded."""
     try:
         import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
     except Exception as e:  # vLLM not installed on this GPU host
         pytest.skip(f"vLLM CUDA ops unavailable: {e}")
-    from vllm_sparse24.kernels.cuda.dense_linear import VllmCutlassInt8Kernel
+    from vllm_sparse24.kernels.cuda.dense_linear import CutlassScaledMMKernel
 
     gen = torch.Generator().manual_seed(4)
     n, k = 768, 1024
     w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int16).to(torch.int8).to(DEV)
     scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
-    kern = VllmCutlassInt8Kernel(n, k, False, "layers.0.dense", torch.bfloat16)
+    kern = CutlassScaledMMKernel(LinearLayer("layers.0.dense", n, k, False, torch.bfloat16))
     tensors = kern.prepare(w, scale)
     assert tensors["weight"].dtype == torch.int8  # int8 resident, not the float32 reference
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)

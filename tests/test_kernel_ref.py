@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_format import random_24
 
-from vllm_sparse24.kernels import TorchW8A8Kernel, choose_kernel
+from vllm_sparse24.kernels import LinearLayer, TorchW8A8Kernel, choose_kernel
 from vllm_sparse24.quant import quantize_per_token
 
 
@@ -24,7 +24,7 @@ def test_torch_kernel_matches_float64(m, n, k, with_bias):
     scale = torch.rand(n, 1) * 0.01 + 1e-3
     bias = torch.randn(n) if with_bias else None
     x = torch.randn(m, k) * 3
-    kern = TorchW8A8Kernel(n, k, sparse=True, layer_name="l")
+    kern = TorchW8A8Kernel(LinearLayer("l", n, k, True, torch.float32))
     tensors = kern.prepare(w, scale)
     out = kern.apply(tensors, x.reshape(1, m, k), bias)
     assert out.shape == (1, m, n) and out.dtype == x.dtype
@@ -36,7 +36,7 @@ def test_torch_kernel_matches_float64(m, n, k, with_bias):
 def test_custom_op_compiles_fullgraph():
     # vLLM compiles the model with fullgraph=True; the op must trace through its fake impl
     n, k = 64, 128
-    kern = TorchW8A8Kernel(n, k, sparse=True, layer_name="l")
+    kern = TorchW8A8Kernel(LinearLayer("l", n, k, True, torch.float32))
     tensors = kern.prepare(random_24(n, k), torch.full((n, 1), 0.01))
     fn = torch.compile(lambda x: kern.apply(tensors, x, None), fullgraph=True, backend="eager", dynamic=True)
     for m in (1, 5, 33):
@@ -44,15 +44,29 @@ def test_custom_op_compiles_fullgraph():
         assert torch.equal(fn(x), kern.apply(tensors, x, None))
 
 
-def test_choose_kernel_on_cpu_and_forced_unknown(monkeypatch):
-    assert choose_kernel(torch.device("cpu"), sparse=True) is TorchW8A8Kernel
-    assert choose_kernel(torch.device("cpu"), sparse=False) is TorchW8A8Kernel
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "nope")
-    with pytest.raises(RuntimeError, match=r"layer.x: no sparse24 kernel named VLLM_SPARSE24_KERNEL=nope; choose one of \['cutlass', 'torch', 'vllm_cutlass_int8'\]"):
-        choose_kernel(torch.device("cpu"), sparse=True, layer_name="layer.x")
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
-    with pytest.raises(RuntimeError, match="layer.x: VLLM_SPARSE24_KERNEL=cutlass needs a CUDA device, got cpu"):
-        choose_kernel(torch.device("cpu"), sparse=True, layer_name="layer.x")
+def _layer(name="l0", sparse=True, dtype=torch.bfloat16, device="cuda"):
+    return LinearLayer(name, 256, 256, sparse, dtype, device=torch.device(device))
+
+
+def test_choose_kernel_on_cpu_and_forced_unknown(force_kernel):
+    assert choose_kernel(_layer(sparse=True, dtype=torch.float32, device="cpu")) is TorchW8A8Kernel
+    assert choose_kernel(_layer(sparse=False, dtype=torch.float32, device="cpu")) is TorchW8A8Kernel
+    force_kernel("nope")
+    with pytest.raises(RuntimeError, match=r"VLLM_SPARSE24_KERNEL='nope' names no sparse24 kernel; choose one of "
+                                           r"\['cutlass', 'torch'\]"):
+        choose_kernel(_layer("layer.x", device="cpu"))
+    force_kernel("cutlass")
+    with pytest.raises(RuntimeError, match="layer.x: VLLM_SPARSE24_KERNEL=cutlass has no kernel for cpu devices"):
+        choose_kernel(_layer("layer.x", device="cpu"))
+
+
+def test_kernel_override_is_read_once(force_kernel, monkeypatch):
+    from vllm_sparse24.kernels import dispatch
+
+    force_kernel("torch")
+    assert dispatch.kernel_override() == "torch"
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "cutlass")  # too late: the process has read it
+    assert dispatch.kernel_override() == "torch"
 
 
 def _fake_gpu(monkeypatch, cap, name):
@@ -60,34 +74,49 @@ def _fake_gpu(monkeypatch, cap, name):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
 
 
-def test_choose_kernel_on_gpus(monkeypatch, tmp_path):
-    """Hopper: the CUTLASS kernel, and a clear error when its library is not built; other GPUs are
-    refused (sm_90a code only) unless the torch reference kernel is forced; float32 models take it."""
-    from vllm_sparse24.kernels.cuda.dense_linear import VllmCutlassInt8Kernel
+def test_choose_kernel_on_gpus(monkeypatch, tmp_path, force_kernel, caplog):
+    """Hopper: the CUTLASS kernels, and a clear error when the library is not built; other GPUs are
+    refused (sm_90a code only) unless the torch reference kernel is forced, which runs with a warning;
+    float32 models take it on any GPU."""
+    from vllm_sparse24.kernels import dispatch
+    from vllm_sparse24.kernels.cuda.dense_linear import CutlassScaledMMKernel
     from vllm_sparse24.kernels.cuda.sparse24_linear import CutlassSparse24Kernel
 
-    cuda0 = torch.device("cuda", 0)
     _fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
-    with pytest.raises(RuntimeError, match=r"l0: sparse24's CUDA kernels are built for Hopper .*NVIDIA A100 is 8.0"):
-        choose_kernel(cuda0, sparse=True, layer_name="l0")
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "torch")
-    assert choose_kernel(cuda0, sparse=True, layer_name="l0") is TorchW8A8Kernel
-    monkeypatch.delenv("VLLM_SPARSE24_KERNEL")
+    with pytest.raises(RuntimeError, match=r"l0: sparse24's CUDA kernels are built for Hopper .*NVIDIA A100 is 8.0\. "
+                                           r"VLLM_SPARSE24_KERNEL=torch runs the float32 reference kernel"):
+        choose_kernel(_layer())
+    with pytest.raises(RuntimeError, match=r"l0: sparse24's dense-layer kernel is built for Hopper .*A100 is 8.0"):
+        choose_kernel(_layer(sparse=False))
+    dispatch._warn_slow.cache_clear()
+    force_kernel("torch")
+    with caplog.at_level("WARNING", logger="vllm_sparse24.kernels.dispatch"):
+        assert choose_kernel(_layer()) is TorchW8A8Kernel
+        assert choose_kernel(_layer(sparse=False)) is TorchW8A8Kernel
+    slow = [r.message for r in caplog.records]
+    assert slow == ["sparse24: VLLM_SPARSE24_KERNEL=torch; running the float32 reference kernel on the GPU "
+                    "(correct, slow: weights held in float32, no 2:4 speed-up)"]
+    force_kernel(None)
+    assert choose_kernel(_layer(dtype=torch.float32)) is TorchW8A8Kernel
     _fake_gpu(monkeypatch, (9, 0), "NVIDIA H200")
-    assert choose_kernel(cuda0, True, "l0", torch.float32) is TorchW8A8Kernel
+    assert choose_kernel(_layer(dtype=torch.float32)) is TorchW8A8Kernel
     monkeypatch.setenv("VLLM_SPARSE24_LIB", str(tmp_path / "missing.so"))
     from vllm_sparse24.kernels.cuda import lib
 
     lib.lib.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"l0: the sparse24 CUDA library is not built .*python -m vllm_sparse24.build"):
-            choose_kernel(cuda0, True, "l0", torch.bfloat16)
+            choose_kernel(_layer())
     finally:
         lib.lib.cache_clear()
-    monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
-    monkeypatch.setattr(VllmCutlassInt8Kernel, "is_supported", classmethod(lambda cls, d, s: (True, None)))
-    assert choose_kernel(cuda0, True, "l0", torch.bfloat16) is CutlassSparse24Kernel
-    assert choose_kernel(cuda0, False, "l0", torch.float16) is VllmCutlassInt8Kernel
-    monkeypatch.setenv("VLLM_SPARSE24_KERNEL", "cutlass")
-    with pytest.raises(RuntimeError, match="l0: VLLM_SPARSE24_KERNEL=cutlass does not serve dense layers"):
-        choose_kernel(cuda0, False, "l0", torch.bfloat16)
+    monkeypatch.setattr(CutlassSparse24Kernel, "is_supported", classmethod(lambda cls, d: (True, None)))
+    monkeypatch.setattr(CutlassScaledMMKernel, "is_supported", classmethod(lambda cls, d: (True, None)))
+    assert choose_kernel(_layer()) is CutlassSparse24Kernel
+    assert choose_kernel(_layer(sparse=False, dtype=torch.float16)) is CutlassScaledMMKernel
+    force_kernel("cutlass")  # the CUDA kernels, each for its kind of layer
+    assert choose_kernel(_layer()) is CutlassSparse24Kernel
+    assert choose_kernel(_layer(sparse=False)) is CutlassScaledMMKernel
+    with pytest.raises(RuntimeError, match=r"l0: no sparse24 kernel \(VLLM_SPARSE24_KERNEL=cutlass\) runs this dense "
+                                           r"layer: cutlass_sparse24 serves 2:4 sparse layers only; cutlass_scaled_mm "
+                                           r"runs bfloat16 and float16 models, the model is torch.float32"):
+        choose_kernel(_layer(sparse=False, dtype=torch.float32))

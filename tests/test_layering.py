@@ -1,5 +1,6 @@
 """The plugin package never imports the offline compressor: vLLM loads the plugin in every
-process, and a serving install needs none of the compressor's code or dependencies."""
+process, and a serving install needs none of the compressor's code or dependencies. And neither
+package has an import cycle."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PLUGIN = Path(__file__).resolve().parents[1] / "vllm_sparse24"
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "vllm_sparse24"
+PACKAGES = ("vllm_sparse24",)
 
 
 def test_importing_the_plugin_pulls_in_no_offline_module():
@@ -30,3 +33,76 @@ def test_no_plugin_source_imports_offline():
             bad += [f"{path.relative_to(PLUGIN.parent)}:{node.lineno} imports {n}"
                     for n in names if n == "sparse24_tools" or n.startswith("sparse24_tools.")]
     assert not bad, bad
+
+
+def import_graph(packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """module -> the modules of ``packages`` it imports, anywhere in its source (inside functions and
+    ``TYPE_CHECKING`` blocks too: an import deferred to dodge a cycle is still a cycle). ``from pkg
+    import name`` counts as an import of ``pkg.name`` when that is a module, else of ``pkg``."""
+    files = {}
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:
+                    target = f"{base}.{a.name}"
+                    deps |= {target} if target in files else {base} if base in files else set()
+        graph[module] = deps - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 20 and "vllm_sparse24.kernels.dispatch" in graph
+    assert {"vllm_sparse24.kernels.cuda.sparse24_linear", "vllm_sparse24.kernels.torch_ref"} <= \
+        graph["vllm_sparse24.kernels.dispatch"]
+    assert cycles(graph) == []

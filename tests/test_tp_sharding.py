@@ -71,11 +71,10 @@ def test_merged_column_parallel_slices(tp, size):
 
 
 def test_k_per_rank_must_be_a_multiple_of_64():
-    from vllm_sparse24.config import Sparse24Config
     from vllm_sparse24.format import Sparse24FormatError
     from vllm_sparse24.linear_method import Sparse24LinearMethod
     from vllm_sparse24.schema import Sparse24Scheme
 
-    method = Sparse24LinearMethod(Sparse24Config(Sparse24Scheme()), "model.layers.0.mlp.down_proj", "sparse")
+    method = Sparse24LinearMethod(Sparse24Scheme(), "model.layers.0.mlp.down_proj", "sparse")
     with pytest.raises(Sparse24FormatError, match=r"down_proj: K per tensor-parallel rank is 96 \(K=384, tp=4\)"):
         method.create_weights(torch.nn.Module(), 96, [64], 384, 64, torch.float32, weight_loader=lambda *a: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_sparse24.kernels import UnsupportedDeviceError, choose_kernel
+from vllm_sparse24.kernels import LinearLayer, UnsupportedDeviceError, choose_kernel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,4 +68,5 @@ def test_gpu_other_than_hopper_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
     with pytest.raises(UnsupportedDeviceError, match=r"l0: .*Hopper .*Tesla T4 is 7.5"):
-        choose_kernel(torch.device("cuda", 0), sparse=True, layer_name="l0")
+        choose_kernel(LinearLayer("l0", 256, 256, True, torch.bfloat16, device=torch.device("cuda", 0)))
+

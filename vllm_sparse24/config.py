@@ -83,4 +83,4 @@ class Sparse24Config(QuantizationConfig):
         kind = self._layer_kind(prefix)
         if kind == "unquantized":
             return UnquantizedLinearMethod()
-        return Sparse24LinearMethod(self, prefix, kind)
+        return Sparse24LinearMethod(self.scheme, prefix, kind)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from vllm.model_executor.layers.linear import (
@@ -17,11 +17,8 @@ from vllm.model_executor.parameter import (
 )
 
 from .format import Sparse24FormatError, unpack_24
-from .kernels import choose_kernel
-from .schema import K_MULTIPLE
-
-if TYPE_CHECKING:
-    from .config import Sparse24Config
+from .kernels import LinearLayer, choose_kernel
+from .schema import K_MULTIPLE, Sparse24Scheme
 
 
 @register_weight_loader_v2_supported_method
@@ -30,14 +27,14 @@ class Sparse24LinearMethod(LinearMethodBase):
     them, and hands the dense codes (int8 or float8_e4m3fn, the checkpoint's scheme) to the
     kernel chosen for the device."""
 
-    def __init__(self, config: Sparse24Config, layer_name: str, kind: Literal["sparse", "dense"]):
-        self.config = config
+    def __init__(self, scheme: Sparse24Scheme, layer_name: str, kind: Literal["sparse", "dense"]):
+        self.scheme = scheme
         self.layer_name = layer_name
         self.sparse = kind == "sparse"
-        legacy = config.scheme.legacy
+        legacy = scheme.legacy
         self.packed_name = "compressed" if legacy else "weight_packed"
         self.bitmask_name = "bitmask" if legacy else "weight_bitmask"
-        self.grid = config.scheme.grid
+        self.grid = scheme.grid
         self.kernel = None
 
     def create_weights(
@@ -77,7 +74,7 @@ class Sparse24LinearMethod(LinearMethodBase):
                     input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
                 ),
             )
-            if self.config.scheme.legacy:
+            if self.scheme.legacy:
                 # compressed-tensors stored each shard's dense [N, K]; kept for checking K only
                 layer.register_parameter(
                     "shape",
@@ -100,7 +97,7 @@ class Sparse24LinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         n, k = layer.output_size_per_partition, layer.input_size_per_partition
         if self.sparse:
-            if self.config.scheme.legacy:
+            if self.scheme.legacy:
                 shape_k = int(layer.shape.data.reshape(-1)[1])
                 if shape_k != layer.sparse24_full_k:
                     raise Sparse24FormatError(
@@ -119,8 +116,8 @@ class Sparse24LinearMethod(LinearMethodBase):
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
         del layer.weight_scale
-        kernel_cls = choose_kernel(weight.device, self.sparse, self.layer_name, layer.sparse24_act_dtype, self.grid)
-        self.kernel = kernel_cls(n, k, self.sparse, self.layer_name, layer.sparse24_act_dtype, self.grid)
+        spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device)
+        self.kernel = choose_kernel(spec)(spec)
         try:
             resident = self.kernel.prepare(weight, scale)
         except torch.OutOfMemoryError as e:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import UnsupportedDeviceError, W8A8LinearKernel
+from .base import LinearLayer, UnsupportedDeviceError, W8A8LinearKernel
 from .dispatch import choose_kernel
 from .torch_ref import TorchW8A8Kernel
 
-__all__ = ["UnsupportedDeviceError", "W8A8LinearKernel", "TorchW8A8Kernel", "choose_kernel"]
+__all__ = ["LinearLayer", "UnsupportedDeviceError", "W8A8LinearKernel", "TorchW8A8Kernel", "choose_kernel"]

@@ -3,12 +3,15 @@
 The linear method validates and unpacks the checkpoint tensors once (dense codes [N, K] of the
 checkpoint's grid, int8 or float8_e4m3fn, + per-channel scale); a kernel turns them into its
 resident form (``prepare``) and runs ``y = dequant(quant_per_token(x) @ W^T) + bias`` (``apply``),
-activations quantized per token on the same grid. Kernels import no vLLM.
+activations quantized per token on the same grid. Which kernel serves a layer is chosen in
+dispatch.py from what each kernel says about itself: ``is_supported`` (this machine) and
+``can_implement`` (this layer). Kernels import no vLLM.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -20,20 +23,40 @@ class UnsupportedDeviceError(RuntimeError):
     """The device (GPU generation, dtype) cannot run sparse24."""
 
 
+@dataclass(frozen=True)
+class LinearLayer:
+    """One quantized linear layer as a kernel sees it."""
+
+    name: str
+    n: int  # output features (per tensor-parallel rank)
+    k: int  # input features (per tensor-parallel rank)
+    sparse: bool  # 2:4 sparse, or dense W8A8
+    act_dtype: torch.dtype  # the model dtype: activations in, output out
+    grid: Grid = INT8  # the checkpoint's scheme: int8 or fp8 codes
+    device: torch.device = torch.device("cpu")
+
+
 class W8A8LinearKernel(ABC):
     name: ClassVar[str]
-    # model (activation) dtypes the kernel runs; None = any
-    act_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+    # the value of VLLM_SPARSE24_KERNEL that selects this kernel
+    backend: ClassVar[str]
+    # True for the float32 reference: correct everywhere, far slower than the CUDA kernels on a GPU
+    reference: ClassVar[bool] = False
 
-    def __init__(self, n: int, k: int, sparse: bool, layer_name: str, act_dtype: torch.dtype | None = None,
-                 grid: Grid = INT8) -> None:
-        self.n, self.k, self.sparse, self.layer_name, self.act_dtype = n, k, sparse, layer_name, act_dtype
-        self.grid = grid
+    def __init__(self, layer: LinearLayer) -> None:
+        self.layer = layer
+        self.n, self.k, self.grid, self.act_dtype = layer.n, layer.k, layer.grid, layer.act_dtype
+        self.layer_name = layer.name
 
     @classmethod
     @abstractmethod
-    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
-        """(ok, reason it is not)."""
+    def is_supported(cls, device: torch.device) -> tuple[bool, str | None]:
+        """Whether this machine runs the kernel (GPU generation, compiled library): (ok, reason)."""
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, layer: LinearLayer) -> tuple[bool, str | None]:
+        """Whether the kernel computes this layer (sparse or dense, dtypes, scheme): (ok, reason)."""
 
     @abstractmethod
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:

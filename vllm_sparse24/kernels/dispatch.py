@@ -1,263 +1,87 @@
-"""The dispatch rule, in one place: which kernel serves a layer (device, dtype, sparse or dense), and
-which CUTLASS GEMM config serves which token count M on which layer shape.
+"""Which kernel serves a layer: a priority list per platform, fastest first, and the first kernel
+that can implement the layer (``can_implement``) and runs on this machine (``is_supported``) wins.
+Which GEMM config serves which token count inside the CUDA 2:4 kernel is data of its own
+(``cuda/gemm_table.py``).
 
-Kernels:
-  * CPU, float32 models, or ``VLLM_SPARSE24_KERNEL=torch``: ``TorchW8A8Kernel`` (the reference);
-  * Hopper (sm90) sparse layers: ``CutlassSparse24Kernel`` (libsparse24, built ahead of time), when
-    ``GEMM_TABLE`` has configs for the scheme's weight dtype and the model dtype (int8: bf16 and
-    fp16 models; fp8 e4m3: bf16 models); other combinations take the reference kernel;
-  * Hopper dense W8A8 layers (``dense_layers``): ``VllmCutlassInt8Kernel`` (vLLM's cutlass_scaled_mm,
-    int8 or e4m3).
-Other GPUs are refused with a message that says so: the CUDA library holds sm_90a code only.
+* CUDA: ``CutlassSparse24Kernel`` (2:4 layers, the sparse24 library: Hopper, bf16 / fp16 models,
+  the scheme's GEMM configs), ``CutlassScaledMMKernel`` (dense W8A8 layers: vLLM's
+  cutlass_scaled_mm), then ``TorchW8A8Kernel``, the float32 reference, for layers no CUDA kernel
+  computes (float32 models, fp8 in fp16 models), with a warning that it is slow.
+* Any other device (CPU): ``TorchW8A8Kernel``.
 
-Few tokens: the decode GEMM (csrc/decode/) serves M <= ``GemmPlan.decode_max_m``: 0 (off) by
-default, a count set by ``VLLM_SPARSE24_DECODE_MAX_M``, or with ``auto`` measured per layer shape when
-the plan is made at load time (``decode_max_m`` below); the CUTLASS configs serve every larger M.
-
-GEMM configs (csrc/configs.inc rows, by name): ``GEMM_TABLE`` maps (input dtype, output dtype) and a
-layer shape class to token-count buckets. Chosen by measurement on an H200 (benchmarks/kernels.py
---search; the searched table and its timings are in benchmarks/results/ and docs/kernels.md).
+A CUDA kernel that can implement a layer but does not run on this machine (another GPU
+generation, the library not built) is an error naming the reason, not a silent fall back to the
+reference kernel. ``VLLM_SPARSE24_KERNEL`` (read once per process) restricts the choice to one
+backend: ``cutlass`` (both CUDA kernels, each for its kind of layer) or ``torch`` (the reference
+kernel on any device, e.g. to check a GPU other than Hopper).
 """
 
 from __future__ import annotations
 
-import bisect
+import functools
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 
-from ..quant import INT8, Grid
-from .base import UnsupportedDeviceError, W8A8LinearKernel
+from .base import LinearLayer, UnsupportedDeviceError, W8A8LinearKernel
+from .cuda.dense_linear import CutlassScaledMMKernel
+from .cuda.sparse24_linear import CutlassSparse24Kernel
+from .torch_ref import TorchW8A8Kernel
 
 log = logging.getLogger(__name__)
 KERNEL_ENV = "VLLM_SPARSE24_KERNEL"
-HOPPER = (9, 0)
 
-
-def choose_kernel(
-    device: torch.device, sparse: bool, layer_name: str = "", act_dtype: torch.dtype | None = None,
-    grid: Grid = INT8,
-) -> type[W8A8LinearKernel]:
-    """The kernel class for one layer (``grid``: the checkpoint's int8 / fp8 scheme); raises
-    UnsupportedDeviceError naming the layer and the reason."""
-    from .cuda.dense_linear import VllmCutlassInt8Kernel
-    from .cuda.sparse24_linear import CutlassSparse24Kernel
-    from .torch_ref import TorchW8A8Kernel
-
-    kernels = {k.name: k for k in (CutlassSparse24Kernel, VllmCutlassInt8Kernel, TorchW8A8Kernel)}
-    forced = os.environ.get(KERNEL_ENV) or None
-    if forced is not None and forced not in kernels:
-        raise UnsupportedDeviceError(f"{layer_name}: no sparse24 kernel named {KERNEL_ENV}={forced}; "
-                                     f"choose one of {sorted(kernels)}")
-    device = torch.device(device)
-    if forced == TorchW8A8Kernel.name:
-        return TorchW8A8Kernel
-    if device.type != "cuda":
-        if forced is not None:
-            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} needs a CUDA device, got {device}")
-        return TorchW8A8Kernel
-    cap = torch.cuda.get_device_capability(device)
-    if cap != HOPPER:
-        raise UnsupportedDeviceError(
-            f"{layer_name}: sparse24's CUDA kernels are built for Hopper GPUs (sm90a: H100, H200, GH200); "
-            f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}. {KERNEL_ENV}=torch runs the "
-            "float32 reference kernel instead (correct, slow)"
-        )
-    cls = CutlassSparse24Kernel if sparse else VllmCutlassInt8Kernel
-    if act_dtype is not None and act_dtype not in cls.act_dtypes:
-        if forced is not None:
-            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} runs {[str(d) for d in cls.act_dtypes]} "
-                                         f"models, the model is {act_dtype}")
-        return _slow_fallback(f"{cls.name} runs {[str(d) for d in cls.act_dtypes]} models, the model is {act_dtype}")
-    gemm = (DTYPE_NAMES.get(grid.dtype), DTYPE_NAMES.get(act_dtype))
-    if sparse and act_dtype is not None and gemm not in GEMM_TABLE:
-        if forced is not None:
-            raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} has no {grid.name} GEMM for "
-                                         f"{act_dtype} models (it has {sorted(GEMM_TABLE)})")
-        return _slow_fallback(f"no {grid.name} 2:4 GEMM for {act_dtype} models (there are {sorted(GEMM_TABLE)})")
-    if forced is not None and forced != cls.name:
-        raise UnsupportedDeviceError(f"{layer_name}: {KERNEL_ENV}={forced} does not serve "
-                                     f"{'2:4 sparse' if sparse else 'dense'} layers on CUDA")
-    ok, why = cls.is_supported(device, sparse)
-    if not ok:
-        raise UnsupportedDeviceError(f"{layer_name}: {why}")
-    return cls
-
-
-_WARNED: set[str] = set()
-
-
-def _slow_fallback(why: str) -> type[W8A8LinearKernel]:
-    """The float32 reference kernel on a GPU, said once per reason: correct, but far slower."""
-    from .torch_ref import TorchW8A8Kernel
-
-    if why not in _WARNED:
-        _WARNED.add(why)
-        log.warning("sparse24: %s; running the float32 reference kernel on the GPU (correct, slow)", why)
-    return TorchW8A8Kernel
-
-
-# ---- GEMM configs by token count ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GemmChoice:
-    config: str  # a csrc/configs.inc row
-    splits: int = 1  # split-K factor (stream-K configs only; 1 = the scheduler's heuristic)
-    swizzle: int = 1  # tile raster swizzle of persistent configs
-
-
-# Shape classes: (name, predicate on (n, k)); the first that matches. At few tokens the output
-# features N decide: up to 8192 rows (Llama-3-8B qkv/o/down, 70B o/down), 64-row non-persistent tiles
-# already put >= 64 CTAs on the GPU and win; wider layers (8B gate_up, 70B qkv/gate_up) do better
-# with 128-row tiles and stream-K spreading K over the SMs.
-SHAPE_CLASSES: list[tuple[str, object]] = [
-    ("narrow", lambda n, k: n <= 8192),
-    ("wide", lambda n, k: True),
-]
-
-# Above 512 tokens one config serves both classes: 128 x 256 tiles, a 2 x 1 cluster (the two CTAs
-# share the activation tile through TMA multicast: the kernel is L2-bandwidth bound), raster
-# swizzle 4; within ~5% of the best searched config on every Llama-3 8B/70B shape.
-_PREFILL = [
-    (512, GemmChoice("i8_bf16_128x128x256_c1x2_coop")),
-    (None, GemmChoice("i8_bf16_128x256x128_c2x1_coop", swizzle=4)),
-]
-
-# (input, output) dtype -> shape class -> [(largest M of the bucket, choice)], ascending; the last
-# bucket's M bound is None (every larger M).
-GEMM_TABLE: dict[tuple[str, str], dict[str, list[tuple[int | None, GemmChoice]]]] = {
-    ("int8", "bf16"): {
-        "narrow": [
-            (16, GemmChoice("i8_bf16_64x16x256_c1x1_ws")),
-            (32, GemmChoice("i8_bf16_64x32x256_c1x1_ws")),
-            (64, GemmChoice("i8_bf16_64x64x256_c1x1_ws")),
-            (256, GemmChoice("i8_bf16_64x128x256_c1x1_pp")),
-            *_PREFILL,
-        ],
-        "wide": [
-            (16, GemmChoice("i8_bf16_128x16x256_c1x1_coopsk")),
-            (32, GemmChoice("i8_bf16_128x32x256_c1x1_coopsk")),
-            (64, GemmChoice("i8_bf16_128x64x128_c1x1_coop")),
-            (512, GemmChoice("i8_bf16_256x128x128_c2x1_coop")),
-            _PREFILL[-1],
-        ],
-    },
-    ("int8", "f16"): {
-        "narrow": [
-            (64, GemmChoice("i8_f16_64x32x256_c1x1_ws")),
-            (None, GemmChoice("i8_f16_128x128x128_c1x2_coop")),
-        ],
-        "wide": [
-            (64, GemmChoice("i8_f16_64x32x256_c1x1_ws")),
-            (None, GemmChoice("i8_f16_128x128x128_c1x2_coop")),
-        ],
-    },
+# device type -> kernels, fastest first; devices not listed run the reference kernel
+KERNELS: dict[str, tuple[type[W8A8LinearKernel], ...]] = {
+    "cuda": (CutlassSparse24Kernel, CutlassScaledMMKernel, TorchW8A8Kernel),
 }
+PORTABLE: tuple[type[W8A8LinearKernel], ...] = (TorchW8A8Kernel,)
+BACKENDS = tuple(sorted({k.backend for kernels in (*KERNELS.values(), PORTABLE) for k in kernels}))
 
 
-def _e4m3_rows(rows: list[tuple[int | None, GemmChoice]]) -> list[tuple[int | None, GemmChoice]]:
-    """The same buckets, tiles and schedules with the e4m3 row of each config (configs.inc has one)."""
-    return [(m, replace(c, config="e4m3_" + c.config.removeprefix("i8_"))) for m, c in rows]
-
-
-# the fp8 scheme (bf16 models): the int8 table's tiles and schedules, e4m3 rows (measured within
-# ~5% of the int8 GEMMs on an H200, docs/results.md)
-GEMM_TABLE[("e4m3", "bf16")] = {cls: _e4m3_rows(rows) for cls, rows in GEMM_TABLE[("int8", "bf16")].items()}
-
-DTYPE_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3", torch.bfloat16: "bf16", torch.float16: "f16"}
-
-
-def shape_class(n: int, k: int) -> str:
-    return next(name for name, pred in SHAPE_CLASSES if pred(n, k))
-
-
-class GemmPlan:
-    """The GEMM choices of one layer shape, resolved to library config ids once at load time, so a
-    call only bisects its M (capture-safe: no allocation, no search)."""
-
-    def __init__(self, n: int, k: int, in_dtype: torch.dtype, out_dtype: torch.dtype, config_ids: dict[str, int]):
-        key = (DTYPE_NAMES.get(in_dtype), DTYPE_NAMES.get(out_dtype))
-        if key not in GEMM_TABLE:
-            raise UnsupportedDeviceError(f"no sparse24 GEMM for {in_dtype} weights with {out_dtype} output; "
-                                         f"supported: {sorted(GEMM_TABLE)}")
-        self.n, self.k, self.in_dtype, self.out_dtype, self.shape_class = n, k, in_dtype, out_dtype, shape_class(n, k)
-        rows = GEMM_TABLE[key][self.shape_class]
-        self.bounds = [b for b, _ in rows[:-1]]
-        self.choices = [c for _, c in rows]
-        missing = [c.config for c in self.choices if c.config not in config_ids]
-        if missing:
-            raise UnsupportedDeviceError(f"the sparse24 library lacks configs {missing}: rebuild it with "
-                                         "`python -m vllm_sparse24.build`")
-        self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
-        self.decode_max_m = 0  # set at load time by decode_max_m(); a plain int, fixed before graph capture
-
-    def use_decode(self, m: int) -> bool:
-        """Whether the decode GEMM (not a CUTLASS config) serves M tokens."""
-        return m <= self.decode_max_m
-
-    def pick(self, m: int) -> tuple[int, int, int]:
-        """(config id, splits, swizzle) for M tokens."""
-        return self.calls[bisect.bisect_left(self.bounds, m)]
-
-    def buckets(self, largest_m: int) -> list[tuple[int, tuple[int, int, int]]]:
-        """(largest M, call) of every bucket, the open one capped at ``largest_m`` (workspace sizing)."""
-        return [(b if b is not None else largest_m, call) for b, call in zip([*self.bounds, None], self.calls, strict=True)]
-
-
-# ---- the decode GEMM's token-count threshold ---------------------------------------------------
-
-DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
-# Token counts timed at load time: the serving batch sizes where the weight stream dominates.
-DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32)
-DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
-DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
-
-
-def decode_forced_max_m() -> int | None:
-    """``VLLM_SPARSE24_DECODE_MAX_M`` as a token count (0 = decode GEMM off), or None for ``auto``
-    (measured per layer shape at load). Unset means 0: on an H200 the decode GEMM is not faster than
-    the CUTLASS configs back to back under CUDA-graph replay on the Llama-3 8B/70B shapes (it ties
-    at best; docs/kernels.md), while the timing at load, one isolated call at a time, picked it at
-    M <= 8 on two 8B shapes where it then ran 15-20% slower. So it is opt-in."""
-    raw = os.environ.get(DECODE_ENV, "").strip().lower()
+@functools.cache
+def kernel_override() -> str | None:
+    """The backend ``VLLM_SPARSE24_KERNEL`` names (None when unset), read once per process."""
+    raw = os.environ.get(KERNEL_ENV, "").strip()
     if not raw:
-        return 0
-    if raw == "auto":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{DECODE_ENV}={raw!r}: expected 'auto' or a token count >= 0 "
-                         "(0, the default, turns the decode GEMM off)")
-    return value
+    if raw not in BACKENDS:
+        raise UnsupportedDeviceError(f"{KERNEL_ENV}={raw!r} names no sparse24 kernel; choose one of {list(BACKENDS)}")
+    return raw
 
 
-def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
-                 measure: Callable[[int], tuple[float, float]] | None) -> int:
-    """Largest token count the decode GEMM serves for one layer shape (0: none), decided once at load.
-
-    ``VLLM_SPARSE24_DECODE_MAX_M`` decides (capped at what the kernel serves; unset: 0). With
-    ``auto``, ``measure(m)`` -> (decode seconds, CUTLASS GEMM seconds) on this shape: the decode GEMM keeps
-    every candidate M up to the first one where it is slower, so the threshold splits the token
-    counts into one decode range and one GEMM range (a call between two candidates runs the kernel
-    instance of the next candidate up, so it costs about what was measured there)."""
-    if in_dtype not in DECODE_DTYPES or k % DECODE_BLOCK_K:
-        return 0
-    forced = decode_forced_max_m()
+def choose_kernel(layer: LinearLayer) -> type[W8A8LinearKernel]:
+    """The kernel class for one layer; UnsupportedDeviceError naming the layer and the reasons."""
+    device = torch.device(layer.device)
+    forced = kernel_override()
+    kernels = KERNELS.get(device.type, PORTABLE)
     if forced is not None:
-        return min(forced, kernel_max_m)
-    if measure is None:
-        return 0
-    best = 0
-    for m in (c for c in DECODE_CANDIDATE_MS if c <= kernel_max_m):
-        decode_s, gemm_s = measure(m)
-        if decode_s > gemm_s:
-            break
-        best = m
-    return best
+        kernels = tuple(k for k in kernels if k.backend == forced)
+        if not kernels:
+            raise UnsupportedDeviceError(f"{layer.name}: {KERNEL_ENV}={forced} has no kernel for {device.type} "
+                                         "devices; unset it or choose torch")
+    refused: list[str] = []
+    for kernel in kernels:
+        ok, why = kernel.can_implement(layer)
+        if not ok:
+            refused.append(f"{kernel.name} {why}")
+            continue
+        ok, why = kernel.is_supported(device)
+        if not ok:
+            hint = "" if kernel.reference else (f". {KERNEL_ENV}=torch runs the float32 reference kernel instead "
+                                                "(correct, slow)")
+            raise UnsupportedDeviceError(f"{layer.name}: {why}{hint}")
+        if kernel.reference and device.type == "cuda":
+            _warn_slow(f"{KERNEL_ENV}={forced}" if forced else "; ".join(refused))
+        return kernel
+    chosen = f" ({KERNEL_ENV}={forced})" if forced else ""
+    raise UnsupportedDeviceError(f"{layer.name}: no sparse24 kernel{chosen} runs this "
+                                 f"{'2:4' if layer.sparse else 'dense'} layer: {'; '.join(refused)}")
+
+
+@functools.cache
+def _warn_slow(why: str) -> None:
+    """Said once per reason: the reference kernel is correct on a GPU but far slower."""
+    log.warning("sparse24: %s; running the float32 reference kernel on the GPU (correct, slow: weights "
+                "held in float32, no 2:4 speed-up)", why)

@@ -11,7 +11,7 @@ against the weight codes held in float32, then scaled by both scales.
 
 Why not an int8 GEMM here: on the AVX2-only CPU of our CI, vLLM's oneDNN int8 kernel
 returned ~14% relative error (likely int16 saturation in vpmaddubsw without VNNI) and
-``torch._int_mm`` ran 30x slower than the float32 GEMM (see README, "CPU path").
+``torch._int_mm`` ran 30x slower than the float32 GEMM (docs/kernels-history.md, "CPU path").
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import GRIDS, quantize_per_token
-from .base import W8A8LinearKernel
+from .base import LinearLayer, W8A8LinearKernel
 
 
 @torch.library.custom_op("sparse24::torch_w8a8_linear", mutates_args=())
@@ -42,9 +42,15 @@ def _(x, weight, weight_scale, bias, grid):
 
 class TorchW8A8Kernel(W8A8LinearKernel):
     name = "torch"
+    backend = "torch"
+    reference = True
 
     @classmethod
-    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
+    def is_supported(cls, device: torch.device) -> tuple[bool, str | None]:
+        return True, None
+
+    @classmethod
+    def can_implement(cls, layer: LinearLayer) -> tuple[bool, str | None]:
         return True, None
 
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:

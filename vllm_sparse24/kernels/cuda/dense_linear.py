@@ -1,15 +1,15 @@
 """Dense W8A8 layers (``dense_layers``, ``auto:P``) on Hopper: int8 (or, in the fp8 scheme, e4m3)
 resident, vLLM's CUTLASS ``cutlass_scaled_mm`` (per-token x per-channel scales and bias fused), the
-same fusable activation quant as the sparse layers. (The kernel's name predates the fp8 scheme.) The op is looked up as ``torch.ops._C.cutlass_scaled_mm``, which vLLM
-registers in every worker: no import of vLLM here."""
+same fusable activation quant as the sparse layers. The op is looked up as
+``torch.ops._C.cutlass_scaled_mm``, which vLLM registers in every worker: no import of vLLM here."""
 
 from __future__ import annotations
 
 import torch
 
-from ..base import W8A8LinearKernel
-from ..dispatch import HOPPER
+from ..base import LinearLayer, W8A8LinearKernel
 from .act_quant import quantize_activations
+from .device import MODEL_DTYPES, hopper
 
 
 def _scaled_mm_op():
@@ -19,19 +19,25 @@ def _scaled_mm_op():
         return None
 
 
-class VllmCutlassInt8Kernel(W8A8LinearKernel):
-    name = "vllm_cutlass_int8"
-    act_dtypes = (torch.bfloat16, torch.float16)
+class CutlassScaledMMKernel(W8A8LinearKernel):
+    name = "cutlass_scaled_mm"
+    backend = "cutlass"
 
     @classmethod
-    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
-        if sparse:
-            return False, "serves dense layers only"
-        device = torch.device(device)
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) != HOPPER:
-            return False, "needs a Hopper (sm90) GPU"
+    def is_supported(cls, device: torch.device) -> tuple[bool, str | None]:
+        ok, why = hopper(device)
+        if not ok:
+            return False, f"sparse24's dense-layer kernel is {why}"
         if _scaled_mm_op() is None:
             return False, "vLLM's CUDA ops (torch.ops._C.cutlass_scaled_mm) are not loaded"
+        return True, None
+
+    @classmethod
+    def can_implement(cls, layer: LinearLayer) -> tuple[bool, str | None]:
+        if layer.sparse:
+            return False, "serves dense layers only"
+        if layer.act_dtype not in MODEL_DTYPES:
+            return False, f"runs bfloat16 and float16 models, the model is {layer.act_dtype}"
         return True, None
 
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:

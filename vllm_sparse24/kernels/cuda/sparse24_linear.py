@@ -1,6 +1,6 @@
 """2:4 sparse W8A8 linear on Hopper: libsparse24's CUTLASS GEMM with both scales and the bias fused.
 int8 or fp8 (e4m3 weights and activations), the checkpoint's scheme: the GEMM configs of that
-input dtype (dispatch.GEMM_TABLE), the compressor and the layout are shared.
+input dtype (gemm_table.GEMM_TABLE), the compressor and the layout are shared.
 
 Resident weight (one copy, made at load time on the GPU by CUTLASS's sm90 compressor from the
 unpacked checkpoint weight): ``values`` [N, K/2] (the kept int8 / e4m3 values, row-major) and ``meta`` (2-bit
@@ -11,7 +11,7 @@ indices of the kept pair of every group of 4, in CUTLASS's reordered metadata la
 A call: per-token quant (act_quant.py: plain torch ops under torch.compile, so Inductor fuses
 it into the previous norm / activation; in eager mode one CUDA kernel for int8, the torch ops for
 e4m3), then the custom op ``sparse24::cutlass_sparse_mm``, which picks the kernel for its M
-(dispatch.GemmPlan, resolved at load time: the decode GEMM of csrc/decode/ up to the plan's measured
+(gemm_table.GemmPlan, resolved at load time: the decode GEMM of csrc/decode/ up to the plan's measured
 ``decode_max_m`` tokens, a CUTLASS config above) and launches ONE kernel writing the bf16/fp16
 output. Capture-safe under CUDA graphs: no allocation but the output; the split-K workspaces are
 allocated at load time.
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from ..base import W8A8LinearKernel
-from ..dispatch import DTYPE_NAMES, HOPPER, GemmPlan, decode_max_m
+from ..base import LinearLayer, W8A8LinearKernel
 from . import lib
 from .act_quant import quantize_activations
+from .device import MODEL_DTYPES, hopper
+from .gemm_table import DTYPE_NAMES, GEMM_TABLE, GemmPlan, decode_max_m
 
-MODEL_DTYPES = (torch.bfloat16, torch.float16)
 _WEIGHT_DTYPES = {torch.int8: lib.INT8, torch.float8_e4m3fn: lib.E4M3}
 # Largest M a workspace is sized for in the open-ended bucket (persistent configs need none there).
 _WORKSPACE_M = 1 << 16
@@ -217,20 +217,29 @@ def _(xq, x_scale, values, meta, w_scale, bias, plan_id):
 
 
 class CutlassSparse24Kernel(W8A8LinearKernel):
-    name = "cutlass"
-    act_dtypes = MODEL_DTYPES
+    name = "cutlass_sparse24"
+    backend = "cutlass"
 
     @classmethod
-    def is_supported(cls, device: torch.device, sparse: bool) -> tuple[bool, str | None]:
-        if not sparse:
-            return False, "serves 2:4 sparse layers only"
-        device = torch.device(device)
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) != HOPPER:
-            return False, "needs a Hopper (sm90) GPU"
+    def is_supported(cls, device: torch.device) -> tuple[bool, str | None]:
+        ok, why = hopper(device)
+        if not ok:
+            return False, f"sparse24's CUDA kernels are {why}"
         try:
             lib.lib()
         except lib.Sparse24LibraryError as e:
             return False, str(e)
+        return True, None
+
+    @classmethod
+    def can_implement(cls, layer: LinearLayer) -> tuple[bool, str | None]:
+        if not layer.sparse:
+            return False, "serves 2:4 sparse layers only"
+        if layer.act_dtype not in MODEL_DTYPES:
+            return False, f"runs bfloat16 and float16 models, the model is {layer.act_dtype}"
+        gemm = (DTYPE_NAMES.get(layer.grid.dtype), DTYPE_NAMES.get(layer.act_dtype))
+        if gemm not in GEMM_TABLE:
+            return False, f"has no {layer.grid.name} 2:4 GEMM for {layer.act_dtype} models (there are {sorted(GEMM_TABLE)})"
         return True, None
 
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
