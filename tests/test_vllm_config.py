@@ -31,7 +31,6 @@ def test_entry_point_registers_sparse24():
 
     assert "sparse24" in QUANTIZATION_METHODS
     assert get_quantization_config("sparse24") is Sparse24Config
-    assert Sparse24Config.get_min_capability() == 90
 
 
 @pytest.mark.parametrize("flag", [None, "sparse24"])
@@ -70,3 +69,20 @@ def test_gpu_other_than_hopper_is_refused(monkeypatch):
     with pytest.raises(UnsupportedDeviceError, match=r"l0: .*Hopper .*Tesla T4 is 7.5"):
         choose_kernel(LinearLayer("l0", 256, 256, True, torch.bfloat16, device=torch.device("cuda", 0)))
 
+
+@pytest.mark.parametrize("cap", [(8, 0), (7, 5)])
+def test_vllm_lets_ampere_and_later_reach_the_kernel_choice(tiny, monkeypatch, cap):
+    """vLLM checks the quantization method's minimum capability before a layer is built: an Ampere
+    GPU must pass (VLLM_SPARSE24_KERNEL=torch runs the reference kernel there, and without it the
+    kernel choice names Hopper); vLLM refuses older GPUs itself."""
+    from vllm.config import LoadConfig, VllmConfig
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
+
+    monkeypatch.setattr(current_platform, "get_device_capability", lambda device_id=0: DeviceCapability(*cap))
+    model_config = _model_config(tiny.sparse24_dir)
+    if cap >= (8, 0):
+        assert VllmConfig._get_quantization_config(model_config, LoadConfig()).get_name() == "sparse24"
+    else:
+        with pytest.raises(ValueError, match="Minimum capability: 80. Current capability: 75"):
+            VllmConfig._get_quantization_config(model_config, LoadConfig())

@@ -35,7 +35,10 @@ class Sparse24Config(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 90  # the CUDA library holds sm_90a code (Hopper: wgmma.sp); the CPU path has no minimum
+        # the CUDA library holds sm_90a code (Hopper: wgmma.sp), which dispatch.py asks for and says so;
+        # VLLM_SPARSE24_KERNEL=torch runs the reference kernel on earlier GPUs, which vLLM would
+        # refuse first if this said 90
+        return 80
 
     @staticmethod
     def get_config_filenames() -> list[str]:
