@@ -47,6 +47,10 @@ def _add_compress_args(p: argparse.ArgumentParser, single: bool = True) -> None:
                        help="linears kept dense W8A8 instead of 2:4: regexes matched (re.match) against HF "
                             "module names, e.g. 'model\\.layers\\.0\\.mlp\\..*'; or auto:P to keep the P%% most "
                             "sensitive linears dense (needs --calib). Fused groups (q/k/v, gate/up) must agree")
+        p.add_argument("--quantize-lm-head", action="store_true",
+                       help="also quantize lm_head, dense W8A8 on the scheme's grid (tied embeddings stay float "
+                            "for the gather; the plugin quantizes a copy for the logits): less weight to read "
+                            "per decode step, some accuracy cost (see the README)")
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--calib", metavar="SOURCE",
                    help="calibration text: a .txt file, a folder of text files, or a Hugging Face data set name "
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sparse24_tools") 
             nsamples=args.nsamples, seqlen=args.seqlen, dampening=args.dampening,
             block_size=args.block_size, ignore=tuple(args.ignore), dense_layers=tuple(args.dense_layers),
             device=args.device, dtype=args.dtype, seed=args.seed, export=args.export,
-            batch_size=args.batch_size, overwrite=args.overwrite,
+            batch_size=args.batch_size, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         )
         print(json.dumps(rep["totals"], indent=2))
     elif args.cmd == "eval":

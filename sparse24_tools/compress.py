@@ -25,6 +25,7 @@ from .driver import (
     sequential_compress,
 )
 from .group import LinearResult, compress_group
+from .lm_head import quantized_lm_head, without_lm_head
 from .model_walk import decoder_layers, fused_groups, linear_names, load_model
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def compress(
     model: Any = None,
     tokenizer: Any = None,
     sensitivity: dict[str, float] | None = None,
+    quantize_lm_head: bool = False,
 ) -> dict[str, Any]:
     """Compress a dense model into ``out``; returns the report (also written as
     ``compress_report.json``). ``model``/``tokenizer`` may be passed pre-loaded (they are
@@ -87,6 +89,7 @@ def compress(
 
     ``scheme``: "int8" (int8 weights and activations) or "fp8" (float8_e4m3fn weights, e4m3
     activations); weights per output channel, activations dynamic per token, in both.
+    ``quantize_lm_head``: lm_head too, dense on the scheme's grid (sparse24 export only).
 
     Wanda and SparseGPT need ``calib``. Magnitude runs without it (no calibration forwards; the
     report then holds relative weight errors and says that output errors were not measured); with
@@ -101,6 +104,8 @@ def compress(
         raise CompressError(f"unknown --dtype {dtype!r}; choose from {tuple(DTYPES)}")
     if scheme not in GRIDS:
         raise CompressError(f"unknown --scheme {scheme!r}; choose from {tuple(GRIDS)}")
+    if quantize_lm_head and export != "sparse24":
+        raise CompressError(f"--quantize-lm-head writes the sparse24 format; --export {export} leaves lm_head float")
     grid = GRIDS[scheme]
     out = Path(out)
     if out.exists() and not overwrite:
@@ -111,7 +116,7 @@ def compress(
         model, tokenizer = load_model(model_path, tdtype)
     layers = decoder_layers(model)
     num_layers = len(layers)
-    ignore = _ignore_patterns(tuple(ignore))
+    ignore = _ignore_patterns(without_lm_head(tuple(ignore)) if quantize_lm_head else tuple(ignore))
     patterns, auto = parse_dense_layers(dense_layers)
     uses_calib = calib is not None and export == "sparse24"
     if uses_calib:
@@ -145,7 +150,7 @@ def compress(
         write_dense_w8a8(out, model, tokenizer, results, ignore, report, tdtype, overwrite, grid=grid)
         return report
 
-    plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns, quant=scheme)
+    plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns, quant=scheme, quantize_lm_head=quantize_lm_head)
     kinds = plan_kinds(num_layers, plan, shapes)
     if calib is None:
         if method != "magnitude":
@@ -163,6 +168,7 @@ def compress(
                                                                 grid=grid))
         report["linears"] = {n: r.report() for n, r in results.items()}
         report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
+        results |= quantized_lm_head(model, plan, report)
         write_sparse24(out, model, tokenizer, results, plan, report, tdtype, overwrite)
         log.info("compressed without calibration in %.1fs: %s", report["totals"]["seconds"], report["totals"])
         return report
@@ -190,11 +196,13 @@ def compress(
                                 "probe_seconds": time.perf_counter() - t0,
                                 "sensitivity": {n: sensitivity[n] for n in chosen}}
         log.info("auto:%g keeps %d linears dense: %s", auto, len(chosen), ", ".join(chosen))
-        plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen), quant=scheme)
+        plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen), quant=scheme,
+                              quantize_lm_head=quantize_lm_head)
         kinds = plan_kinds(num_layers, plan, shapes)
     results = sequential_compress(model, samples, kinds, opts)
     report["linears"] = {n: r.report() for n, r in results.items()}
     report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
+    results |= quantized_lm_head(model, plan, report)
     write_sparse24(out, model, tokenizer, results, plan, report, tdtype, overwrite)
     log.info("compressed in %.1fs: %s", report["totals"]["seconds"], report["totals"])
     return report

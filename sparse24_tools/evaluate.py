@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from vllm_sparse24.format import unpack_24
 from vllm_sparse24.quant import FP8, INT8, Grid, fake_quant_per_token
-from vllm_sparse24.schema import Sparse24ConfigError, Sparse24Scheme
+from vllm_sparse24.schema import LM_HEAD, Sparse24ConfigError, Sparse24Scheme
 
+from .lm_head import quantize_tied_lm_head
 from .model_walk import check_architecture, load_model
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         return load_model(p, torch.float32)
     method = qcfg.get("quant_method")
     grid: Grid
+    lm_head_quantized = False
     if method == "compressed-tensors":
         formats = {"int-quantized": INT8, "float-quantized": FP8}
         if qcfg.get("format") not in formats:
@@ -94,7 +96,8 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         grid = formats[qcfg["format"]]
     elif method == "sparse24":
         try:
-            grid = Sparse24Scheme.from_dict(qcfg).grid
+            scheme = Sparse24Scheme.from_dict(qcfg)
+            grid, lm_head_quantized = scheme.grid, scheme.quantize_lm_head
         except Sparse24ConfigError as e:
             raise EvalError(f"{p / 'config.json'}: {e}") from e
     else:
@@ -112,6 +115,11 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         raise EvalError(f"{p}: checkpoint does not match {model_type}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
+        if lm_head_quantized:
+            quantized.add(quantize_tied_lm_head(model, grid))
+    if lm_head_quantized and LM_HEAD not in quantized:
+        raise EvalError(f"{p}: quantization_config.quantize_lm_head is set, but {LM_HEAD}.weight holds no "
+                        f"{grid.name} codes")
     for prefix in quantized:
         mod = model.get_submodule(prefix)
         mod.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0], grid),))

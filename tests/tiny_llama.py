@@ -63,16 +63,17 @@ def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False) ->
 def reference_logprobs(model, dequant: dict[str, torch.Tensor], token_ids: list[int],
                        grid: Grid = INT8) -> torch.Tensor:
     """float64 forward with the dequantized weights and per-token fake-quantized linear inputs
-    (on ``grid``: int8 or fp8); returns log p(token_i | tokens_<i) for i >= 1."""
+    (on ``grid``: int8 or fp8); returns log p(token_i | tokens_<i) for i >= 1. A quantized lm_head
+    is one more entry of ``dequant`` (its own parameter: a tied embedding stays as it is)."""
     import copy
 
     ref = copy.deepcopy(model).double()
-    state = ref.state_dict()
     for name, w in dequant.items():
-        state[name].copy_(w)
+        prefix, _, attr = name.rpartition(".")
+        setattr(ref.get_submodule(prefix), attr, torch.nn.Parameter(w.double(), requires_grad=False))
     hooks = []
     for name, mod in ref.named_modules():
-        if name.rsplit(".", 1)[-1] in LINEARS:
+        if name.rsplit(".", 1)[-1] in LINEARS or f"{name}.weight" in dequant:
             hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant_per_token(args[0], grid),)))
     ids = torch.tensor([token_ids])
     logits = ref(ids).logits[0].double()

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .fsutil import atomic_output_dir  # noqa: F401  (part of this module's API)
 from .quant import GRIDS
-from .schema import K_MULTIPLE, Sparse24ConfigError, Sparse24Scheme
+from .schema import K_MULTIPLE, LM_HEAD, Sparse24ConfigError, Sparse24Scheme
 
 SPARSE_SUFFIXES = ("weight_packed", "weight_bitmask", "weight_scale")
 LEGACY_SUFFIXES = ("compressed", "bitmask", "shape", "weight_scale")
@@ -193,6 +193,12 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
             )
         if scheme.legacy and suffix == "shape" and prefix in kinds and prod(shape) != 2:
             raise CheckpointError(f"{fname}: tensor {key!r} must hold the 2 values [N, K], got shape {list(shape)}")
+    lm_head = headers.get(f"{LM_HEAD}.weight")
+    if scheme.quantize_lm_head and lm_head is not None and LM_HEAD not in kinds:
+        raise CheckpointError(
+            f"{lm_head[0]}: tensor '{LM_HEAD}.weight' has dtype {lm_head[1]}, but quantization_config."
+            f"quantize_lm_head asks for {code_dtype} codes + {LM_HEAD}.weight_scale (a tied {LM_HEAD} stores none)"
+        )
     return kinds
 
 

@@ -12,9 +12,11 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from .checkpoint import validate_checkpoint
 from .linear_method import Sparse24LinearMethod
+from .lm_head_method import Sparse24LMHeadMethod
 from .schema import QUANT_METHOD, Sparse24ConfigError, Sparse24Scheme
 
 
@@ -81,6 +83,8 @@ class Sparse24Config(QuantizationConfig):
         return next(iter(kinds.values()))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):  # None: vLLM's float lm_head
+            return Sparse24LMHeadMethod(self.scheme, prefix) if self.scheme.quantize_lm_head else None
         if not isinstance(layer, LinearBase):
             return None
         kind = self._layer_kind(prefix)

@@ -40,8 +40,10 @@ SCHEME_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 _KEYS = {
     "quant_method", "format_version", "sparsity_structure", "weights", "input_activations",
-    "ignore", "dense_layers",
+    "ignore", "dense_layers", "quantize_lm_head",
 }
+# the output projection's name in Hugging Face checkpoints (and vLLM's ParallelLMHead prefix)
+LM_HEAD = "lm_head"
 
 LayerKind = Literal["sparse", "dense", "unquantized"]
 # A layer name is matched against a "re:" pattern in microseconds; a pattern that takes longer
@@ -126,6 +128,9 @@ class Sparse24Scheme:
 
     ignore: tuple[str, ...] = ("lm_head",)
     dense_layers: tuple[str, ...] = ()
+    # lm_head as a dense W8A8 layer on the scheme's grid (vLLM's ParallelLMHead, not a linear
+    # layer); with tied embeddings the plugin quantizes a copy of the embedding for the logits
+    quantize_lm_head: bool = False
     # legacy checkpoints only: which layers the quantization / sparsity configs target
     quant_targets: tuple[str, ...] = ("Linear",)
     sparse_targets: tuple[str, ...] = ("Linear",)
@@ -139,12 +144,19 @@ class Sparse24Scheme:
     def __post_init__(self) -> None:
         if self.quant not in SCHEME_ARGS:
             raise Sparse24ConfigError(f"unknown quantization scheme {self.quant!r}; choose from {sorted(SCHEME_ARGS)}")
+        if self.quantize_lm_head and _match(LM_HEAD, self.ignore):
+            raise Sparse24ConfigError(
+                f"quantization_config.quantize_lm_head is true but ignore {list(self.ignore)} leaves "
+                f"{LM_HEAD} unquantized; drop it from ignore or set quantize_lm_head false"
+            )
 
     @property
     def grid(self) -> Grid:
         return GRIDS[self.quant]
 
     def layer_kind(self, name: str) -> LayerKind:
+        if name == LM_HEAD and self.quantize_lm_head:  # never 2:4: it runs the dense W8A8 path
+            return "dense"
         if _match(name, self.ignore) or not _match(name, self.quant_targets):
             return "unquantized"
         if _match(name, self.dense_layers):
@@ -193,7 +205,10 @@ class Sparse24Scheme:
         check_quant_args(cfg.get("input_activations"), inputs, "input_activations")
         ignore = _str_list(cfg.get("ignore", ["lm_head"]), "ignore")
         dense = _str_list(cfg.get("dense_layers", []), "dense_layers")
-        return cls(ignore=tuple(ignore), dense_layers=tuple(dense), quant=quant)
+        lm_head = cfg.get("quantize_lm_head", False)
+        if type(lm_head) is not bool:
+            raise Sparse24ConfigError(f"quantization_config.quantize_lm_head={lm_head!r} must be true or false")
+        return cls(ignore=tuple(ignore), dense_layers=tuple(dense), quant=quant, quantize_lm_head=lm_head)
 
     def to_dict(self) -> dict[str, Any]:
         if self.legacy:
@@ -206,6 +221,8 @@ class Sparse24Scheme:
             "input_activations": dict(SCHEME_ARGS[self.quant][1]),
             "ignore": list(self.ignore),
             "dense_layers": list(self.dense_layers),
+            # written only when set: checkpoints without a quantized lm_head stay as they were
+            **({"quantize_lm_head": True} if self.quantize_lm_head else {}),
         }
 
     # -- legacy compressed-tensors sparse-24-bitmask ----------------------------------
