@@ -7,6 +7,8 @@ One random Llama-shaped model (default: Llama-3-8B's shape; ``--num-layers`` cha
 per engine (speed does not depend on the values):
   * ``bf16``: vLLM's dummy weights (``load_format="dummy"``) in a config-only folder; ``fp8`` = the
     same with vLLM's own ``--quantization fp8`` (dynamic W8A8, weights quantized at load);
+  * ``w4a16``: dense 4-bit weights, bf16 activations (GPTQ, group 128, symmetric, no act order) on
+    dummy weights: vLLM picks its Hopper kernel (Machete or Marlin; the results name it);
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
     compressor's ``dense-w8a8`` writer (``sparse24_tools.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
@@ -39,7 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "sparse24", "sparse24_fp8")
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8")
+# engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
+DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                         "sym": True, "lm_head": False}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
 SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8"}
 WORKLOADS = {  # name -> (prompts, input tokens, output tokens)
@@ -138,7 +143,8 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from vllm_sparse24.schema import Sparse24Scheme
     from vllm_sparse24.sparsity import magnitude_24
 
-    want = {"bf16": "bf16" in engines or "fp8" in engines, "w8a8_int8": "w8a8_int8" in engines}
+    want = {"bf16": "bf16" in engines or "fp8" in engines, "w4a16": "w4a16" in engines,
+            "w8a8_int8": "w8a8_int8" in engines}
     sparse = [e for e in SPARSE_ENGINES if e in engines]
     need_weights = want["w8a8_int8"] or bool(sparse)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,11 +181,16 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
                 sparse_tensors[e][f"{name}.weight_scale"] = s.float().cpu()
     secs = {"generate_s": round(time.time() - t0, 1)}
     report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}
-    if want["bf16"]:  # vLLM's dummy weights: a config-only folder
+    for name, quant_config in DUMMY_QUANT.items():  # vLLM's dummy weights: a config-only folder
+        if not want[name]:
+            continue
         t = time.time()
-        with ckpt.atomic_output_dir(root / "bf16", overwrite=True) as tmp:
-            (tmp / "config.json").write_text(json.dumps(hf_config_dict(_stub_model(cfg, common), torch.bfloat16), indent=2))
-        secs["bf16_write_s"] = round(time.time() - t, 1)
+        hf = hf_config_dict(_stub_model(cfg, common), torch.bfloat16)
+        if quant_config:
+            hf["quantization_config"] = quant_config
+        with ckpt.atomic_output_dir(root / name, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        secs[f"{name}_write_s"] = round(time.time() - t, 1)
     if want["w8a8_int8"]:
         t = time.time()
         write_dense_w8a8(root / "w8a8_int8", _stub_model(cfg, common), _StubTokenizer(), int8_res,
@@ -219,7 +230,7 @@ def make_engine(args, eng: str):
     quant = {"fp8": "fp8", **dict.fromkeys(SPARSE_ENGINES, "sparse24")}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
     llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
-              load_format="dummy" if model == "bf16" else "auto",
+              load_format="dummy" if model in DUMMY_QUANT else "auto",
               skip_tokenizer_init=True, max_model_len=args.max_model_len, seed=0,
               gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tp,
               max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -267,13 +278,25 @@ def attention_backends(model) -> list[str]:
     return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
 
 
+def linear_kernels(model) -> list[str]:
+    """The linear layers' quantization methods and, where they have one, the kernel they chose."""
+    names = set()
+    for m in model.modules():
+        method = getattr(m, "quant_method", None)
+        if method is not None and hasattr(m, "input_size_per_partition"):
+            kernel = getattr(method, "kernel", None)
+            names.add(type(method).__name__ + (f"/{type(kernel).__name__}" if kernel is not None else ""))
+    return sorted(names)
+
+
 def engine_facts(llm) -> dict:
-    """What the engine chose, for the results: attention backend and CUDA-graph mode."""
+    """What the engine chose, for the results: attention backend, linear kernels, CUDA-graph mode."""
     facts = {}
-    try:
-        facts["attention"] = sorted({b for per_worker in llm.apply_model(attention_backends) for b in per_worker})
-    except Exception as e:  # an engine that cannot run functions in its workers: say why
-        facts["attention"] = f"unknown ({type(e).__name__}: {str(e)[:100]})"
+    for key, probe in (("attention", attention_backends), ("linear", linear_kernels)):
+        try:
+            facts[key] = sorted({b for per_worker in llm.apply_model(probe) for b in per_worker})
+        except Exception as e:  # an engine that cannot run functions in its workers: say why
+            facts[key] = f"unknown ({type(e).__name__}: {str(e)[:100]})"
     try:
         facts["cudagraph_mode"] = str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
     except AttributeError:
@@ -386,16 +409,18 @@ def add_ratios(rows: list[dict]) -> None:
         dense = [by[(e, r["workload"])][metric] for e in ("w8a8_int8", "fp8") if (e, r["workload"]) in by]
         r["vs_bf16"] = round(r[metric] / base[metric], 3) if base else None
         r["vs_best_w8a8"] = round(r[metric] / max(dense), 3) if dense else None
-        fp8 = by.get(("fp8", r["workload"]))
-        r["vs_fp8"] = round(r[metric] / fp8[metric], 3) if fp8 else None
+        for base_engine in ("fp8", "w4a16"):
+            b = by.get((base_engine, r["workload"]))
+            r[f"vs_{base_engine}"] = round(r[metric] / b[metric], 3) if b else None
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | engine | req/s | total tok/s | output tok/s | metric | vs bf16 | vs vLLM fp8 | vs best dense W8A8 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| workload | engine | req/s | total tok/s | output tok/s | metric | vs bf16 | vs vLLM fp8 | vs W4A16 "
+             "| vs best dense W8A8 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['engine']} | {r['requests_s']:.2f} | {r['total_tok_s']:,.0f} | "
-                     f"{r['output_tok_s']:,.0f} | {r['metric']} | {r['vs_bf16']} | {r.get('vs_fp8')} | {r['vs_best_w8a8']} |")
+                     f"{r['output_tok_s']:,.0f} | {r['metric']} | {r['vs_bf16']} | {r.get('vs_fp8')} | "
+                     f"{r.get('vs_w4a16')} | {r['vs_best_w8a8']} |")
     return "\n".join(lines)
 
 
