@@ -1,7 +1,7 @@
 """End-to-end vLLM throughput: dense bf16, dense W8A8 int8, vLLM fp8 and sparse24 (int8 and fp8).
 
     python benchmarks/throughput.py --out DIR [--config llama3-8b|CONFIG.json] [--num-layers 8]
-        [--engines bf16,w8a8_int8,fp8,sparse24,sparse24_fp8] [--workloads prefill_256x1024x16,...] [--tp 1]
+        [--engines bf16,w8a8_int8,fp8,w4a16,sparse24,sparse24_fp8,sparse24_lmq] [--workloads prefill_256x1024x16,...] [--tp 1]
 
 One random Llama-shaped model (default: Llama-3-8B's shape; ``--num-layers`` changes the depth)
 per engine (speed does not depend on the values):
@@ -13,7 +13,8 @@ per engine (speed does not depend on the values):
     compressor's ``dense-w8a8`` writer (``sparse24_tools.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
     written with ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
-  * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations).
+  * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
+  * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
 Each engine runs in its own process (``--_engine``), every workload in that process, with the
 same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
 ``vllm bench throughput``: requests/s = n / elapsed, total tok/s = (prompt + generated) / elapsed,
@@ -41,12 +42,13 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8")
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8", "sparse24_lmq")
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
-SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8"}
+SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8"}
+LM_HEAD_ENGINES = ("sparse24_lmq",)  # lm_head quantized on the scheme's grid (quantize_lm_head)
 WORKLOADS = {  # name -> (prompts, input tokens, output tokens)
     "prefill_256x1024x16": (256, 1024, 16),
     "decode_1x128x512": (1, 128, 512),
@@ -130,8 +132,8 @@ def _stub_model(cfg: dict, state: dict):
 
 
 def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) -> dict[str, float]:
-    """Write bf16/ (for bf16 and fp8), w8a8_int8/, sparse24/ and sparse24_fp8/ under root (those
-    the engines need); returns seconds."""
+    """Write bf16/ (for bf16 and fp8), w8a8_int8/, sparse24/, sparse24_fp8/ and sparse24_lmq/ under
+    root (those the engines need); returns seconds."""
     import torch
 
     from sparse24_tools.export import write_dense_w8a8
@@ -199,11 +201,17 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     for e in sparse:
         t = time.time()
         # what sparse24_tools.export.write_sparse24 does, minus its CPU pack_24 (packed above on the GPU)
-        scheme = Sparse24Scheme(quant=SPARSE_ENGINES[e])
+        lmq = e in LM_HEAD_ENGINES
+        untied_lmq = lmq and "lm_head.weight" in common  # tied: the plugin quantizes the embedding at load
+        scheme = Sparse24Scheme(quant=SPARSE_ENGINES[e], ignore=() if lmq else ("lm_head",), quantize_lm_head=lmq)
+        if untied_lmq:  # as sparse24_tools.lm_head writes it: codes + per-row scale in place of the bf16 weight
+            q, s = quantize_weight_per_channel(common["lm_head.weight"].to(dev), scheme.grid)
+            sparse_tensors[e] |= {"lm_head.weight": q.cpu(), "lm_head.weight_scale": s.cpu()}
         with ckpt.atomic_output_dir(root / e, overwrite=True) as tmp:
             ckpt.save_safetensors_shards({**common, **sparse_tensors.pop(e)}, tmp)
             ckpt.write_quantization_config(tmp, hf_config_dict(_stub_model(cfg, common), torch.bfloat16), scheme)
             kinds = ckpt.validate_checkpoint(tmp, scheme)
+            assert kinds.pop("lm_head", None) == ("dense" if untied_lmq else None), kinds
             assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
             (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
         secs[f"{e}_write_s"] = round(time.time() - t, 1)
@@ -370,7 +378,8 @@ def run_profile(args) -> None:
             torch.cuda.synchronize()
         evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         gpu_ms = sum(e.self_device_time_total for e in evs) / 1e3
-        # the decoder layers' linear GEMMs (ours and vLLM's W8A8 ones; the bf16 lm_head runs in cuBLAS)
+        # the decoder layers' linear GEMMs (ours and vLLM's W8A8 ones; the bf16 lm_head runs in cuBLAS,
+        # sparse24_lmq's int8 lm_head in cutlass_scaled_mm, so there it counts here too)
         linear_ms = sum(e.self_device_time_total for e in evs if is_linear_gemm(e.key)) / 1e3
         evs.sort(key=lambda e: -e.self_device_time_total)
         steps = out if out > 1 else 1
