@@ -11,8 +11,8 @@ per engine (speed does not depend on the values):
     dummy weights: vLLM picks its Hopper kernel (Machete or Marlin; the results name it);
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
     compressor's ``dense-w8a8`` writer (``sparse24_tools.export.write_dense_w8a8``), loaded by stock vLLM;
-  * ``sparse24``: 2:4 magnitude-pruned + int8 + ``vllm_sparse24.format.pack_24`` (on the GPU),
-    written with ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
+  * ``sparse24``: 2:4 magnitude-pruned + int8, packed on the GPU and written with
+    ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
   * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
 Each engine runs in its own process (``--_engine``), every workload in that process, with the
@@ -140,7 +140,6 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from sparse24_tools.group import LinearResult
     from sparse24_tools.model_walk import hf_config_dict
     from vllm_sparse24 import checkpoint as ckpt
-    from vllm_sparse24.format import pack_24
     from vllm_sparse24.quant import GRIDS, quantize_weight_per_channel
     from vllm_sparse24.schema import Sparse24Scheme
     from vllm_sparse24.sparsity import magnitude_24
@@ -177,10 +176,9 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
             pruned = magnitude_24(wf, name=name) if sparse else None
             for e in sparse:
                 q, s = quantize_weight_per_channel(pruned, GRIDS[SPARSE_ENGINES[e]])
-                values, bitmask = pack_24(q, name=name)  # on the GPU (the 2:4 mask's topk is slow on CPU)
-                sparse_tensors[e][f"{name}.weight_packed"] = values.cpu()
-                sparse_tensors[e][f"{name}.weight_bitmask"] = bitmask.cpu()
-                sparse_tensors[e][f"{name}.weight_scale"] = s.float().cpu()
+                # packed on the GPU (the 2:4 mask's topk is slow on CPU)
+                for key, t in ckpt.layer_tensors(name, q, s, sparse=True).items():
+                    sparse_tensors[e][key] = t.cpu()
     secs = {"generate_s": round(time.time() - t0, 1)}
     report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}
     for name, quant_config in DUMMY_QUANT.items():  # vLLM's dummy weights: a config-only folder
@@ -206,11 +204,10 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
         scheme = Sparse24Scheme(quant=SPARSE_ENGINES[e], ignore=() if lmq else ("lm_head",), quantize_lm_head=lmq)
         if untied_lmq:  # as sparse24_tools.lm_head writes it: codes + per-row scale in place of the bf16 weight
             q, s = quantize_weight_per_channel(common["lm_head.weight"].to(dev), scheme.grid)
-            sparse_tensors[e] |= {"lm_head.weight": q.cpu(), "lm_head.weight_scale": s.cpu()}
+            sparse_tensors[e] |= {k: t.cpu() for k, t in ckpt.layer_tensors("lm_head", q, s, sparse=False).items()}
         with ckpt.atomic_output_dir(root / e, overwrite=True) as tmp:
-            ckpt.save_safetensors_shards({**common, **sparse_tensors.pop(e)}, tmp)
-            ckpt.write_quantization_config(tmp, hf_config_dict(_stub_model(cfg, common), torch.bfloat16), scheme)
-            kinds = ckpt.validate_checkpoint(tmp, scheme)
+            kinds = ckpt.write_checkpoint(tmp, {**common, **sparse_tensors.pop(e)},
+                                          hf_config_dict(_stub_model(cfg, common), torch.bfloat16), scheme)
             assert kinds.pop("lm_head", None) == ("dense" if untied_lmq else None), kinds
             assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
             (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))

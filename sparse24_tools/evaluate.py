@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from vllm_sparse24.format import unpack_24
-from vllm_sparse24.quant import FP8, INT8, Grid, fake_quant_per_token
+from vllm_sparse24 import checkpoint as ckpt
+from vllm_sparse24.quant import FP8, INT8, fake_quant_per_token
 from vllm_sparse24.schema import LM_HEAD, Sparse24ConfigError, Sparse24Scheme
 
+from .export import dense_w8a8_scheme
 from .lm_head import quantize_tied_lm_head
-from .model_walk import check_architecture, load_model
+from .model_walk import dequantized_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -35,46 +35,30 @@ class EvalError(ValueError):
     """The model or text cannot be evaluated (names the file / tensor)."""
 
 
-def _dequantized_state(folder: Path, grid: Grid) -> tuple[dict[str, torch.Tensor], set[str]]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EvalError(f"{folder}: no *.safetensors files")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        raw.update(load_file(str(f)))
-    state: dict[str, torch.Tensor] = {}
-    quantized: set[str] = set()
-    for key, t in raw.items():
-        if key.endswith((".weight_packed", ".weight")) and t.dtype in (torch.int8, torch.float8_e4m3fn) \
-                and t.dtype != grid.dtype:
-            raise EvalError(f"{folder}: {key} holds {t.dtype} codes, but the quantization_config's scheme is "
-                            f"{grid.name} ({grid.dtype}); one checkpoint holds one scheme")
-        if key.endswith(".weight_packed"):
-            prefix = key[: -len(".weight_packed")]
-            for need in ("weight_bitmask", "weight_scale"):
-                if f"{prefix}.{need}" not in raw:
-                    raise EvalError(f"{folder}: {prefix} has weight_packed but no {need}")
-            w = unpack_24(t, raw[f"{prefix}.weight_bitmask"], name=prefix)
-            state[f"{prefix}.weight"] = w.float() * raw[f"{prefix}.weight_scale"].float()
-            quantized.add(prefix)
-        elif key.endswith(".weight") and t.dtype in (torch.int8, torch.float8_e4m3fn):
-            prefix = key[: -len(".weight")]
-            scale = raw.get(f"{prefix}.weight_scale")
-            if scale is None:
-                raise EvalError(f"{folder}: {t.dtype} tensor {key} has no {prefix}.weight_scale")
-            state[key] = t.float() * scale.float()
-            quantized.add(prefix)
-        elif key.endswith((".weight_bitmask", ".weight_scale")):
-            continue
-        else:
-            state[key] = t.float()
-    return state, quantized
+def _scheme(folder: Path, qcfg: dict[str, Any]) -> Sparse24Scheme:
+    """How the layers of a quantized checkpoint are stored: sparse24 (or its legacy llm-compressor
+    layout), or every linear dense W8A8 (compressed-tensors int- / float-quantized)."""
+    method = qcfg.get("quant_method")
+    try:
+        if Sparse24Scheme.is_legacy_config(qcfg):
+            return Sparse24Scheme.from_compressed_tensors(qcfg)
+        if method == "sparse24":
+            return Sparse24Scheme.from_dict(qcfg)
+    except Sparse24ConfigError as e:
+        raise EvalError(f"{folder / 'config.json'}: {e}") from e
+    if method == "compressed-tensors":
+        formats = {"int-quantized": INT8, "float-quantized": FP8}
+        if qcfg.get("format") not in formats:
+            raise EvalError(f"{folder}: compressed-tensors format {qcfg.get('format')!r} not supported "
+                            f"(one of {sorted(formats)})")
+        return dense_w8a8_scheme(tuple(qcfg.get("ignore", ())), formats[qcfg["format"]])
+    raise EvalError(f"{folder}: quant_method {method!r} not supported by offline eval")
 
 
 def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """(float32 model computing like the plugin, tokenizer) for a .gguf, a dense HF folder,
     a sparse24 checkpoint or a compressed-tensors int-quantized checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     p = Path(path)
     if p.is_file() or not (p / "config.json").exists():
@@ -85,45 +69,22 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     qcfg = cfg_dict.pop("quantization_config", None)
     if not qcfg:
         return load_model(p, torch.float32)
-    method = qcfg.get("quant_method")
-    grid: Grid
-    lm_head_quantized = False
-    if method == "compressed-tensors":
-        formats = {"int-quantized": INT8, "float-quantized": FP8}
-        if qcfg.get("format") not in formats:
-            raise EvalError(f"{p}: compressed-tensors format {qcfg.get('format')!r} not supported "
-                            f"(one of {sorted(formats)})")
-        grid = formats[qcfg["format"]]
-    elif method == "sparse24":
-        try:
-            scheme = Sparse24Scheme.from_dict(qcfg)
-            grid, lm_head_quantized = scheme.grid, scheme.quantize_lm_head
-        except Sparse24ConfigError as e:
-            raise EvalError(f"{p / 'config.json'}: {e}") from e
-    else:
-        raise EvalError(f"{p}: quant_method {method!r} not supported by offline eval")
-    model_type = cfg_dict.pop("model_type", None)
-    config = AutoConfig.for_model(model_type, **cfg_dict)
-    check_architecture(config)
-    config.use_cache = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state, quantized = _dequantized_state(p, grid)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise EvalError(f"{p}: checkpoint does not match {model_type}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-        if lm_head_quantized:
-            quantized.add(quantize_tied_lm_head(model, grid))
-    if lm_head_quantized and LM_HEAD not in quantized:
-        raise EvalError(f"{p}: quantization_config.quantize_lm_head is set, but {LM_HEAD}.weight holds no "
+    scheme = _scheme(p, qcfg)
+    grid = scheme.grid
+    try:
+        tensors = ckpt.read_checkpoint(p, scheme)
+    except ckpt.CheckpointError as e:
+        raise EvalError(f"{p}: {e}") from e
+    model = dequantized_model(p, cfg_dict, tensors)
+    quantized = set(tensors.linears)
+    if scheme.quantize_lm_head and getattr(model.config, "tie_word_embeddings", False):
+        quantized.add(quantize_tied_lm_head(model, grid))
+    if scheme.quantize_lm_head and LM_HEAD not in quantized:
+        raise EvalError(f"{p}: quantization_config.quantize_lm_head is set, but {LM_HEAD}.{ckpt.WEIGHT} holds no "
                         f"{grid.name} codes")
     for prefix in quantized:
         mod = model.get_submodule(prefix)
         mod.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0], grid),))
-    model.eval()
     tok = AutoTokenizer.from_pretrained(str(p))
     log.info("%s: %d quantized linears dequantized, activations fake-quantized per token (%s)", p,
              len(quantized), grid.name)

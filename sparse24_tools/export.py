@@ -1,6 +1,7 @@
-"""Checkpoint writers: sparse24 (the plugin's format) and compressed-tensors dense W8A8
-("int-quantized" for int8, "float-quantized" for fp8; both load in stock vLLM). Both write into a temporary folder that is renamed into
-place only when complete (``vllm_sparse24.checkpoint.atomic_output_dir``)."""
+"""Writing a compressed model: the sparse24 checkpoint (the plugin's format, through its one writer
+``vllm_sparse24.checkpoint``) and compressed-tensors dense W8A8 ("int-quantized" for int8,
+"float-quantized" for fp8; both load in stock vLLM, and store a dense layer as sparse24 does). Both
+write into a temporary folder that is renamed into place only when complete."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
-from vllm_sparse24.format import pack_24, pack_24_with_mask
 from vllm_sparse24.quant import INT8, Grid
 from vllm_sparse24.schema import SCHEME_ARGS, Sparse24Scheme
 
@@ -49,16 +49,7 @@ def sparse24_tensors(
     skip = {f"{n}.weight" for n in results}
     tensors = _float_tensors(model, skip, dtype)
     for name, r in results.items():
-        if r.kind == "sparse":
-            if r.mask is None:
-                values, bitmask = pack_24(r.q, name=name)
-            else:
-                values, bitmask = pack_24_with_mask(r.q, r.mask, name=name)
-            tensors[f"{name}.weight_packed"] = values
-            tensors[f"{name}.weight_bitmask"] = bitmask
-        else:
-            tensors[f"{name}.weight"] = r.q.contiguous()
-        tensors[f"{name}.weight_scale"] = r.scale.float().contiguous()
+        tensors.update(ckpt.layer_tensors(name, r.q, r.scale, sparse=r.kind == "sparse", mask=r.mask))
     return tensors
 
 
@@ -77,10 +68,8 @@ def write_sparse24(
     into place (reports and plots of the tool that made the checkpoint)."""
     tensors = sparse24_tensors(model, results, dtype)
     with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
-        ckpt.save_safetensors_shards(tensors, tmp)
-        ckpt.write_quantization_config(tmp, hf_config_dict(model, dtype), scheme)
+        kinds = ckpt.write_checkpoint(tmp, tensors, hf_config_dict(model, dtype), scheme)
         _write_side_files(tmp, model, tokenizer)
-        kinds = ckpt.validate_checkpoint(tmp, scheme)  # self-check of names, dtypes, shapes
         expected = {n: r.kind for n, r in results.items()}
         if kinds != expected:
             diff = sorted(set(kinds.items()) ^ set(expected.items()))[:4]
@@ -113,6 +102,12 @@ def dense_w8a8_quantization_config(ignore: tuple[str, ...], grid: Grid = INT8) -
     return cfg.model_dump(mode="json", exclude_none=True)
 
 
+def dense_w8a8_scheme(ignore: tuple[str, ...], grid: Grid = INT8) -> Sparse24Scheme:
+    """The sparse24 scheme that reads a dense W8A8 checkpoint's layers as they are stored: every
+    linear but ``ignore`` dense on ``grid``."""
+    return Sparse24Scheme(ignore=tuple(ignore), dense_layers=("re:.*",), quant=grid.name)
+
+
 def write_dense_w8a8(
     out: str | os.PathLike,
     model: nn.Module,
@@ -133,9 +128,8 @@ def write_dense_w8a8(
     tensors = sparse24_tensors(model, results, dtype)
     with ckpt.atomic_output_dir(out, overwrite=overwrite) as tmp:
         ckpt.save_safetensors_shards(tensors, tmp)
-        cfg = hf_config_dict(model, dtype)
-        cfg["quantization_config"] = dense_w8a8_quantization_config(ignore, grid)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        ckpt.write_config(tmp, hf_config_dict(model, dtype), dense_w8a8_quantization_config(ignore, grid))
+        ckpt.validate_checkpoint(tmp, dense_w8a8_scheme(ignore, grid))  # the layout sparse24 reads too
         _write_side_files(tmp, model, tokenizer)
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
     log.info("wrote %s", out)

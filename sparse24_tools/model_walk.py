@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_sparse24 import checkpoint as ckpt
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -100,6 +102,31 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     model.eval()
     model.config.use_cache = False
     return model, tok
+
+
+def dequantized_model(folder: Path, config: dict[str, Any], tensors: ckpt.CheckpointTensors) -> nn.Module:
+    """The float32 model of a quantized checkpoint: ``config`` (its config.json without the
+    quantization_config) holding ``tensors`` with every quantized linear dequantized, in eval mode;
+    UnsupportedModelError naming ``folder`` when the tensors do not fit the architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    hf_config = AutoConfig.for_model(model_type, **config)
+    check_architecture(hf_config)
+    hf_config.use_cache = False
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    state = {k: t.float() for k, t in tensors.other.items()}
+    state.update({f"{prefix}.{ckpt.WEIGHT}": q.dequantized() for prefix, q in tensors.linears.items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise UnsupportedModelError(f"{folder}: the checkpoint's tensors do not fit {model_type}: missing "
+                                    f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
 
 
 def hf_config_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:

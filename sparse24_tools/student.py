@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
-from vllm_sparse24.format import Sparse24FormatError, check_24_mask, unpack_bitmask
 from vllm_sparse24.schema import Sparse24Scheme
 
-from .model_walk import check_architecture, decoder_layers
+from .model_walk import decoder_layers, dequantized_model
 from .qat import QATLinear
 
 log = logging.getLogger(__name__)
@@ -47,16 +45,9 @@ class Student:
     qat: dict[str, QATLinear] = field(default_factory=dict)  # filled by wrap_quantized
 
 
-def _files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise RecoverError(f"student {folder}: no *.safetensors files")
-    return files
-
-
 def load_student(path: str | os.PathLike) -> Student:
     """A sparse24 checkpoint (``python -m sparse24_tools compress`` output) as a float model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     p = Path(path)
     cfg_path = p / "config.json"
@@ -75,66 +66,20 @@ def load_student(path: str | os.PathLike) -> Student:
         raise RecoverError(f"student {cfg_path}: quant_method {q.get('quant_method')!r} is not 2:4 sparse24 "
                            f"(format {q.get('format')!r}); recover needs a sparse24 checkpoint")
     try:
-        scheme = ckpt.load_scheme(p)
-        kinds = ckpt.validate_checkpoint(p, scheme)
+        tensors = ckpt.read_checkpoint(p)
     except ckpt.CheckpointError as e:
         raise RecoverError(f"student {p}: {e}") from e
+    scheme, linears = tensors.scheme, tensors.linears
+    kinds = {prefix: q.kind for prefix, q in linears.items()}
     if "sparse" not in kinds.values():
         raise RecoverError(f"student {p}: no 2:4 sparse linear (all {len(kinds)} quantized linears are dense)")
 
     cfg.pop("quantization_config")
-    model_type = cfg.pop("model_type", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    check_architecture(config)
-    config.use_cache = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-    state: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    float_dtype = torch.float32
-    raw: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}  # tensor -> its file, for error messages (shards may split a layer)
-    for f in _files(p):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                raw[key] = fh.get_tensor(key)
-                where[key] = f
-    for key in sorted(raw):
-        t = raw[key]
-        prefix, _, suffix = key.rpartition(".")
-        kind = kinds.get(prefix)
-        if kind == "sparse" and suffix == "weight_packed":
-            bm_key = f"{prefix}.weight_bitmask"
-            n, k = t.shape[0], 2 * t.shape[1]
-            mask = unpack_bitmask(raw[bm_key], k)
-            try:
-                check_24_mask(mask, f"{where[bm_key]}: {bm_key}")
-            except Sparse24FormatError as e:
-                raise RecoverError(f"student {e}") from e
-            dense = torch.zeros(n, k, dtype=torch.float32)
-            dense[mask] = t.float().reshape(-1)
-            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
-            state[f"{prefix}.weight"] = dense * scales[prefix]
-            masks[prefix] = mask
-        elif kind == "dense" and suffix == "weight":
-            scales[prefix] = raw[f"{prefix}.weight_scale"].float().reshape(-1, 1)
-            state[key] = t.float() * scales[prefix]
-        elif kind is not None and suffix in ("weight_bitmask", "weight_scale"):
-            continue
-        else:
-            if t.is_floating_point():
-                float_dtype = t.dtype
-            state[key] = t.float()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RecoverError(f"student {p}: checkpoint does not match {model_type}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    model.eval()
+    model = dequantized_model(p, cfg, tensors)
+    floats = [t.dtype for t in tensors.other.values() if t.is_floating_point()]
+    float_dtype = floats[-1] if floats else torch.float32
+    masks = {prefix: q.mask for prefix, q in linears.items() if q.mask is not None}
+    scales = {prefix: q.scale for prefix, q in linears.items()}
     tok = AutoTokenizer.from_pretrained(str(p))
     report = None
     if (p / "compress_report.json").exists():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_sparse24 import checkpoint as ckpt
 from vllm_sparse24.checkpoint import (
     CheckpointError,
     atomic_output_dir,
@@ -131,3 +134,25 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_output_dir(target) as tmp:
         (tmp / "config.json").write_text("{}")
     assert (target / "config.json").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_the_reader_reads_both_layouts_alike(tiny):
+    """One reader: the native and the legacy llm-compressor layout of the same weights give the same
+    codes, masks and scales, and the weights the tiny model was built from."""
+    native, legacy = ckpt.read_checkpoint(tiny.sparse24_dir), ckpt.read_checkpoint(tiny.legacy_dir)
+    assert legacy.scheme.legacy and not native.scheme.legacy
+    assert native.linears.keys() == legacy.linears.keys() and len(native.linears) == 14
+    assert native.other.keys() == legacy.other.keys() and "model.embed_tokens.weight" in native.other
+    for prefix, q in native.linears.items():
+        old = legacy.linears[prefix]
+        assert q.kind == old.kind == "sparse"
+        assert torch.equal(q.codes, old.codes) and torch.equal(q.mask, old.mask) and torch.equal(q.scale, old.scale)
+        assert int(q.mask.sum()) * 2 == q.mask.numel()
+        assert torch.allclose(q.dequantized().double(), tiny.dequant[f"{prefix}.weight"], rtol=1e-6, atol=0)
+
+
+def test_tensor_names_are_spelled_in_one_place():
+    root = Path(__file__).resolve().parents[1]
+    spelled = sorted(str(p.relative_to(root)) for folder in ("vllm_sparse24", "sparse24_tools", "benchmarks")
+                     for p in (root / folder).rglob("*.py") if re.search(r"weight_packed|weight_bitmask", p.read_text()))
+    assert spelled == ["vllm_sparse24/checkpoint/names.py"]

@@ -157,7 +157,7 @@ def test_interrupted_run_leaves_no_output(tiny, tmp_path, monkeypatch):
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(ckpt, "save_safetensors_shards", half_written)
+    monkeypatch.setattr(ckpt.write, "save_safetensors_shards", half_written)
     with pytest.raises(OSError, match="injected"):
         compress(root / "dense", tmp_path / "out", calib=calib, **FAST)
     assert not (tmp_path / "out").exists()

@@ -254,7 +254,7 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_the_same_result(tiny, t
         (folder / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(ckpt, "save_safetensors_shards", half_written)
+    monkeypatch.setattr(ckpt.write, "save_safetensors_shards", half_written)
     with pytest.raises(OSError, match="injected"):
         recover(root / "dense", student, out, calib, opts, resume=True)
     monkeypatch.undo()

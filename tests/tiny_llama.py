@@ -7,17 +7,20 @@ from pathlib import Path
 
 import torch
 
+from vllm_sparse24 import checkpoint as ckpt
 from vllm_sparse24.quant import INT8, Grid, fake_quant_per_token
 from vllm_sparse24.tiny import (  # noqa: F401  (re-exported for the tests)
     LINEARS,
     build_dense,
     build_tokenizer,
     compress_state,
+    copy_tokenizer,
+    hf_config,
 )
 from vllm_sparse24.tiny import write_checkpoint as write_sparse24
 
 # sparse24 tensor suffix -> the legacy llm-compressor name of the same tensor
-_LEGACY_NAMES = {"weight_packed": "compressed", "weight_bitmask": "bitmask"}
+_LEGACY_NAMES = {ckpt.SPARSE.packed: ckpt.LEGACY_SPARSE.packed, ckpt.SPARSE.bitmask: ckpt.LEGACY_SPARSE.bitmask}
 
 
 def legacy_quantization_config() -> dict:
@@ -43,8 +46,8 @@ def legacy_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in tensors.items():
         prefix, suffix = name.rsplit(".", 1)
         out[f"{prefix}.{_LEGACY_NAMES.get(suffix, suffix)}"] = t
-        if suffix == "weight_packed":
-            out[f"{prefix}.shape"] = torch.tensor([t.shape[0], t.shape[1] * 2], dtype=torch.int64).reshape(2, 1)
+        if suffix == ckpt.SPARSE.packed:
+            out[f"{prefix}.{ckpt.LEGACY_SPARSE.shape}"] = torch.tensor([t.shape[0], t.shape[1] * 2], dtype=torch.int64).reshape(2, 1)
     return out
 
 
@@ -54,8 +57,10 @@ def write_checkpoint(model, dense_dir: Path, out: Path, legacy: bool = False) ->
     if not legacy:
         return write_sparse24(model, dense_dir, out)
     tensors, dequant = compress_state(model)
-    write_sparse24(model, dense_dir, out, tensors=legacy_tensors(tensors),
-                   quantization_config=legacy_quantization_config())
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(dense_dir, out)
+    ckpt.write_config(out, hf_config(model), legacy_quantization_config())
+    ckpt.save_safetensors_shards(legacy_tensors(tensors), out)
     return dequant
 
 

@@ -129,6 +129,14 @@ def unpack_24(
 
     Checks that shapes agree and that every group of 4 keeps exactly 2 values.
     """
+    return unpack_24_with_mask(values, bitmask, k, name)[0]
+
+
+def unpack_24_with_mask(
+    values: torch.Tensor, bitmask: torch.Tensor, k: int | None = None, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`unpack_24` and the kept positions it read (bool [N, K], exactly 2 of every 4; a kept
+    value may be 0, so the mask is not the dense weight's non-zeros)."""
     if values.dim() != 2 or bitmask.dim() != 2:
         raise Sparse24FormatError(
             f"{name}: values and bitmask must be 2-D, got {tuple(values.shape)} and {tuple(bitmask.shape)}"
@@ -148,10 +156,10 @@ def unpack_24(
     if _is_float8(values):
         dense = torch.zeros(n, k, dtype=torch.uint8, device=values.device)
         dense[mask] = values.view(torch.uint8).reshape(-1)
-        return dense.view(values.dtype)
+        return dense.view(values.dtype), mask
     dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     dense[mask] = values.reshape(-1)
-    return dense
+    return dense, mask
 
 
 def pack_24_with_mask(

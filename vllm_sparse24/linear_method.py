@@ -16,6 +16,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from .checkpoint import SCALE, WEIGHT, sparse_names
 from .format import Sparse24FormatError, unpack_24
 from .kernels import LinearLayer, choose_kernel
 from .schema import K_MULTIPLE, Sparse24Scheme
@@ -31,9 +32,7 @@ class Sparse24LinearMethod(LinearMethodBase):
         self.scheme = scheme
         self.layer_name = layer_name
         self.sparse = kind == "sparse"
-        legacy = scheme.legacy
-        self.packed_name = "compressed" if legacy else "weight_packed"
-        self.bitmask_name = "bitmask" if legacy else "weight_bitmask"
+        self.names = sparse_names(scheme.legacy)  # the parameters take the checkpoint's tensor names
         self.grid = scheme.grid
         self.kernel = None
 
@@ -61,14 +60,14 @@ class Sparse24LinearMethod(LinearMethodBase):
                     "or keep this layer dense (dense_layers)"
                 )
             layer.register_parameter(
-                self.packed_name,
+                self.names.packed,
                 PackedvLLMParameter(
                     data=torch.empty(n, k // 2, dtype=self.grid.dtype),
                     input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=loader,
                 ),
             )
             layer.register_parameter(
-                self.bitmask_name,
+                self.names.bitmask,
                 PackedvLLMParameter(
                     data=torch.empty(n, k // 8, dtype=torch.uint8),
                     input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
@@ -77,18 +76,18 @@ class Sparse24LinearMethod(LinearMethodBase):
             if self.scheme.legacy:
                 # compressed-tensors stored each shard's dense [N, K]; kept for checking K only
                 layer.register_parameter(
-                    "shape",
+                    self.names.shape,
                     BasevLLMParameter(data=torch.zeros(2, 1, dtype=torch.int64), weight_loader=_load_shape),
                 )
         else:
             layer.register_parameter(
-                "weight",
+                WEIGHT,
                 ModelWeightParameter(
                     data=torch.empty(n, k, dtype=self.grid.dtype), input_dim=1, output_dim=0, weight_loader=loader
                 ),
             )
         layer.register_parameter(
-            "weight_scale",
+            SCALE,
             ChannelQuantScaleParameter(data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader),
         )
         layer.sparse24_full_k = input_size
@@ -98,24 +97,24 @@ class Sparse24LinearMethod(LinearMethodBase):
         n, k = layer.output_size_per_partition, layer.input_size_per_partition
         if self.sparse:
             if self.scheme.legacy:
-                shape_k = int(layer.shape.data.reshape(-1)[1])
+                shape_k = int(getattr(layer, self.names.shape).data.reshape(-1)[1])
                 if shape_k != layer.sparse24_full_k:
                     raise Sparse24FormatError(
-                        f"{self.layer_name}.shape: says K={shape_k}, the model expects K={layer.sparse24_full_k}"
+                        f"{self.layer_name}.{self.names.shape}: says K={shape_k}, the model expects K={layer.sparse24_full_k}"
                     )
-                del layer.shape
-            values = getattr(layer, self.packed_name).data
-            bitmask = getattr(layer, self.bitmask_name).data
+                delattr(layer, self.names.shape)
+            values = getattr(layer, self.names.packed).data
+            bitmask = getattr(layer, self.names.bitmask).data
             weight = unpack_24(values, bitmask, k, name=self.layer_name)
-            delattr(layer, self.packed_name)
-            delattr(layer, self.bitmask_name)
+            delattr(layer, self.names.packed)
+            delattr(layer, self.names.bitmask)
         else:
-            weight = layer.weight.data
-            del layer.weight
-        scale = layer.weight_scale.data.to(torch.float32)
+            weight = getattr(layer, WEIGHT).data
+            delattr(layer, WEIGHT)
+        scale = getattr(layer, SCALE).data.to(torch.float32)
         if not torch.isfinite(scale).all() or (scale < 0).any():
-            raise Sparse24FormatError(f"{self.layer_name}.weight_scale: has negative, inf or NaN entries")
-        del layer.weight_scale
+            raise Sparse24FormatError(f"{self.layer_name}.{SCALE}: has negative, inf or NaN entries")
+        delattr(layer, SCALE)
         spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device)
         self.kernel = choose_kernel(spec)(spec)
         try:

@@ -4,14 +4,12 @@ their models with it too). Real models go through ``vllm-sparse24 compress``."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .format import pack_24
+from . import checkpoint as ckpt
 from .quant import INT8, Grid, quantize_weight_per_channel
 from .schema import Sparse24Scheme
 from .sparsity import magnitude_24
@@ -78,33 +76,32 @@ def compress_state(model, grid: Grid = INT8) -> tuple[dict[str, torch.Tensor], d
         if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in LINEARS:
             w = magnitude_24(p, name=prefix)
             q, scale = quantize_weight_per_channel(w, grid)
-            values, bitmask = pack_24(q, name=prefix)
-            tensors[f"{prefix}.weight_packed"] = values
-            tensors[f"{prefix}.weight_bitmask"] = bitmask
-            tensors[f"{prefix}.weight_scale"] = scale
+            tensors.update(ckpt.layer_tensors(prefix, q, scale, sparse=True))
             dequant[name] = q.double() * scale.double()
         else:
             tensors[name] = p.detach().float().contiguous()
     return tensors, dequant
 
 
-def write_checkpoint(model, dense_dir: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None,
-                     quantization_config: dict | None = None, grid: Grid = INT8) -> dict[str, torch.Tensor]:
-    """Write ``model`` compressed on ``grid`` (or the given ``tensors`` with ``quantization_config``)
-    as a checkpoint in ``out``, tokenizer copied from ``dense_dir``; returns the dequantized weights
-    (empty when ``tensors`` were given)."""
-    if tensors is None:
-        tensors, dequant = compress_state(model, grid)
-    else:
-        dequant = {}
-    out.mkdir(parents=True, exist_ok=True)
+def copy_tokenizer(dense_dir: Path, out: Path) -> None:
     for f in dense_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
+
+
+def hf_config(model) -> dict:
+    """The tiny model's config.json (float32, the rope_theta vLLM reads)."""
     cfg = model.config.to_dict()
     cfg["rope_theta"] = 10000.0
     cfg["torch_dtype"] = "float32"
-    cfg["quantization_config"] = quantization_config or Sparse24Scheme(quant=grid.name).to_dict()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return cfg
+
+
+def write_checkpoint(model, dense_dir: Path, out: Path, grid: Grid = INT8) -> dict[str, torch.Tensor]:
+    """Write ``model`` compressed on ``grid`` as a checkpoint in ``out``, tokenizer copied from
+    ``dense_dir``; returns the dequantized weights."""
+    tensors, dequant = compress_state(model, grid)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(dense_dir, out)
+    ckpt.write_checkpoint(out, tensors, hf_config(model), Sparse24Scheme(quant=grid.name))
     return dequant

@@ -1,33 +1,20 @@
-"""Reading and writing sparse24 checkpoint folders (pure: safetensors + json, no vLLM).
-
-``validate_checkpoint`` reads only the safetensors headers, so a wrong name, dtype or shape
-is reported with the file and tensor before vLLM allocates anything.
-"""
+"""Checking a checkpoint folder against its scheme from the safetensors headers alone, so a wrong
+name, dtype or shape is reported with the file and tensor before anything is allocated (the plugin
+does it before vLLM loads a weight; the reader and the writer do it too)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from math import prod
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .fsutil import atomic_output_dir  # noqa: F401  (part of this module's API)
-from .quant import GRIDS
-from .schema import K_MULTIPLE, LM_HEAD, Sparse24ConfigError, Sparse24Scheme
-
-SPARSE_SUFFIXES = ("weight_packed", "weight_bitmask", "weight_scale")
-LEGACY_SUFFIXES = ("compressed", "bitmask", "shape", "weight_scale")
-DENSE_SUFFIXES = ("weight", "weight_scale")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder does not hold what its quantization_config promises."""
+from ..quant import GRIDS
+from ..schema import K_MULTIPLE, LM_HEAD, Sparse24Scheme
+from .names import DENSE_SUFFIXES, SCALE, WEIGHT, CheckpointError, sparse_names
 
 
 def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -98,6 +85,9 @@ _DTYPES = {
 }
 
 
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None) -> None:
     if name not in headers:
         prefix = name.rpartition(".")[0]
@@ -117,7 +107,8 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
     Layers are found from the tensor names; each must be of the kind the scheme assigns.
     """
     headers = read_headers(folder)
-    packed_key, mask_key = ("compressed", "bitmask") if scheme.legacy else ("weight_packed", "weight_bitmask")
+    names = sparse_names(scheme.legacy)
+    packed_key, mask_key = names.packed, names.bitmask
     code_dtype = scheme.grid.dtype
     code_dtypes = {g.dtype: name for name, g in GRIDS.items()}
     _check_one_scheme(headers, scheme, packed_key)
@@ -143,17 +134,17 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"rank to be a multiple of {K_MULTIPLE}); keep this layer dense (dense_layers)"
             )
         _expect(headers, f"{prefix}.{mask_key}", (torch.uint8,), (n, k // 8))
-        _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (n, 1))
-        if scheme.legacy:
-            _expect(headers, f"{prefix}.shape", (torch.int64, torch.int32), None)
-        stray = f"{prefix}.weight"
+        _expect(headers, f"{prefix}.{SCALE}", _SCALE_DTYPES, (n, 1))
+        if names.shape:
+            _expect(headers, f"{prefix}.{names.shape}", (torch.int64, torch.int32), None)
+        stray = f"{prefix}.{WEIGHT}"
         if stray in headers:
             raise CheckpointError(f"{headers[stray][0]}: {prefix} has both sparse tensors and a dense {stray!r}")
         kinds[prefix] = "sparse"
     for key, (fname, dtype, shape) in headers.items():
-        if not key.endswith(".weight") or key[: -len(".weight")] in kinds:
+        prefix, _, suffix = key.rpartition(".")
+        if suffix != WEIGHT or prefix in kinds:
             continue
-        prefix = key[: -len(".weight")]
         if dtype in code_dtypes:
             kind = scheme.layer_kind(prefix)
             if kind == "sparse":
@@ -169,12 +160,9 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 )
             if len(shape) != 2:
                 raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
-            _expect(headers, f"{prefix}.weight_scale", (torch.float32, torch.float16, torch.bfloat16), (shape[0], 1))
+            _expect(headers, f"{prefix}.{SCALE}", _SCALE_DTYPES, (shape[0], 1))
             kinds[prefix] = "dense"
-    allowed = {
-        "sparse": {packed_key, mask_key, "weight_scale", "bias"} | ({"shape"} if scheme.legacy else set()),
-        "dense": {"weight", "weight_scale", "bias"},
-    }
+    allowed = {"sparse": names.suffixes(), "dense": DENSE_SUFFIXES}
     for key, (fname, _, shape) in headers.items():
         prefix, _, suffix = key.rpartition(".")
         if prefix in kinds and suffix not in allowed[kinds[prefix]]:
@@ -182,22 +170,22 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"{fname}: unexpected tensor {key!r}: a {kinds[prefix]} sparse24 layer holds only "
                 f"{sorted(allowed[kinds[prefix]])}"
             )
-        if suffix == "weight_scale" and prefix not in kinds:
+        if suffix == SCALE and prefix not in kinds:
             # a scale without a quantized weight: the weight is missing or has another dtype, which
             # vLLM would cast into the layer's quantized parameter
-            weight = headers.get(f"{prefix}.weight")
-            found = f"{prefix}.weight has dtype {weight[1]}" if weight else f"no {prefix}.weight"
+            weight = headers.get(f"{prefix}.{WEIGHT}")
+            found = f"{prefix}.{WEIGHT} has dtype {weight[1]}" if weight else f"no {prefix}.{WEIGHT}"
             raise CheckpointError(
                 f"{fname}: {key!r} belongs to a quantized layer, but {found}; expected a {code_dtype} "
-                f"{prefix}.weight (dense) or {prefix}.{packed_key} + {prefix}.{mask_key} (sparse)"
+                f"{prefix}.{WEIGHT} (dense) or {prefix}.{packed_key} + {prefix}.{mask_key} (sparse)"
             )
-        if scheme.legacy and suffix == "shape" and prefix in kinds and prod(shape) != 2:
+        if suffix == names.shape and prefix in kinds and prod(shape) != 2:
             raise CheckpointError(f"{fname}: tensor {key!r} must hold the 2 values [N, K], got shape {list(shape)}")
-    lm_head = headers.get(f"{LM_HEAD}.weight")
+    lm_head = headers.get(f"{LM_HEAD}.{WEIGHT}")
     if scheme.quantize_lm_head and lm_head is not None and LM_HEAD not in kinds:
         raise CheckpointError(
-            f"{lm_head[0]}: tensor '{LM_HEAD}.weight' has dtype {lm_head[1]}, but quantization_config."
-            f"quantize_lm_head asks for {code_dtype} codes + {LM_HEAD}.weight_scale (a tied {LM_HEAD} stores none)"
+            f"{lm_head[0]}: tensor '{LM_HEAD}.{WEIGHT}' has dtype {lm_head[1]}, but quantization_config."
+            f"quantize_lm_head asks for {code_dtype} codes + {LM_HEAD}.{SCALE} (a tied {LM_HEAD} stores none)"
         )
     return kinds
 
@@ -210,7 +198,7 @@ def _check_one_scheme(headers, scheme: Sparse24Scheme, packed_key: str) -> None:
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key, (_, dtype, _) in headers.items():
         prefix, _, suffix = key.rpartition(".")
-        if dtype in code_dtypes and suffix in (packed_key, "weight"):
+        if dtype in code_dtypes and suffix in (packed_key, WEIGHT):
             by_dtype.setdefault(dtype, []).append(prefix)
     want = scheme.grid.dtype
     wrong = {d: sorted(p) for d, p in by_dtype.items() if d != want}
@@ -228,63 +216,3 @@ def _check_one_scheme(headers, scheme: Sparse24Scheme, packed_key: str) -> None:
         "one checkpoint holds one scheme (int8 and fp8 layers cannot be mixed): re-compress the model "
         "with one --scheme"
     )
-
-
-# -- writing ------------------------------------------------------------------------------
-
-
-def save_safetensors_shards(
-    tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 << 30
-) -> None:
-    """Write tensors as model[-0000x-of-0000y].safetensors (+ index when sharded)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().contiguous().cpu()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
-
-
-def write_quantization_config(folder: Path, config: dict[str, Any], scheme: Sparse24Scheme) -> None:
-    config = dict(config)
-    config["quantization_config"] = scheme.to_dict()
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def load_scheme(folder: str | os.PathLike) -> Sparse24Scheme:
-    """The scheme of a checkpoint folder's config.json; CheckpointError naming the file otherwise."""
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: missing") from e
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e})") from e
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deep
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
-    q = cfg.get("quantization_config")
-    if q is None:
-        raise CheckpointError(f"{path}: no quantization_config (not a sparse24 checkpoint)")
-    try:
-        if Sparse24Scheme.is_legacy_config(q):
-            return Sparse24Scheme.from_compressed_tensors(q)
-        return Sparse24Scheme.from_dict(q)
-    except Sparse24ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from e
