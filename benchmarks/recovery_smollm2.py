@@ -51,10 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparse24_tools.compare import machine_info  # noqa: E402
 from sparse24_tools.compress import compress  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
 from sparse24_tools.model_walk import load_model  # noqa: E402
+from sparse24_tools.provenance import machine_info  # noqa: E402
 from sparse24_tools.recover import RecoverOptions, plot_perplexity, recover  # noqa: E402
 
 log = logging.getLogger("recovery_smollm2")

@@ -15,9 +15,11 @@ model walking):
 * ``sparse24_tools.__main__`` (``python -m sparse24_tools``) and ``sparse24_tools.cli`` (the ``vllm-sparse24``
   console command, which also starts the demo server and the CUDA build).
 * ``sparse24_tools.recover``: accuracy recovery of a sparse24 checkpoint by distillation from the dense
-  model, mask fixed, int8 in the forward (``sparse24_tools.block_recon``: its block-wise mode;
-  ``sparse24_tools.distill_loss``: chunked KL and SquareHead; ``sparse24_tools.qat``: fake-quant linear;
-  ``sparse24_tools.student``: loading a checkpoint for training; ``sparse24_tools.distill_data``: training data).
+  model, mask fixed, int8 in the forward (``recover_options``: its options; ``recover_run``: the
+  run's state and schedule; ``recover_global`` / ``recover_blocks``: the two training loops;
+  ``distill_loss``: chunked KL and SquareHead; ``qat``: fake-quant linear; ``student``: loading a
+  checkpoint for training; ``distill_data``: training data).
+* ``sparse24_tools.provenance``: machine, versions and date for the reports.
 
 This package uses the plugin's pure modules (format, quantization, schema, checkpoint writing);
 the plugin never imports this package. Nothing here imports vLLM.

@@ -82,7 +82,7 @@ def _add_compress_args(p: argparse.ArgumentParser, single: bool = True) -> None:
 def _add_recover_args(p: argparse.ArgumentParser) -> None:
     import torch
 
-    from .recover import AMP, EXTRAS, LOSSES, MODES, RecoverOptions
+    from .recover_options import AMP, EXTRAS, LOSSES, MODES, RecoverOptions
 
     d = RecoverOptions()
     p.add_argument("--teacher", required=True, help="the dense model: HF folder or .gguf file")

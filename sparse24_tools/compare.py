@@ -7,11 +7,8 @@ import copy
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from .calib import calibration_size
 from .compress import compress
 from .evaluate import load_for_eval, perplexity
 from .model_walk import load_model
+from .provenance import machine_info, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +32,6 @@ RUNS: dict[str, dict[str, Any] | None] = {
     "sparsegpt-joint": {"method": "sparsegpt", "joint": True},
     "sparsegpt-joint-auto10": {"method": "sparsegpt", "joint": True, "dense_layers": ("auto:10",)},
 }
-
-
-def cpu_model_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    return {
-        "cpu": cpu_model_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def plot(rows: list[dict[str, Any]], png_path: str | os.PathLike, title: str) -> None:
@@ -163,7 +139,7 @@ def merge(parts: list[str], json_path: str, png_path: str, title: str) -> list[d
 
 def _write(rows, model_path, text, calib, compress_kwargs, argv, json_path) -> None:
     doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": " ".join(argv or []), "model": model_path, "eval_text": text, "calib": calib,
         "compress_options": {k: v for k, v in compress_kwargs.items()}, "machine": machine_info(),
         "rows": rows,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from .driver import (
 from .group import LinearResult, compress_group
 from .lm_head import quantized_lm_head, without_lm_head
 from .model_walk import decoder_layers, fused_groups, linear_names, load_model
+from .provenance import machine_info, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +127,7 @@ def compress(
         "errors": OUTPUT_ERRORS if uses_calib else WEIGHT_ERRORS if export == "sparse24" else RTN_ERRORS,
         "dampening": dampening, "block_size": block_size, "ignore": list(ignore),
         "dense_layers": list(dense_layers), "device": device, "dtype": dtype, "seed": seed,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "transformers": __import__("transformers").__version__},
-        "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "date": utc_now(), "machine": machine_info(),
     }
     names = linear_names(num_layers)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 
-DEFAULT_VOCAB_CHUNK = 8192
 # at most this many logits (tokens x vocabulary slice) per temporary, whatever the chunk asked
 _MAX_CHUNK_ELEMENTS = 1 << 26
 
@@ -106,7 +105,7 @@ def chunked_kl(
     teacher_hidden: torch.Tensor,
     student_head: torch.Tensor,
     teacher_head: torch.Tensor,
-    chunk: int = DEFAULT_VOCAB_CHUNK,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token KL(teacher || student) [N], per-token top-1 agreement bool [N]).
 

@@ -1,9 +1,11 @@
 """``python -m sparse24_tools recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
 its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8 or fp8) in the forward.
 
-Orchestration only: the losses are in :mod:`sparse24_tools.distill_loss`, the quantization-aware linear
-in :mod:`sparse24_tools.qat`, the student loading in :mod:`sparse24_tools.student`, the training data in
-:mod:`sparse24_tools.distill_data` and the block-wise mode in :mod:`sparse24_tools.block_recon`.
+Orchestration only: the options are in :mod:`sparse24_tools.recover_options`, the run's state and
+schedule in :mod:`sparse24_tools.recover_run`, the two training loops in
+:mod:`sparse24_tools.recover_global` and :mod:`sparse24_tools.recover_blocks`, the losses in
+:mod:`sparse24_tools.distill_loss`, the quantization-aware linear in :mod:`sparse24_tools.qat`, the
+student loading in :mod:`sparse24_tools.student` and the training data in :mod:`sparse24_tools.distill_data`.
 
 Modes:
 
@@ -22,252 +24,33 @@ and ``recover_perplexity.png`` beside it. The training state is saved every ``sa
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calib import read_text
-from .distill_data import BatchOrder, generate_sequences, text_windows
-from .distill_loss import DEFAULT_VOCAB_CHUNK, chunked_kl, squarehead_loss
+from .distill_data import generate_sequences, text_windows
 from .group import LinearResult
-from .model_walk import decoder_layers, load_model
-from .student import RecoverError, Student, check_compatible, load_student, wrap_quantized
+from .model_walk import load_model
+from .provenance import machine_info, utc_now
+from .recover_blocks import train_blocks
+from .recover_global import train_global
+from .recover_options import RecoverError, RecoverOptions
+from .recover_run import STATE_FILE, STATE_FORMAT, RecoveryRun
+from .student import Student, check_compatible, load_student, wrap_quantized
 
 log = logging.getLogger(__name__)
 
-MODES = ("global", "blocks")
-LOSSES = ("kl", "kl+squarehead")
-EXTRAS = ("norms", "embeddings", "ignored")
-AMP = ("auto", "bf16", "none")
-STATE_FILE = "state.pt"
-STATE_FORMAT = 1
-# options a resumed run must share with the interrupted one
-_RESUME_KEYS = ("mode", "tokens", "seqlen", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
-                "loss", "kl_weight", "squarehead_weight", "generate_tokens", "gen_prompt_len",
-                "gen_temperature", "gen_top_p", "quant_from", "train_extra", "block_pool_tokens", "seed")
-
 __all__ = ["RecoverError", "RecoverOptions", "recover", "plot_perplexity"]
-
-
-@dataclass
-class RecoverOptions:
-    """Training options (the CLI flags of ``python -m sparse24_tools recover``)."""
-
-    mode: str = "global"
-    tokens: int = 1_000_000  # global: tokens trained on; blocks: tokens each layer trains on
-    seqlen: int = 512
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup: float = 0.05  # fraction of the steps (per layer in blocks mode)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    loss: str = "kl"
-    kl_weight: float = 1.0
-    squarehead_weight: float = 1.0
-    generate_tokens: int = 0
-    gen_prompt_len: int = 32
-    gen_batch_size: int = 32
-    gen_temperature: float = 1.0
-    gen_top_p: float = 1.0
-    quant_from: float = 0.0  # fraction of the steps trained in float before fake-quant starts
-    train_extra: tuple[str, ...] = ()
-    eval_text: str | None = None
-    eval_every: int = 0  # global: steps; blocks: layers; 0: before and after only
-    eval_windows: int = 16
-    eval_seqlen: int = 512
-    block_pool_tokens: int = 262_144
-    save_every: int = 100
-    max_minutes: float | None = None
-    amp: str = "auto"
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
-    device: str = "cpu"
-    seed: int = 0
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise RecoverError(f"unknown --mode {self.mode!r}; choose from {MODES}")
-        if self.loss not in LOSSES:
-            raise RecoverError(f"unknown --loss {self.loss!r}; choose from {LOSSES}")
-        if self.amp not in AMP:
-            raise RecoverError(f"unknown --amp {self.amp!r}; choose from {AMP}")
-        bad = [e for e in self.train_extra if e not in EXTRAS]
-        if bad:
-            raise RecoverError(f"unknown --train-extra {bad}; choose from {EXTRAS}")
-        if self.seqlen < 2 or self.batch_size < 1:
-            raise RecoverError(f"--seqlen must be >= 2 and --batch-size >= 1 (got {self.seqlen}, {self.batch_size})")
-        if self.tokens < self.seqlen * self.batch_size:
-            raise RecoverError(f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size} "
-                               f"x --seqlen {self.seqlen} = {self.batch_size * self.seqlen})")
-        if not 0 <= self.quant_from < 1 or not 0 <= self.warmup < 1:
-            raise RecoverError("--quant-from and --warmup are fractions of the steps within [0, 1)")
-        if self.generate_tokens < 0 or self.lr <= 0 or self.save_every < 1:
-            raise RecoverError("--generate-tokens must be >= 0, --lr > 0 and --save-every >= 1")
-        if self.generate_tokens and not 0 < self.gen_prompt_len < self.seqlen:
-            raise RecoverError(f"--gen-prompt-len {self.gen_prompt_len} must be within 1..{self.seqlen - 1}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise RecoverError("--max-minutes must be > 0")
-
-    def resume_key(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _RESUME_KEYS}
-
-
-@dataclass
-class RecoveryRun:
-    """Everything one recovery needs; the mode functions fill ``curve`` and ``evals``."""
-
-    opts: RecoverOptions
-    teacher: nn.Module
-    student: Student
-    pool: torch.Tensor  # [P, seqlen] token ids: calibration windows first, then generated
-    n_calib: int  # how many of the pool's sequences are calibration windows
-    eval_windows: torch.Tensor | None
-    device: torch.device
-    t_start: float
-    state_dir: Path
-    state: dict[str, Any] | None  # the saved state when resuming
-    seconds_before: float = 0.0  # time spent by the interrupted run(s)
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    tokens_calib: int = 0
-    tokens_generated: int = 0
-    seconds_eval: float = 0.0
-    teacher_eval: dict[str, float] | None = None
-    stopped_by_budget: bool = False
-
-    # -- time --------------------------------------------------------------------------------
-    def elapsed(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.t_start
-
-    def budget_left(self) -> float:
-        if self.opts.max_minutes is None:
-            return math.inf
-        return self.opts.max_minutes * 60 - self.elapsed()
-
-    # -- precision ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def train_precision(self) -> Iterator[None]:
-        """bf16 autocast (``--amp``) and TF32 matmuls on CUDA while training; evaluation runs
-        in plain float32, as ``offline eval`` does."""
-        use_bf16 = self.opts.amp == "bf16" or (self.opts.amp == "auto" and self.device.type == "cuda")
-        if self.device.type != "cuda":
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                yield
-            return
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-
-    # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, step: int, tokens: int, **extra: Any) -> dict[str, Any] | None:
-        if self.eval_windows is None:
-            return None
-        t0 = time.perf_counter()
-        res = evaluate_pair(self.student.model, self.teacher, self.eval_windows, self.device)
-        self.seconds_eval += time.perf_counter() - t0
-        if self.teacher_eval is None:
-            self.teacher_eval = {"perplexity": res.pop("teacher_perplexity")}
-        else:
-            res.pop("teacher_perplexity")
-        row = {"step": step, "tokens": tokens, **extra, **res, "seconds": round(self.elapsed(), 1)}
-        self.evals.append(row)
-        log.info("eval at %d tokens: perplexity %.3f (teacher %.3f), top-1 agreement %.4f, KL %.4f",
-                 tokens, res["perplexity"], self.teacher_eval["perplexity"], res["top1_agreement"], res["kl"])
-        return row
-
-    # -- state ---------------------------------------------------------------------------------
-    def save_state(self, extra: dict[str, Any]) -> None:
-        """Write the training state atomically (a temporary file renamed over the old one)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "format": STATE_FORMAT, "key": self.opts.resume_key(),
-            "student": str(self.student.path), "generated": self.pool[self.n_calib :].clone(),
-            "params": {n: p.detach().cpu().clone() for n, p in self.student.model.named_parameters()
-                       if p.requires_grad},
-            "curve": self.curve, "evals": self.evals, "teacher_eval": self.teacher_eval,
-            "tokens_calib": self.tokens_calib, "tokens_generated": self.tokens_generated,
-            "seconds": self.elapsed(), "seconds_eval": self.seconds_eval, **extra,
-        }
-        tmp = self.state_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
-        torch.save(doc, tmp)
-        os.replace(tmp, self.state_dir / STATE_FILE)
-
-    def restore_params(self) -> None:
-        assert self.state is not None
-        params = dict(self.student.model.named_parameters())
-        with torch.no_grad():
-            for n, t in self.state["params"].items():
-                if n not in params:
-                    raise RecoverError(f"saved state {self.state_dir}: parameter {n} is not in the student")
-                params[n].copy_(t.to(params[n].device))
-        self.curve = list(self.state["curve"])
-        self.evals = list(self.state["evals"])
-        self.teacher_eval = self.state["teacher_eval"]
-        self.tokens_calib = self.state["tokens_calib"]
-        self.tokens_generated = self.state["tokens_generated"]
-        self.seconds_eval = self.state["seconds_eval"]
-
-    def count_tokens(self, idx: torch.Tensor) -> None:
-        calib = int((idx < self.n_calib).sum())
-        self.tokens_calib += calib * self.opts.seqlen
-        self.tokens_generated += (idx.numel() - calib) * self.opts.seqlen
-
-    def set_quant(self, on: bool) -> None:
-        for q in self.student.qat.values():
-            q.quant = on
-
-    def reapply_masks(self) -> None:
-        for q in self.student.qat.values():
-            q.reapply_mask()
-
-
-def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
-    """Linear warm-up over ceil(warmup * total) steps, then cosine decay to 0 at ``total``."""
-    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-@torch.no_grad()
-def evaluate_pair(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
-                  device: torch.device, batch_size: int = 2) -> dict[str, float]:
-    """Student perplexity (the arithmetic of ``offline eval``: float32, full logits), the
-    teacher's, the student's top-1 agreement with the teacher and mean KL(teacher || student)
-    over the next-token predictions of ``windows`` [n, T]."""
-    nll_s = nll_t = kl = 0.0
-    agree = count = 0
-    for b in range(0, windows.shape[0], batch_size):
-        x = windows[b : b + batch_size].to(device)
-        tgt = x[:, 1:, None]
-        ls = torch.log_softmax(student(input_ids=x).logits.float()[:, :-1], dim=-1)
-        lt = torch.log_softmax(teacher(input_ids=x).logits.float()[:, :-1], dim=-1)
-        nll_s -= float(ls.gather(-1, tgt).sum())
-        nll_t -= float(lt.gather(-1, tgt).sum())
-        kl += float((lt.exp() * (lt - ls)).sum())
-        agree += int((ls.argmax(-1) == lt.argmax(-1)).sum())
-        count += x[:, 1:].numel()
-    return {"perplexity": math.exp(nll_s / count), "teacher_perplexity": math.exp(nll_t / count),
-            "top1_agreement": agree / count, "kl": kl / count, "eval_tokens": count}
 
 
 def _check_text_file(path: str | os.PathLike, what: str) -> str:
@@ -409,7 +192,6 @@ def recover(
     .gguf) into ``out``; returns the report (also written as ``out/recover_report.json``).
     ``teacher_model``/``teacher_tokenizer`` may be given pre-loaded (the model is moved to
     ``opts.device`` and frozen, its weights are not changed)."""
-    from .compare import machine_info
     from .export import write_sparse24
 
     t_start = time.perf_counter()
@@ -454,12 +236,7 @@ def recover(
              n_calib, pool.shape[0] - n_calib, opts.seqlen)
 
     t_train = time.perf_counter()
-    if opts.mode == "global":
-        summary = train_global(run, params)
-    else:
-        from .block_recon import train_blocks
-
-        summary = train_blocks(run)
+    summary = train_global(run, params) if opts.mode == "global" else train_blocks(run)
     t_train = time.perf_counter() - t_train
     run.set_quant(True)
     final = run.evaluate(summary["steps"], summary["tokens"], final=True) if eval_windows is not None else None
@@ -478,7 +255,7 @@ def recover(
     report: dict[str, Any] = {
         "teacher": str(teacher_path), "student": str(student_path), "out": str(out), "calib": str(calib),
         "command": " ".join(argv) if argv else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         "machine": machine_info(),
         "data": {
@@ -517,126 +294,3 @@ def recover(
                  run.evals[0]["perplexity"], final["perplexity"], run.teacher_eval["perplexity"],
                  summary["tokens"], run.elapsed())
     return report
-
-
-# -- global mode -------------------------------------------------------------------------------
-
-
-class _LayerOutputs:
-    """Forward hooks that keep every decoder layer's output (for SquareHead)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.outs: list[torch.Tensor] = []
-        self.hooks = [layer.register_forward_hook(self._hook) for layer in decoder_layers(model)]
-
-    def _hook(self, _mod, _args, out) -> None:
-        self.outs.append(out[0] if isinstance(out, tuple) else out)
-
-    def take(self) -> list[torch.Tensor]:
-        outs, self.outs = self.outs, []
-        return outs
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-
-def _head(model: nn.Module) -> torch.Tensor:
-    return model.get_output_embeddings().weight
-
-
-def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]:
-    """KL (+ SquareHead) distillation of the whole student; returns steps and tokens done."""
-    opts, dev = run.opts, run.device
-    per_step = opts.batch_size * opts.seqlen
-    total = opts.tokens // per_step
-    start = 0
-    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
-    if run.state is not None:
-        opt.load_state_dict(run.state["optimizer"])
-        start, total = int(run.state["step"]), int(run.state["total_steps"])
-    order = BatchOrder(run.pool.shape[0], opts.batch_size, opts.seed)
-    squarehead = opts.loss == "kl+squarehead"
-    hooks_s = _LayerOutputs(run.student.model) if squarehead else None
-    hooks_t = _LayerOutputs(run.teacher) if squarehead else None
-    student, teacher = run.student.model, run.teacher
-    if start == 0:
-        run.set_quant(True)
-        run.evaluate(0, 0)
-    step_times: list[float] = []
-    budget_fixed = run.state is not None or opts.max_minutes is None
-    pbar = tqdm(total=total, initial=start, desc="recover (global)", unit="step", disable=not opts.progress)
-    step = start
-    try:
-        while step < total:
-            if run.budget_left() <= 0:
-                log.warning("time budget reached at step %d of %d", step, total)
-                run.stopped_by_budget = True
-                break
-            t0 = time.perf_counter()
-            run.set_quant(step >= int(opts.quant_from * total))
-            idx = order.batch(step)
-            ids = run.pool[idx].to(dev)
-            lr = lr_at(step, total, opts.lr, opts.warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with run.train_precision():
-                with torch.no_grad():
-                    th = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-                sh = student.model(input_ids=ids, use_cache=False).last_hidden_state
-                kl, agree = chunked_kl(sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1]),
-                                       _head(student), _head(teacher), opts.vocab_chunk)
-                kl_mean = kl.mean()
-                loss = opts.kl_weight * kl_mean
-                sq = None
-                if squarehead:
-                    sq = squarehead_loss(hooks_s.take(), hooks_t.take())
-                    loss = loss + opts.squarehead_weight * sq
-            if not torch.isfinite(loss):
-                raise RecoverError(f"loss is {loss.item()} at step {step}; lower --lr")
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip) if opts.grad_clip > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            run.reapply_masks()
-            run.count_tokens(idx)
-            step += 1
-            row = {"step": step, "tokens": step * per_step, "loss": loss.item(), "kl": kl_mean.item(),
-                   "top1_agreement": float(agree.float().mean()), "lr": lr}
-            if sq is not None:
-                row["squarehead"] = sq.item()
-            if gnorm is not None:
-                row["grad_norm"] = float(gnorm)
-            run.curve.append(row)
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", lr=f"{lr:.2e}")
-            step_times.append(time.perf_counter() - t0)
-            if not budget_fixed and len(step_times) == 4:
-                total = _fit_budget(run, step, total, sorted(step_times[1:])[1], opts.eval_every)
-                pbar.total = total
-                budget_fixed = True
-            if opts.eval_every and step % opts.eval_every == 0 and step < total:
-                run.set_quant(True)
-                run.evaluate(step, step * per_step)
-            if step % opts.save_every == 0 or step == total:
-                run.save_state({"step": step, "total_steps": total, "optimizer": opt.state_dict()})
-    finally:
-        pbar.close()
-        for h in (hooks_s, hooks_t):
-            if h is not None:
-                h.remove()
-    return {"mode": "global", "steps": step, "planned_steps": total, "tokens": step * per_step,
-            "epochs": round(step * opts.batch_size / run.pool.shape[0], 3)}
-
-
-def _fit_budget(run: RecoveryRun, step: int, total: int, step_seconds: float, eval_every: int) -> int:
-    """Lower ``total`` so that the remaining steps, evaluations and export fit --max-minutes."""
-    left = run.budget_left()
-    eval_s = run.seconds_eval / max(len(run.evals), 1)
-    export_s = 10.0 + eval_s  # the final evaluation and writing the checkpoint
-    # n more steps cost n * step_seconds plus an evaluation every eval_every steps
-    per_step = step_seconds + (eval_s / eval_every if eval_every else 0.0)
-    fit = int((left - export_s) / per_step)
-    total = max(step + 1, min(total, step + fit))
-    log.info("time budget %.1f min: %.2fs/step -> %d steps in all", run.opts.max_minutes, step_seconds, total)
-    return total

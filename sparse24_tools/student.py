@@ -19,16 +19,13 @@ from vllm_sparse24.schema import Sparse24Scheme
 
 from .model_walk import decoder_layers, dequantized_model
 from .qat import QATLinear
+from .recover_options import RecoverError
 
 log = logging.getLogger(__name__)
 
 # config fields that must agree between teacher and student
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-
-
-class RecoverError(ValueError):
-    """Inputs that recovery cannot use (names the file, tensor or layer)."""
 
 
 @dataclass

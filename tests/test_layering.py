@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "vllm_sparse24"
-PACKAGES = ("vllm_sparse24",)
+PACKAGES = ("vllm_sparse24", "sparse24_tools")
 
 
 def test_importing_the_plugin_pulls_in_no_offline_module():
@@ -105,4 +105,5 @@ def test_no_import_cycles():
     assert len(graph) > 20 and "vllm_sparse24.kernels.dispatch" in graph
     assert {"vllm_sparse24.kernels.cuda.sparse24_linear", "vllm_sparse24.kernels.torch_ref"} <= \
         graph["vllm_sparse24.kernels.dispatch"]
+    assert {"sparse24_tools.recover_global", "sparse24_tools.recover_blocks"} <= graph["sparse24_tools.recover"]
     assert cycles(graph) == []

@@ -391,7 +391,7 @@ def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():
     their evaluations fill the time that is left (not one step, not more than the time)."""
     from types import SimpleNamespace
 
-    from sparse24_tools.recover import _fit_budget
+    from sparse24_tools.recover_global import _fit_budget
 
     run = SimpleNamespace(budget_left=lambda: 300.0, seconds_eval=4.0, evals=[{}, {}],
                           opts=SimpleNamespace(max_minutes=5.0))

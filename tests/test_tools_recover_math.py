@@ -9,7 +9,7 @@ import torch
 from sparse24_tools.distill_data import BatchOrder
 from sparse24_tools.distill_loss import chunked_kl, kl_reference, normalized_mse, squarehead_loss
 from sparse24_tools.qat import QATLinear, ste_fake_quant_per_token, ste_fake_quant_weight
-from sparse24_tools.recover import lr_at
+from sparse24_tools.recover_run import lr_at
 from vllm_sparse24.format import Sparse24FormatError, pack_24, pack_24_with_mask, unpack_24
 from vllm_sparse24.quant import fake_quant_per_token, quantize_weight_per_channel
 
@@ -48,7 +48,7 @@ def test_chunked_kl_is_zero_for_identical_models_and_checks_shapes():
     kl, agree = chunked_kl(hs.float(), hs.float(), ws.float(), ws.float(), chunk=50)
     assert float(kl.abs().max()) < 1e-5 and bool(agree.all())
     with pytest.raises(ValueError, match="output embeddings"):
-        chunked_kl(hs.float(), hs.float(), ws.float(), ws[:, :4].float())
+        chunked_kl(hs.float(), hs.float(), ws.float(), ws[:, :4].float(), chunk=50)
 
 
 def test_squarehead_and_normalized_mse():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from .distill_data import BatchOrder
 from .distill_loss import normalized_mse
 from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
-
-if TYPE_CHECKING:
-    from .recover import RecoveryRun
+from .recover_options import RecoverError
+from .recover_run import RecoveryRun, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ def _propagate(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch:
 
 
 def train_blocks(run: RecoveryRun) -> dict[str, Any]:
-    from .recover import RecoverError, lr_at
-
     opts, dev = run.opts, run.device
     student, teacher = run.student.model, run.teacher
     layers_s, layers_t = decoder_layers(student), decoder_layers(teacher)
