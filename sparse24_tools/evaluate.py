@@ -25,7 +25,7 @@ from vllm_sparse24.quant import FP8, INT8, fake_quant_per_token
 from vllm_sparse24.schema import LM_HEAD, Sparse24ConfigError, Sparse24Scheme
 
 from .export import dense_w8a8_scheme
-from .lm_head import quantize_tied_lm_head
+from .lm_head import is_tied, quantize_tied_lm_head
 from .model_walk import dequantized_model, load_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         raise EvalError(f"{p}: {e}") from e
     model = dequantized_model(p, cfg_dict, tensors)
     quantized = set(tensors.linears)
-    if scheme.quantize_lm_head and getattr(model.config, "tie_word_embeddings", False):
+    if scheme.quantize_lm_head and is_tied(model):
         quantized.add(quantize_tied_lm_head(model, grid))
     if scheme.quantize_lm_head and LM_HEAD not in quantized:
         raise EvalError(f"{p}: quantization_config.quantize_lm_head is set, but {LM_HEAD}.{ckpt.WEIGHT} holds no "

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from .checkpoint import SCALE, SCALE_DTYPES, WEIGHT
 from .format import Sparse24FormatError
 from .linear_method import Sparse24LinearMethod
 from .quant import Grid, quantize_weight_per_channel
 from .schema import Sparse24Scheme
 
-SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # rows quantized at a time from a tied embedding: bounds the float32 temporaries on the GPU
 _ROWS_PER_CHUNK = 8192
 
@@ -39,9 +39,9 @@ class Sparse24LMHeadMethod(Sparse24LinearMethod):
         def load_checked(param: torch.nn.Parameter, loaded: torch.Tensor, *args, **kwargs) -> None:
             # vLLM's vocab loader copies into the parameter's dtype: a float lm_head would be cast
             # into the code tensor unscaled, so dtype and shape are checked first
-            name = "weight" if param is getattr(layer, "weight", None) else "weight_scale"
-            dtypes = (self.grid.dtype,) if name == "weight" else SCALE_DTYPES
-            shape = (layer.org_vocab_size, input_size if name == "weight" else 1)
+            name = WEIGHT if param is getattr(layer, WEIGHT, None) else SCALE
+            dtypes = (self.grid.dtype,) if name == WEIGHT else SCALE_DTYPES
+            shape = (layer.org_vocab_size, input_size if name == WEIGHT else 1)
             if loaded.dtype not in dtypes or tuple(loaded.shape) != shape:
                 raise Sparse24FormatError(
                     f"{self.layer_name}.{name}: the checkpoint holds {loaded.dtype} {list(loaded.shape)}, expected "
@@ -67,7 +67,7 @@ class Sparse24LMHeadMethod(Sparse24LinearMethod):
             layer.weight = torch.nn.Parameter(codes, requires_grad=False)  # the embedding keeps its own
             layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         else:
-            missing = sorted({"weight", "weight_scale"} - self.loaded)
+            missing = sorted({WEIGHT, SCALE} - self.loaded)
             if missing:
                 raise Sparse24FormatError(
                     f"{self.layer_name}: the checkpoint has no {', '.join(f'{self.layer_name}.{m}' for m in missing)}; "

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 SCALE = "weight_scale"
 WEIGHT = "weight"  # a dense quantized layer's codes, or an unquantized layer's float weight
 BIAS = "bias"
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a weight_scale's dtypes the plugin reads
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..quant import GRIDS
 from ..schema import K_MULTIPLE, LM_HEAD, Sparse24Scheme
-from .names import DENSE_SUFFIXES, SCALE, WEIGHT, CheckpointError, sparse_names
+from .names import DENSE_SUFFIXES, SCALE, SCALE_DTYPES, WEIGHT, CheckpointError, sparse_names
 
 
 def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -85,9 +85,6 @@ _DTYPES = {
 }
 
 
-_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None) -> None:
     if name not in headers:
         prefix = name.rpartition(".")[0]
@@ -134,7 +131,7 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"rank to be a multiple of {K_MULTIPLE}); keep this layer dense (dense_layers)"
             )
         _expect(headers, f"{prefix}.{mask_key}", (torch.uint8,), (n, k // 8))
-        _expect(headers, f"{prefix}.{SCALE}", _SCALE_DTYPES, (n, 1))
+        _expect(headers, f"{prefix}.{SCALE}", SCALE_DTYPES, (n, 1))
         if names.shape:
             _expect(headers, f"{prefix}.{names.shape}", (torch.int64, torch.int32), None)
         stray = f"{prefix}.{WEIGHT}"
@@ -160,7 +157,7 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 )
             if len(shape) != 2:
                 raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
-            _expect(headers, f"{prefix}.{SCALE}", _SCALE_DTYPES, (shape[0], 1))
+            _expect(headers, f"{prefix}.{SCALE}", SCALE_DTYPES, (shape[0], 1))
             kinds[prefix] = "dense"
     allowed = {"sparse": names.suffixes(), "dense": DENSE_SUFFIXES}
     for key, (fname, _, shape) in headers.items():
