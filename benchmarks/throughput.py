@@ -229,8 +229,12 @@ def make_engine(args, eng: str):
     returns (LLM, the model's config.json)."""
     from vllm import LLM
 
-    # engine_facts runs a function in the workers (LLM.apply_model), which vLLM pickles only when allowed
+    # engine_facts runs functions of engine_probe.py in the workers (LLM.apply_model): vLLM pickles
+    # them only when allowed, by reference, so the workers must be able to import that module
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    here = str(Path(__file__).resolve().parent)
+    if here not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     model = {"fp8": "bf16"}.get(eng, eng)
     quant = {"fp8": "fp8", **dict.fromkeys(SPARSE_ENGINES, "sparse24")}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
@@ -278,24 +282,10 @@ def run_engine(args) -> None:
         Path(args.result_json).write_text(json.dumps(rows))
 
 
-def attention_backends(model) -> list[str]:
-    """The attention implementations a model runs (``LLM.apply_model``: executed in each worker)."""
-    return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
-
-
-def linear_kernels(model) -> list[str]:
-    """The linear layers' quantization methods and, where they have one, the kernel they chose."""
-    names = set()
-    for m in model.modules():
-        method = getattr(m, "quant_method", None)
-        if method is not None and hasattr(m, "input_size_per_partition"):
-            kernel = getattr(method, "kernel", None)
-            names.add(type(method).__name__ + (f"/{type(kernel).__name__}" if kernel is not None else ""))
-    return sorted(names)
-
-
 def engine_facts(llm) -> dict:
     """What the engine chose, for the results: attention backend, linear kernels, CUDA-graph mode."""
+    from engine_probe import attention_backends, linear_kernels
+
     facts = {}
     for key, probe in (("attention", attention_backends), ("linear", linear_kernels)):
         try:
