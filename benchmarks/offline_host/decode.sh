@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The decode path on a GPU host in one run: the decode GEMM's GPU tests, its kernel benchmark against
+# the CUTLASS 2:4 configs and vLLM's fp8 GEMM, then end-to-end decode throughput of vLLM fp8 against
+# sparse24 (+ a step profile while time is left). Results in $OUT (default /tmp/sparse24-out):
+# tests.log, bench.log, k/kernels-*.json|png, t/throughput-*.json|md|png, t/profile-*.json.
+#   bash benchmarks/offline_host/decode.sh
+# Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
+#   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
+#   engines, default 32; 0 when its tests fail).
+set -u -o pipefail
+OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT/k" "$OUT/t"
+START=$SECONDS; BUDGET_S=${BUDGET_S:-580}
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+. benchmarks/offline_host/setup.sh
+gpu_host_setup /tmp/sparse24-setup.log || { tail -20 /tmp/sparse24-setup.log; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
+tail -12 "$OUT/tests.log"
+decode=${DECODE_MAX_M:-32}
+grep -qE "^[0-9]+ passed" "$OUT/tests.log" || { decode=0; echo "decode GEMM tests did not pass: engines run without it"; }
+timeout 120 python3 benchmarks/kernels.py --out "$OUT/k" --models llama3-8b,llama3-70b --ms "${MS:-1,8,16}" \
+  --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
+grep -A 40 "^decode" "$OUT/bench.log" | cut -c1-230
+tb=$(( $(left) - 10 ))
+VLLM_SPARSE24_DECODE_MAX_M=$decode timeout $((tb + 5)) python3 benchmarks/throughput.py --out "$OUT/t" --time-budget $tb \
+  --engines "${ENGINES:-fp8,sparse24}" --workloads "${WORKLOADS:-decode_8x128x512,decode_1x128x512,decode_64x128x512}" \
+  --repeats 2 --profile --profile-engines sparse24,fp8 --profile-workloads decode_8x128x64 2>&1 \
+  | grep --line-buffered -E "^(\[|ROW|PROFILE|  gap|\||FAILED|Traceback|[A-Za-z]*Error)" | cut -c1-260
+echo "total $((SECONDS - START)) s (decode GEMM threshold in the engines: $decode)"
