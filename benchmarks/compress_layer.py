@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sparse24_tools.driver import CompressOptions, compress_layer  # noqa: E402
+from sparse24_tools.compress_options import CompressOptions  # noqa: E402
+from sparse24_tools.driver import compress_layer  # noqa: E402
 from sparse24_tools.model_walk import LINEAR_GROUPS  # noqa: E402
+from sparse24_tools.prune import METHODS  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
              "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0}
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    ap.add_argument("--method", choices=tuple(METHODS), default="sparsegpt")
     ap.add_argument("--no-joint", dest="joint", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

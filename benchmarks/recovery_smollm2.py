@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sparse24_tools.compress import compress  # noqa: E402
+from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
 from sparse24_tools.model_walk import load_model  # noqa: E402
 from sparse24_tools.provenance import machine_info  # noqa: E402
@@ -274,10 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(path)
         t0 = time.perf_counter()
         extra = {"sensitivity": sensitivity} if name == "auto10" and sensitivity else {}
-        rep = compress(args.teacher, path, method=args.method, scheme=args.scheme, joint=True, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.calib_seqlen, dense_layers=STUDENTS[name],
-                       device=args.device, seed=args.seed, model=copy.deepcopy(teacher), tokenizer=tok,
-                       progress=False, **extra)
+        opts = CompressOptions(method=args.method, scheme=args.scheme, joint=True, calib=args.calib,
+                               nsamples=args.nsamples, seqlen=args.calib_seqlen, dense_layers=STUDENTS[name],
+                               device=args.device, seed=args.seed, progress=False)
+        rep = compress(args.teacher, path, opts, model=copy.deepcopy(teacher), tokenizer=tok, **extra)
         if name == "all-sparse":
             sensitivity = {n: v["rel_error_after"] for n, v in rep["linears"].items()}
         log.info("student %s compressed in %.0fs", name, time.perf_counter() - t0)

@@ -3,8 +3,11 @@
 Layout (llm-compressor modifier style, one algorithm per file, pure tensor math apart from
 model walking):
 
-* ``sparse24_tools.prune.magnitude`` / ``wanda`` / ``sparsegpt``: 2:4 pruning of one weight matrix
-  (magnitude and the shared 2:4 helpers live in ``vllm_sparse24.sparsity``);
+* ``sparse24_tools.prune``: the registry of 2:4 pruning methods (``magnitude`` / ``wanda`` /
+  ``sparsegpt``, one file each; the selection helpers live in ``vllm_sparse24.sparsity``), each
+  declaring the input statistics it needs;
+* ``sparse24_tools.compress_options`` / ``recover_options``: the options of compress and recover,
+  whose fields are the command-line flags (``sparse24_tools.options``);
 * ``sparse24_tools.quantize``: per-output-channel symmetric int8 weights;
 * ``sparse24_tools.stats``: Hessian / input-norm accumulation and reconstruction error;
 * ``sparse24_tools.model_walk``: which architectures and linears, layer-0 input capture;

@@ -12,20 +12,8 @@ import torch
 log = logging.getLogger(__name__)
 
 
-# Default calibration size (samples x tokens) per device. GPU: SparseGPT's 128 x 2048. CPU: a size
-# a 2-core machine finishes in minutes: SparseGPT-joint on SmolLM2-135M (30 layers) with 32 x 512
-# took 4.6 min on a 2-core CPU, 64 x 512 8.7 min, with no perplexity gain (docs/results.md).
-DEFAULT_SIZE = {"cuda": (128, 2048), "cpu": (32, 512)}
-
-
 class CalibrationError(ValueError):
     """The calibration source is missing, empty or too short."""
-
-
-def calibration_size(device: str, nsamples: int | None = None, seqlen: int | None = None) -> tuple[int, int]:
-    """(nsamples, seqlen): the given values, else the default for ``device``'s type."""
-    default = DEFAULT_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
-    return (default[0] if nsamples is None else nsamples), (default[1] if seqlen is None else seqlen)
 
 
 def read_text(source: str | os.PathLike) -> str:

@@ -7,32 +7,20 @@ import copy
 import json
 import logging
 import os
-import shutil
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .calib import calibration_size
 from .compress import compress
+from .compress_options import CompressOptions, calibration_size, comparison_runs
 from .evaluate import load_for_eval, perplexity
 from .model_walk import load_model
 from .provenance import machine_info, utc_now
 
 log = logging.getLogger(__name__)
-
-# run name -> compress keyword arguments (None = evaluate the dense model itself)
-RUNS: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "dense-w8a8": {"export": "dense-w8a8", "method": "magnitude"},
-    "magnitude": {"method": "magnitude"},
-    "wanda": {"method": "wanda"},
-    "sparsegpt": {"method": "sparsegpt", "joint": False},
-    "sparsegpt-joint": {"method": "sparsegpt", "joint": True},
-    "sparsegpt-joint-auto10": {"method": "sparsegpt", "joint": True, "dense_layers": ("auto:10",)},
-}
-
 
 def plot(rows: list[dict[str, Any]], png_path: str | os.PathLike, title: str) -> None:
     import matplotlib
@@ -58,33 +46,34 @@ def plot(rows: list[dict[str, Any]], png_path: str | os.PathLike, title: str) ->
 
 
 def compare(
-    model_path: str, text: str, work_dir: str, *, runs: list[str], calib: str | None,
+    model_path: str, text: str, work_dir: str, *, runs: list[str], opts: CompressOptions,
     eval_seqlen: int = 512, windows: int = 64, json_path: str, png_path: str,
-    argv: list[str] | None = None, title: str | None = None, **compress_kwargs: Any,
+    argv: list[str] | None = None, title: str | None = None,
 ) -> list[dict[str, Any]]:
-    unknown = [r for r in runs if r not in RUNS]
+    """Compress with ``opts`` changed as each of ``runs`` says (:func:`comparison_runs`), evaluate
+    each, write the table, JSON and plot."""
+    table_of_runs = comparison_runs()
+    unknown = [r for r in runs if r not in table_of_runs]
     if unknown:
-        raise ValueError(f"unknown runs {unknown}; choose from {list(RUNS)}")
-    compress_kwargs["nsamples"], compress_kwargs["seqlen"] = calibration_size(
-        compress_kwargs.get("device", "cpu"), compress_kwargs.get("nsamples"), compress_kwargs.get("seqlen"))
+        raise ValueError(f"unknown runs {unknown}; choose from {list(table_of_runs)}")
+    nsamples, seqlen = calibration_size(opts.device, opts.nsamples, opts.seqlen)
+    opts = replace(opts, nsamples=nsamples, seqlen=seqlen, overwrite=True)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dense_model, tok = load_model(model_path, torch.float32)
     rows: list[dict[str, Any]] = []
     all_sparse: dict[str, float] | None = None  # sensitivities of the sparsegpt-joint run
     for run in runs:
-        kw = RUNS[run]
+        changes = table_of_runs[run]
         t0 = time.perf_counter()
         row: dict[str, Any] = {"run": run}
-        if kw is None:
+        if changes is None:
             model, seconds = dense_model, 0.0
         else:
             out = work / run
-            if out.exists():
-                shutil.rmtree(out)
             extra = {"sensitivity": all_sparse} if run.endswith("-auto10") and all_sparse else {}
-            rep = compress(model_path, out, calib=calib, model=copy.deepcopy(dense_model), tokenizer=tok,
-                           **kw, **compress_kwargs, **extra)
+            rep = compress(model_path, out, replace(opts, **changes), model=copy.deepcopy(dense_model),
+                           tokenizer=tok, **extra)
             if run == "sparsegpt-joint":
                 all_sparse = {n: v["rel_error_after"] for n, v in rep["linears"].items()}
             seconds = time.perf_counter() - t0
@@ -96,7 +85,7 @@ def compare(
                     "eval_windows": res["windows"], "eval_seqlen": res["seqlen"]})
         rows.append(row)
         log.info("%s: perplexity %.2f (compress %.0fs)", run, row["perplexity"], seconds)
-        _write(rows, model_path, text, calib, compress_kwargs, argv, json_path)
+        _write(rows, model_path, text, opts, argv, json_path)
     print(table(rows))
     plot(rows, png_path, title or f"{Path(model_path).name}: 2:4 + W8A8 perplexity, {windows}x{eval_seqlen} tokens")
     return rows
@@ -125,7 +114,8 @@ def merge(parts: list[str], json_path: str, png_path: str, title: str) -> list[d
         for r in d["rows"]:
             name = r["run"] + suffixes[i]
             by_run[name] = r | {"run": name, "part": i}
-    order = [r for r in RUNS if r in by_run] + [r for r in by_run if r not in RUNS]
+    known = comparison_runs()
+    order = [r for r in known if r in by_run] + [r for r in by_run if r not in known]
     rows = [by_run[r] for r in order]
     doc = {"date": max(d["date"] for d in docs),
            "parts": [{k: v for k, v in d.items() if k != "rows"} for d in docs], "rows": rows}
@@ -137,12 +127,10 @@ def merge(parts: list[str], json_path: str, png_path: str, title: str) -> list[d
     return rows
 
 
-def _write(rows, model_path, text, calib, compress_kwargs, argv, json_path) -> None:
+def _write(rows, model_path, text, opts: CompressOptions, argv, json_path) -> None:
     doc = {
-        "date": utc_now(),
-        "command": " ".join(argv or []), "model": model_path, "eval_text": text, "calib": calib,
-        "compress_options": {k: v for k, v in compress_kwargs.items()}, "machine": machine_info(),
-        "rows": rows,
+        "date": utc_now(), "command": " ".join(argv or []), "model": model_path, "eval_text": text,
+        "calib": opts.calib, "compress_options": asdict(opts), "machine": machine_info(), "rows": rows,
     }
     tmp = Path(str(json_path) + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)

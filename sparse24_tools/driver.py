@@ -4,7 +4,7 @@ Only the current decoder layer, its Hessians and the calibration activations liv
 ``device``; the rest of the model stays on CPU. Inside a layer the linears are compressed in
 block order (q/k/v, o, gate/up, down), re-running the layer up to the next group's input so
 every group is calibrated on the outputs of the already-compressed ones (and, with
-``act_quant``, on per-token fake-quantized inputs, as the plugin computes). The compressed
+on per-token fake-quantized inputs, as the plugin computes). The compressed
 layer's outputs are the next layer's inputs.
 """
 
@@ -15,17 +15,17 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vllm_sparse24.quant import INT8, Grid, fake_quant_per_token
+from vllm_sparse24.quant import fake_quant_per_token
 from vllm_sparse24.schema import K_MULTIPLE, Sparse24Scheme
 
-from .group import METHODS, LinearResult, compress_group
+from .compress_options import CompressError, CompressOptions
+from .group import LinearResult, compress_group
 from .model_walk import (
     LINEAR_GROUPS,
     capture_layer0_inputs,
@@ -36,27 +36,6 @@ from .model_walk import (
 from .stats import HessianAccumulator
 
 log = logging.getLogger(__name__)
-
-
-class CompressError(ValueError):
-    """The requested compression cannot be done (names the layer and the reason)."""
-
-
-@dataclass
-class CompressOptions:
-    method: str = "sparsegpt"
-    joint: bool = True
-    dampening: float = 0.01
-    block_size: int = 128
-    ignore: tuple[str, ...] = ("lm_head",)
-    dense_layers: tuple[str, ...] = ()  # regexes (re.match on the HF module name)
-    dense_auto_percent: float | None = None  # auto:P
-    device: str = "cpu"
-    act_quant: bool = True
-    grid: Grid = INT8  # the scheme's grid: weights and fake-quantized activations (int8 or fp8)
-    batch_size: int = 8
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_dense_layers(values: Sequence[str]) -> tuple[tuple[str, ...], float | None]:
@@ -120,6 +99,7 @@ def compress_layer(
     (its outputs on the calibration inputs, per-linear results). ``layer`` must be on the
     device of ``inps``."""
     results: list[LinearResult] = []
+    grid = opts.grid
     hooks = []
     try:
         for group in LINEAR_GROUPS:
@@ -134,7 +114,7 @@ def compress_layer(
 
             def stats_hook(_m, args, acc=acc):
                 x = args[0]
-                acc.add(fake_quant_per_token(x, opts.grid) if opts.act_quant else x)
+                acc.add(fake_quant_per_token(x, grid))
                 raise _Stop
 
             h = mods[0].register_forward_pre_hook(stats_hook)
@@ -146,17 +126,12 @@ def compress_layer(
                         pass
             finally:
                 h.remove()
-            res = compress_group(
-                [(f, m.weight) for f, m in zip(full, mods, strict=True)], acc.h, kind=kind,
-                method=opts.method, joint=opts.joint, dampening=opts.dampening, block_size=opts.block_size,
-                grid=opts.grid,
-            )
+            res = compress_group([(f, m.weight) for f, m in zip(full, mods, strict=True)], acc.h, kind=kind,
+                                 grid=grid, opts=opts)
             del acc
             for m, r in zip(mods, res, strict=True):
                 m.weight.data.copy_(r.dequantized().to(m.weight.device, m.weight.dtype))
-                if opts.act_quant:
-                    hooks.append(m.register_forward_pre_hook(
-                        lambda _m, a: (fake_quant_per_token(a[0], opts.grid),)))
+                hooks.append(m.register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0], grid),)))
             results += res
         outs = torch.empty_like(inps)
         for b in range(0, inps.shape[0], opts.batch_size):
@@ -173,8 +148,6 @@ def sequential_compress(
 ) -> dict[str, LinearResult]:
     """One pass over all decoder layers; the model's linears are replaced in place by their
     dequantized compressed values. Returns name -> result."""
-    if opts.method not in METHODS:
-        raise CompressError(f"unknown method {opts.method!r}; choose from {METHODS}")
     device = torch.device(opts.device)
     layers = decoder_layers(model)
     t0 = time.perf_counter()
@@ -183,9 +156,7 @@ def sequential_compress(
     results: dict[str, LinearResult] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pbar = tqdm(range(len(layers)), desc=f"{opts.method}{'-joint' if opts.joint and opts.method == 'sparsegpt' else ''}"
-                f" {opts.grid.name}",
-                unit="layer", disable=not opts.progress)
+    pbar = tqdm(range(len(layers)), desc=f"{opts.method} {opts.scheme}", unit="layer", disable=not opts.progress)
     for i in pbar:
         layer = layers[i]
         layer.to(device)

@@ -1,6 +1,7 @@
-"""Compress one group of linears that share an input: dispatch to a pruning algorithm, then
-int8 or fp8 (the ``grid``). Pure tensor math (no model walking); the rows of the group are pruned together, which is
-exact for row-separable algorithms (all three are) and shares one Hessian inverse."""
+"""Compress one group of linears that share an input with the registered pruning method, on the
+scheme's grid (int8 or fp8), and measure its errors. Pure tensor math (no model walking); the
+rows of the group are pruned together, which is exact for row-separable methods (the registered
+ones are) and shares one Hessian inverse."""
 
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .prune import magnitude_24, sparsegpt_24, wanda_24
-from .quantize import (
-    INT8,
-    Grid,
-    channel_scale,
-    dequantize,
-    quantize_weight_per_channel,
-    quantize_with_scale,
-)
-from .stats import relative_output_error, relative_weight_error
+from vllm_sparse24.format import is_24
+from vllm_sparse24.sparsity import magnitude_24
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+from .compress_options import CompressOptions
+from .prune import METHODS, method_named
+from .quantize import INT8, Grid, dequantize, quantize_weight_per_channel
+from .stats import relative_output_error, relative_weight_error
 
 
 @dataclass
@@ -58,55 +54,44 @@ def compress_group(
     hessian: torch.Tensor | None,
     *,
     kind: str,
-    method: str,
-    joint: bool = True,
-    dampening: float = 0.01,
-    block_size: int = 128,
     grid: Grid = INT8,
+    opts: CompressOptions | None = None,
 ) -> list[LinearResult]:
     """Compress linears [N_i, K] sharing input statistics ``hessian`` [K, K] (= 2XX^T/n).
 
-    kind "sparse": 2:4 by ``method`` then per-channel quantization on ``grid`` (int8 or fp8;
-    joint SparseGPT: the grid inside the OBS loop, scale = absmax / qmax of a first SparseGPT pass
-    without the grid). kind "dense": per-channel quantization only.
+    kind "sparse": 2:4 + per-channel quantization on ``grid`` (int8 or fp8) by the pruning method
+    ``opts.method`` (``sparse24_tools.prune``). kind "dense": per-channel round to nearest only.
     Errors are ||WX - W'X|| / ||WX|| on the calibration inputs; "before" is the naive
     baseline (magnitude 2:4 + round-to-nearest on the grid) so the gain of the method is visible.
-    ``hessian=None`` (no calibration data; magnitude and dense only): the errors are relative
-    weight errors ||W - W'|| / ||W||.
+    ``hessian=None`` (no calibration data; methods that need no statistics and dense only): the
+    errors are relative weight errors ||W - W'|| / ||W||.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if kind not in ("sparse", "dense"):
         raise ValueError(f"kind must be 'sparse' or 'dense', got {kind!r}")
     names = [n for n, _ in weights]
-    if hessian is None and kind == "sparse" and method != "magnitude":
-        raise ValueError(f"{names[0]}: {method} needs input statistics (calibration data); only magnitude runs without")
-    t0 = time.perf_counter()
     label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} fused)"
+    method = None
+    if kind == "sparse":
+        if opts is None:
+            raise ValueError(f"{label}: a 2:4 group needs the compress options (its pruning method)")
+        method = method_named(opts.method)
+        if hessian is None and method.needs_calibration:
+            raise ValueError(f"{label}: {method.name} needs {method.stats.value} of the inputs (calibration data); "
+                             f"the methods without are {[m.name for m in METHODS.values() if not m.needs_calibration]}")
+    t0 = time.perf_counter()
     dev = weights[0][1].device if hessian is None else hessian.device
     w = torch.cat([t.detach().to(dev, torch.float32) for _, t in weights], 0)
     h = None if hessian is None else hessian.float()
     naive_q, naive_s = quantize_weight_per_channel(w if kind == "dense" else magnitude_24(w, label), grid)
-    if kind == "dense":
+    if method is None:
         q, s, used = naive_q, naive_s, f"{grid.name}-rtn"
-    elif method == "magnitude":
-        q, s, used = naive_q, naive_s, "magnitude"
-    elif method == "wanda":
-        q, s = quantize_weight_per_channel(wanda_24(w, torch.diagonal(h), label), grid)
-        used = "wanda"
     else:
-        if joint:
-            # scale fixed up front from a first SparseGPT pass without the grid: the OBS updates
-            # grow some weights past the dense row's absmax, which a dense-absmax scale would clip
-            # (measured: clipping makes joint slightly worse than prune-then-quantize)
-            s = channel_scale(sparsegpt_24(w, h, dampening=dampening, block_size=block_size, name=label), grid)
-            pruned = sparsegpt_24(w, h, dampening=dampening, block_size=block_size, scale=s, grid=grid, name=label)
-            q = quantize_with_scale(pruned, s, grid)
-            used = "sparsegpt-joint"
-        else:
-            pruned = sparsegpt_24(w, h, dampening=dampening, block_size=block_size, name=label)
-            q, s = quantize_weight_per_channel(pruned, grid)
-            used = "sparsegpt"
+        q, s, used = method.function()(w, h, grid, opts, label)
+        used = used or method.name
+        if q.dtype != grid.dtype or tuple(q.shape) != tuple(w.shape) or not is_24(q) or tuple(s.shape) != (w.shape[0], 1):
+            raise ValueError(f"{label}: pruning method {method.name} returned {q.dtype} codes {tuple(q.shape)} "
+                             f"(2:4: {is_24(q)}) and scale {tuple(s.shape)}; expected 2:4 {grid.dtype} codes "
+                             f"{tuple(w.shape)} and a scale [{w.shape[0]}, 1]")
     seconds = time.perf_counter() - t0
     naive = dequantize(naive_q, naive_s)
     final = dequantize(q, s)

@@ -31,7 +31,7 @@ def quantized_lm_head(model: nn.Module, scheme: Sparse24Scheme, report: dict[str
     if not scheme.quantize_lm_head:
         return {}
     (result,) = compress_group([(LM_HEAD, model.get_submodule(LM_HEAD).weight)], None, kind="dense",
-                               method="magnitude", grid=scheme.grid)
+                               grid=scheme.grid)
     tied = is_tied(model)
     report[LM_HEAD] = result.report() | {
         "tied": tied,

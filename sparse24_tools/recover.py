@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,8 @@ def recover(
 
     t_start = time.perf_counter()
     opts = opts or RecoverOptions()
+    if opts.device is None:
+        opts = replace(opts, device="cuda" if torch.cuda.is_available() else "cpu")
     opts.validate()
     out = Path(out)
     if out.exists() and not overwrite:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .options import option
+
 MODES = ("global", "blocks")
 LOSSES = ("kl", "kl+squarehead")
 EXTRAS = ("norms", "embeddings", "ignored")
@@ -23,38 +25,46 @@ class RecoverError(ValueError):
 
 @dataclass
 class RecoverOptions:
-    """Training options (the CLI flags of ``python -m sparse24_tools recover``)."""
+    """Training options (the flags of ``vllm-sparse24 recover``: one field, one flag)."""
 
-    mode: str = "global"
-    tokens: int = 1_000_000  # global: tokens trained on; blocks: tokens each layer trains on
-    seqlen: int = 512
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup: float = 0.05  # fraction of the steps (per layer in blocks mode)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    loss: str = "kl"
-    kl_weight: float = 1.0
-    squarehead_weight: float = 1.0
-    generate_tokens: int = 0
-    gen_prompt_len: int = 32
-    gen_batch_size: int = 32
-    gen_temperature: float = 1.0
-    gen_top_p: float = 1.0
-    quant_from: float = 0.0  # fraction of the steps trained in float before fake-quant starts
-    train_extra: tuple[str, ...] = ()
-    eval_text: str | None = None
-    eval_every: int = 0  # global: steps; blocks: layers; 0: before and after only
-    eval_windows: int = 16
-    eval_seqlen: int = 512
-    block_pool_tokens: int = 262_144
-    save_every: int = 100
-    max_minutes: float | None = None
-    amp: str = "auto"
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
-    device: str = "cpu"
-    seed: int = 0
-    progress: bool = True
+    mode: str = option("global", "global: distill the whole model; blocks: fit each decoder layer's output to the "
+                       "dense layer's in turn (cheaper)", choices=MODES)
+    tokens: int = option(1_000_000, "training tokens (global: in all; blocks: per decoder layer)")
+    seqlen: int = option(512, "tokens per training sequence")
+    batch_size: int = option(8, "sequences per optimizer step")
+    lr: float = option(1e-4, "peak AdamW learning rate: linear warm-up, then cosine decay to 0")
+    warmup: float = option(0.05, "warm-up, a fraction of the steps (per layer in blocks mode)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, "max gradient norm (0: no clipping)")
+    loss: str = option("kl", "global mode: KL(teacher||student) on the logits, optionally + SquareHead (per decoder "
+                       "layer ||t-s||^2/||t||^2, mean over layers)", choices=LOSSES)
+    kl_weight: float = option(1.0, "weight of the KL term")
+    squarehead_weight: float = option(1.0, "weight of the SquareHead term (--loss kl+squarehead)")
+    generate_tokens: int = option(0, "tokens the teacher samples itself (continuations of calibration prompts), "
+                                  "added to the calibration windows as training data")
+    gen_prompt_len: int = option(32, "calibration tokens that prompt each generated sequence")
+    gen_batch_size: int = option(32, "sequences the teacher generates at once")
+    gen_temperature: float = option(1.0, "sampling temperature of the generated text")
+    gen_top_p: float = option(1.0, "nucleus sampling (1: off)")
+    quant_from: float = option(0.0, "fraction of the steps trained in float before fake-quant (int8 or fp8) starts "
+                               "(0: throughout)")
+    train_extra: tuple[str, ...] = option((), "also train these (frozen by default): norms, embeddings (and a tied "
+                                          "output layer), ignored (unquantized linears such as lm_head)",
+                                          choices=EXTRAS)
+    eval_text: str | None = option(None, "text file for perplexity / top-1 agreement evaluations")
+    eval_every: int = option(0, "evaluate every N steps (blocks: every N layers); 0: before and after only")
+    eval_windows: int = option(16, "evaluate on the first N non-overlapping windows of --eval-text (as offline eval)")
+    eval_seqlen: int = option(512, "tokens per evaluation window")
+    block_pool_tokens: int = option(262_144, "blocks mode: tokens whose hidden states are kept on the device")
+    save_every: int = option(100, "save the training state every N steps (blocks: after every layer)")
+    max_minutes: float | None = option(None, "time budget for the whole run: the step count is lowered to fit it, "
+                                       "measured on the first steps")
+    amp: str = option("auto", "bf16 autocast while training (auto: on CUDA)", choices=AMP)
+    vocab_chunk: int = option(DEFAULT_VOCAB_CHUNK, "vocabulary rows per slice of the chunked KL")
+    device: str | None = option(None, "where teacher and student train, both kept there whole (default: cuda if "
+                                "available, else cpu)")
+    seed: int = option(0, "data order, generation and sampling seed")
+    progress: bool = option(True, "tqdm progress bars")
 
     def validate(self) -> None:
         if self.mode not in MODES:

@@ -97,3 +97,19 @@ def test_compress_magnitude_needs_no_calibration(tmp_path):
     report = json.loads((out / "compress_report.json").read_text())
     assert report["calib"] is None and "not measured" in report["errors"]
     assert report["totals"]["sparse"] == 7
+
+
+def test_building_the_parsers_imports_no_torch():
+    """``--help`` stays fast: the flags come from options dataclasses and registries that import no torch."""
+    code = ("import sys; from sparse24_tools.__main__ import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_scheme_choices_are_the_grids():
+    from sparse24_tools.compress_options import SCHEMES
+    from vllm_sparse24.quant import GRIDS
+
+    assert SCHEMES == tuple(GRIDS)

@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import EvalError, load_for_eval, perplexity  # noqa: E402
 from sparse24_tools.group import compress_group  # noqa: E402
-from sparse24_tools.prune import sparsegpt_24  # noqa: E402
+from sparse24_tools.prune.sparsegpt import sparsegpt_24  # noqa: E402
 from sparse24_tools.quantize import channel_scale  # noqa: E402
 from sparse24_tools.stats import HessianAccumulator  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
@@ -322,8 +323,8 @@ def _correlated(n: int = 32, k: int = 128, t: int = 512):
                                           ("sparsegpt", False)])
 def test_compressor_fp8_outputs_lie_on_the_e4m3_grid_and_are_24(method, joint):
     w, x, acc = _correlated()
-    (r,) = compress_group([("model.layers.0.mlp.up_proj", w)], acc.h, kind="sparse", method=method,
-                          joint=joint, grid=FP8)
+    (r,) = compress_group([("model.layers.0.mlp.up_proj", w)], acc.h, kind="sparse", grid=FP8,
+                          opts=CompressOptions(method=method, joint=joint))
     assert r.q.dtype == torch.float8_e4m3fn and r.scale.dtype == torch.float32
     assert is_24(r.q.float()) and r.err_after < r.err_before * 1.001
     if method != "sparsegpt" or not joint:  # prune, then round to nearest with scale = absmax / 448
@@ -417,7 +418,7 @@ def test_dense_w8a8_export_in_fp8_is_compressed_tensors_float_quantized(compress
     from sparse24_tools.compress import compress
 
     root, _, ev = compressed
-    compress(root / "dense", tmp_path / "dense-fp8", scheme="fp8", export="dense-w8a8", progress=False)
+    compress(root / "dense", tmp_path / "dense-fp8", CompressOptions(scheme="fp8", export="dense-w8a8", progress=False))
     cfg = json.loads((tmp_path / "dense-fp8" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "float-quantized" and cfg["config_groups"]["group_0"]["weights"]["type"] == "float"
     t = load_file(str(tmp_path / "dense-fp8" / "model.safetensors"))
@@ -425,7 +426,7 @@ def test_dense_w8a8_export_in_fp8_is_compressed_tensors_float_quantized(compress
     model, tok = load_for_eval(tmp_path / "dense-fp8")
     assert perplexity(model, tok, ev, seqlen=64, windows=2, progress=False)["perplexity"] > 1
     with pytest.raises(ValueError, match="unknown --scheme 'fp4'"):
-        compress(root / "dense", tmp_path / "x", scheme="fp4")
+        compress(root / "dense", tmp_path / "x", CompressOptions(scheme="fp4"))
 
 
 # -- recovery -------------------------------------------------------------------------------------

@@ -267,12 +267,13 @@ def test_engine_matches_reference(lmq, tmp_path):
 
 def test_flag_off_leaves_lm_head_as_before(tmp_path):
     from sparse24_tools.compress import compress
+    from sparse24_tools.compress_options import CompressOptions
 
     model_dir = tmp_path / "dense"
     model = _dense_model(model_dir, tied=False)
     for flag in (False, True):
-        compress(model_dir, tmp_path / str(flag), method="magnitude", dtype="bfloat16", quantize_lm_head=flag,
-                 progress=False)
+        compress(model_dir, tmp_path / str(flag), CompressOptions(method="magnitude", dtype="bfloat16",
+                                                                  quantize_lm_head=flag, progress=False))
     off, on = (load_file(tmp_path / str(flag) / "model.safetensors") for flag in (False, True))
     assert torch.equal(off["lm_head.weight"], model.lm_head.weight.detach().bfloat16())
     assert "lm_head.weight_scale" not in off

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sparse24_tools.calib import CalibrationError  # noqa: E402
 from sparse24_tools.compress import compress  # noqa: E402
-from sparse24_tools.driver import CompressError  # noqa: E402
+from sparse24_tools.compress_options import CompressError, CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval  # noqa: E402
 from sparse24_tools.model_walk import UnsupportedModelError  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
@@ -56,7 +56,7 @@ def _leftovers(parent: Path) -> list[str]:
 def test_sparsegpt_joint_checkpoint_is_valid_24_and_reported(tiny, tmp_path):
     root, _, calib = tiny
     out = tmp_path / "sgj"
-    rep = compress(root / "dense", out, method="sparsegpt", joint=True, calib=calib, **FAST)
+    rep = compress(root / "dense", out, CompressOptions(method="sparsegpt", joint=True, calib=calib, **FAST))
     scheme = ckpt.load_scheme(out)
     kinds = ckpt.validate_checkpoint(out, scheme)
     assert len(kinds) == 14 and set(kinds.values()) == {"sparse"}
@@ -87,7 +87,7 @@ def test_eval_model_matches_float64_reference_of_the_checkpoint(tiny, tmp_path):
 
     root, model, calib = tiny
     out = tmp_path / "wanda"
-    compress(root / "dense", out, method="wanda", calib=calib, dense_layers=(r"model\.layers\.1\.mlp\.down_proj",), **FAST)
+    compress(root / "dense", out, CompressOptions(method="wanda", calib=calib, dense_layers=(r"model\.layers\.1\.mlp\.down_proj",), **FAST))
     t = load_file(str(out / "model.safetensors"))
     dequant = {}
     for prefix, kind in ckpt.validate_checkpoint(out, ckpt.load_scheme(out)).items():
@@ -107,7 +107,7 @@ def test_eval_model_matches_float64_reference_of_the_checkpoint(tiny, tmp_path):
 def test_auto_dense_layers_pick_whole_fused_groups(tiny, tmp_path):
     root, _, calib = tiny
     out = tmp_path / "auto"
-    rep = compress(root / "dense", out, method="magnitude", calib=calib, dense_layers=("auto:30",), **FAST)
+    rep = compress(root / "dense", out, CompressOptions(method="magnitude", calib=calib, dense_layers=("auto:30",), **FAST))
     chosen = rep["auto_dense"]["chosen"]
     assert 0 < len(chosen) <= int(14 * 0.3)
     for i in range(2):
@@ -122,7 +122,7 @@ def test_auto_dense_layers_pick_whole_fused_groups(tiny, tmp_path):
 def test_dense_w8a8_export_is_compressed_tensors_int_quantized(tiny, tmp_path):
     root, _, _ = tiny
     out = tmp_path / "w8a8"
-    compress(root / "dense", out, export="dense-w8a8", progress=False)
+    compress(root / "dense", out, CompressOptions(export="dense-w8a8", progress=False))
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "int-quantized"
     g = q["config_groups"]["group_0"]
@@ -150,7 +150,7 @@ def test_interrupted_run_leaves_no_output(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(drv, "compress_group", failing)
     with pytest.raises(KeyboardInterrupt):
-        compress(root / "dense", tmp_path / "out", calib=calib, **FAST)
+        compress(root / "dense", tmp_path / "out", CompressOptions(calib=calib, **FAST))
     monkeypatch.setattr(drv, "compress_group", real)
 
     def half_written(tensors, folder, **kw):  # dies while writing the checkpoint
@@ -159,7 +159,7 @@ def test_interrupted_run_leaves_no_output(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt.write, "save_safetensors_shards", half_written)
     with pytest.raises(OSError, match="injected"):
-        compress(root / "dense", tmp_path / "out", calib=calib, **FAST)
+        compress(root / "dense", tmp_path / "out", CompressOptions(calib=calib, **FAST))
     assert not (tmp_path / "out").exists()
     assert not _leftovers(tmp_path)
 
@@ -168,7 +168,7 @@ def test_existing_output_is_refused_before_work(tiny, tmp_path):
     root, _, calib = tiny
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        compress(root / "dense", tmp_path / "out", calib=calib, **FAST)
+        compress(root / "dense", tmp_path / "out", CompressOptions(calib=calib, **FAST))
 
 
 def test_clear_errors(tiny, tmp_path):
@@ -176,17 +176,17 @@ def test_clear_errors(tiny, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(CalibrationError, match="empty.txt is empty"):
-        compress(root / "dense", tmp_path / "a", calib=empty, **FAST)
+        compress(root / "dense", tmp_path / "a", CompressOptions(calib=empty, **FAST))
     with pytest.raises(CompressError, match=r"fused group model\.layers\.0\.self_attn\.q_proj.*split"):
-        compress(root / "dense", tmp_path / "b", calib=calib, dense_layers=(r".*q_proj",), **FAST)
+        compress(root / "dense", tmp_path / "b", CompressOptions(calib=calib, dense_layers=(r".*q_proj",), **FAST))
     with pytest.raises(CompressError, match="auto:P"):
-        compress(root / "dense", tmp_path / "c", calib=calib, dense_layers=("auto:x",), **FAST)
+        compress(root / "dense", tmp_path / "c", CompressOptions(calib=calib, dense_layers=("auto:x",), **FAST))
     from transformers import GPT2Config
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=64, n_head=2).save_pretrained(gpt2)
     with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*llama, mistral, qwen2"):
-        compress(gpt2, tmp_path / "d", calib=calib, **FAST)
+        compress(gpt2, tmp_path / "d", CompressOptions(calib=calib, **FAST))
     assert not _leftovers(tmp_path)
 
 
@@ -195,9 +195,9 @@ def test_k_not_multiple_of_64_names_the_layers(tmp_path):
     calib = tmp_path / "c.txt"
     calib.write_text("the quick brown fox " * 200)
     with pytest.raises(CompressError, match=r"model\.layers\.0\.self_attn\.q_proj \(K=96\).*--dense-layers"):
-        compress(tmp_path / "odd", tmp_path / "out", calib=calib, **FAST)
+        compress(tmp_path / "odd", tmp_path / "out", CompressOptions(calib=calib, **FAST))
     # kept dense, the same model compresses
-    compress(tmp_path / "odd", tmp_path / "out", calib=calib, method="magnitude", dense_layers=(".*",), **FAST)
+    compress(tmp_path / "odd", tmp_path / "out", CompressOptions(calib=calib, method="magnitude", dense_layers=(".*",), **FAST))
     assert set(ckpt.validate_checkpoint(tmp_path / "out", ckpt.load_scheme(tmp_path / "out")).values()) == {"dense"}
 
 
@@ -219,7 +219,7 @@ def test_magnitude_without_calibration_runs_no_forward_and_says_so(tiny, tmp_pat
 
     root, model, calib = tiny
     with_calib = tmp_path / "with"
-    rep_c = compress(root / "dense", with_calib, method="magnitude", calib=calib, **FAST)
+    rep_c = compress(root / "dense", with_calib, CompressOptions(method="magnitude", calib=calib, **FAST))
 
     def no_forwards(*a, **kw):
         raise AssertionError("magnitude without --calib must not run calibration forwards")
@@ -227,7 +227,7 @@ def test_magnitude_without_calibration_runs_no_forward_and_says_so(tiny, tmp_pat
     monkeypatch.setattr(comp, "token_samples", no_forwards)
     monkeypatch.setattr(comp, "sequential_compress", no_forwards)
     out = tmp_path / "without"
-    rep = compress(root / "dense", out, method="magnitude", progress=False)
+    rep = compress(root / "dense", out, CompressOptions(method="magnitude", progress=False))
     assert rep["calib"] is None and rep["nsamples"] is None and "not measured" in rep["errors"]
     assert "output error" in rep_c["errors"] and rep_c["nsamples"] == FAST["nsamples"]
     # magnitude 2:4 does not depend on the inputs: the same checkpoint either way
@@ -243,16 +243,34 @@ def test_magnitude_without_calibration_runs_no_forward_and_says_so(tiny, tmp_pat
 
 def test_calibration_free_compress_refuses_what_needs_data(tiny, tmp_path):
     root, _, _ = tiny
-    with pytest.raises(CompressError, match="--method wanda needs calibration data: pass --calib"):
-        compress(root / "dense", tmp_path / "a", method="wanda", progress=False)
+    with pytest.raises(CompressError, match=r"--method wanda needs calibration data \(norms of each linear.s inputs\): "
+                                            r"pass --calib"):
+        compress(root / "dense", tmp_path / "a", CompressOptions(method="wanda", progress=False))
     with pytest.raises(CompressError, match="auto:P ranks the linears.*pass --calib"):
-        compress(root / "dense", tmp_path / "b", method="magnitude", dense_layers=("auto:10",), progress=False)
+        compress(root / "dense", tmp_path / "b", CompressOptions(method="magnitude", dense_layers=("auto:10",), progress=False))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_default_calibration_size_by_device():
-    from sparse24_tools.calib import calibration_size
+    from sparse24_tools.compress_options import calibration_size
 
     assert calibration_size("cpu") == (32, 512)
     assert calibration_size("cuda:1") == (128, 2048)
     assert calibration_size("cpu", nsamples=4) == (4, 512)
+
+
+def test_compare_runs_each_option_set_and_merge_keeps_the_order(tiny, tmp_path):
+    from sparse24_tools.__main__ import main
+
+    root, _, calib = tiny
+    common = ["--text", str(calib), "--eval-seqlen", "64", "--windows", "2", "--device", "cpu"]
+    assert main(["compare", "--model", str(root / "dense"), "--work-dir", str(tmp_path / "w"), "--runs", "magnitude",
+                 "dense", "--json", str(tmp_path / "a.json"), "--png", str(tmp_path / "a.png"), *common]) == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    rows = {r["run"]: r for r in doc["rows"]}
+    assert rows["magnitude"]["sparse_linears"] == 14 and rows["dense"]["perplexity"] < rows["magnitude"]["perplexity"]
+    assert doc["compress_options"]["nsamples"] == 32 and doc["compress_options"]["device"] == "cpu"
+    assert main(["merge", f"{tmp_path / 'a.json'}:-x", str(tmp_path / "a.json"), "--json", str(tmp_path / "m.json"),
+                 "--png", str(tmp_path / "m.png")]) == 0
+    assert [r["run"] for r in json.loads((tmp_path / "m.json").read_text())["rows"]] == \
+        ["dense", "magnitude", "magnitude-x", "dense-x"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse24_tools.prune import PruneError, magnitude_24, sparsegpt_24, wanda_24
+from sparse24_tools.prune.magnitude import magnitude_24
+from sparse24_tools.prune.sparsegpt import sparsegpt_24
+from sparse24_tools.prune.wanda import wanda_24
 from sparse24_tools.quantize import (
     QMAX,
     channel_scale,
@@ -15,6 +17,7 @@ from sparse24_tools.quantize import (
 )
 from sparse24_tools.stats import HessianAccumulator, relative_output_error
 from vllm_sparse24.format import is_24
+from vllm_sparse24.sparsity import PruneError
 
 
 def _correlated(k: int = 256, n: int = 96, t: int = 4096, seed: int = 0):

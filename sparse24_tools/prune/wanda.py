@@ -1,11 +1,24 @@
 """Wanda 2:4 (Sun et al. 2023): score |W_ij| * ||X_j||_2 over calibration tokens, keep the
-2 best of every group of 4 along K; no weight update."""
+2 best of every group of 4 along K; no weight update, then round to nearest on the grid."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from vllm_sparse24.quant import Grid, quantize_weight_per_channel
 from vllm_sparse24.sparsity import PruneError, check_prunable, keep_top2_of_4
+
+from . import Pruned
+
+if TYPE_CHECKING:
+    from ..compress_options import CompressOptions
+
+
+def prune(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, opts: CompressOptions, name: str) -> Pruned:
+    """The input norms are the Hessian's diagonal (2/n times the sum of x_j^2: any positive multiple works)."""
+    return Pruned(*quantize_weight_per_channel(wanda_24(weight, torch.diagonal(hessian), name), grid))
 
 
 def wanda_24(weight: torch.Tensor, input_sq_norm: torch.Tensor, name: str = "weight") -> torch.Tensor:
