@@ -11,7 +11,7 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
   sparse24      ours: 2:4 int8, both scales + bias fused, the kernel gemm_table.py picks for M (the
                 decode GEMM up to the plan's measured decode_max_m, a CUTLASS config above)
   sparse24_fp8  ours: 2:4 e4m3, the same
-  sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 32);
+  sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 64);
                 _nopdl: launched without programmatic dependent launch (back to back, PDL lets a call
                 start streaming its weight while the previous call finishes)
   sparse24_fp8_decode  the same for e4m3
@@ -414,10 +414,10 @@ def summarize(res):
             extra = f"  fp8-sparse {cells[(model, layer, m, 'fp8_cutlass')] / rf:.2f}x" if rf else ""
             print(f"  {model:10s} {layer:8s} M={m:5d}: {r:.2f}x{extra}")
     tbps = {(r["model"], r["layer"], r["M"], r["impl"]): r["tbps"] for r in res["rows"] if "tbps" in r}
-    print("decode (M <= 32): us and TB/s of the weight as stored; sparse24 = the dispatched kernel "
+    print("decode (M <= 64): us and TB/s of the weight as stored; sparse24 = the dispatched kernel "
           "(decode GEMM up to decode_max_m)")
     for (model, layer, m, impl), us in sorted(cells.items()):
-        if impl != "sparse24" or m > 32:
+        if impl != "sparse24" or m > 64:
             continue
         thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
         parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"

@@ -126,7 +126,7 @@ def test_plan_uses_decode_up_to_its_threshold():
 def test_decode_abi_is_exported(built):
     """The decode GEMM's host-side entry points (no GPU touched): limits, the work partition and
     refusals."""
-    assert lib.decode_max_m() == 32
+    assert lib.decode_max_m() == 64
     assert lib.decode_workspace_bytes(32, 256, 4096) > 0
     # units of 64 rows x 512 k, one persistent CTA per SM (132: H100 / H200 SXM), never more CTAs than units
     assert lib.decode_partition(4096, 4096, 132) == (64 * 8, 132, 8)
@@ -135,5 +135,5 @@ def test_decode_abi_is_exported(built):
     assert lib.decode_partition(200, 384, 132) == (4, 4, 1)  # a partial tile in K and in rows
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.decode_workspace_bytes(8, 64, 96)
-    with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):
-        lib.decode_workspace_bytes(33, 64, 128)
+    with pytest.raises(lib.Sparse24LibraryError, match="m=65 tokens"):
+        lib.decode_workspace_bytes(65, 64, 128)

@@ -128,7 +128,7 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
     warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
     epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees."""
     m = x.shape[0]
-    nt = 1 if m <= 8 else 2 if m <= 16 else 4
+    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
     rows_padded = meta_rows(n)
     kblocks, per_tile, units, ctas = partition(n, k, sms)
@@ -245,7 +245,7 @@ def random_24(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 # sms: few, so that row tiles are split across CTAs (the fixup) and CTAs hold several units
 @pytest.mark.parametrize("n,k,m,sms", [(96, 384, 1, 1), (40, 2048, 13, 3), (72, 1152, 30, 5),
-                                       (33, 1024, 8, 2), (200, 2048, 17, 7), (128, 640, 3, 132)])
+                                       (33, 1024, 8, 2), (200, 2048, 17, 7), (128, 640, 3, 132), (64, 512, 41, 2)])
 def test_transcription_gives_the_exact_product(probe, n, k, m, sms):
     proc = subprocess.run([probe, "--selectors"], capture_output=True, text=True, check=True)
     selectors = [int(s, 16) for s in proc.stdout.split()]

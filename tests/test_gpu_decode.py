@@ -33,7 +33,7 @@ from vllm_sparse24.quant import quantize_per_token as ref_quant  # noqa: E402
 
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
                 (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
-DECODE_MS = (1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32)
+DECODE_MS = (1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33, 50, 64)
 
 
 def random_24_gpu(n: int, k: int, seed: int, dtype=torch.int8) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_decode_matches_reference_at_every_m(n, k, out_dt):
 
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES)
 def test_llama_shapes_equal_the_cutlass_gemm(n, k):
-    """The 8 Llama-3 8B/70B shapes at M = 1, 5, 16, 32: against the float64 reference, and bit-equal
+    """The 8 Llama-3 8B/70B shapes at M = 1, 5, 16, 32, 64: against the float64 reference, and bit-equal
     to the CUTLASS GEMM on the same operands (same int32 sums, same epilogue)."""
     w = random_24_gpu(n, k, seed=n ^ k)
     values, meta = compress_24(w)
@@ -109,7 +109,7 @@ def test_llama_shapes_equal_the_cutlass_gemm(n, k):
     ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
     plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
-    for m in (1, 5, 16, 32):
+    for m in (1, 5, 16, 32, 64):
         xq, xs = quantized(m, k, gen)
         out = decode_mm(xq, xs, values, meta, ws, bias, plan)
         assert rel_err(out, reference(xq, xs, w, ws, bias)) < TOL[torch.bfloat16], (n, k, m)
@@ -147,7 +147,7 @@ def test_e4m3_weights_and_activations():
         ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
         bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
         plan = make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV))
-        for m in (1, 7, 16, 32):
+        for m in (1, 7, 16, 32, 64):
             xq, xs = quantized(m, k, gen, torch.float8_e4m3fn)
             out = decode_mm(xq, xs, values, meta, ws, bias, plan)
             assert rel_err(out, reference(xq.float(), xs, w.float(), ws, bias)) < 2e-2, (n, k, m)
@@ -205,20 +205,20 @@ def test_measured_threshold_is_a_candidate(forced_threshold):
     """With ``auto`` the threshold is measured at load: one of the timed token counts or 0."""
     forced_threshold("auto")
     plan = make_plan(4096, 4096, torch.int8, torch.float16, torch.device(DEV))
-    assert plan_of(plan).decode_max_m in (0, 1, 2, 4, 8, 16, 32)
+    assert plan_of(plan).decode_max_m in (0, 1, 2, 4, 8, 16, 32, 64)
 
 
 @pytest.mark.parametrize("n,k", [(1024, 2048), (256, 4096)])
 def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
     """The layer path at decode token counts, captured and replayed several times (the split path of
     (256, 4096) re-arms its tickets in the kernel: every replay must give the same output)."""
-    forced_threshold(32)
+    forced_threshold(64)
     gen = torch.Generator().manual_seed(n)
     w = random_24(n, k, gen)
     scale = (torch.rand(n, 1, generator=gen) * 1e-2 + 1e-4).to(DEV)
     kern = CutlassSparse24Kernel(LinearLayer("layers.0.decode", n, k, True, torch.bfloat16))
     tensors = kern.prepare(w, scale)
-    for m in (1, 5, 16, 32):
+    for m in (1, 5, 16, 33, 64):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
         eager = kern.apply(tensors, x, None)
         static_x = x.clone()
@@ -239,10 +239,10 @@ def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
 
 def test_bad_shapes_are_refused_with_a_message():
     so = lib.lib()
-    x = torch.zeros(40, 256, dtype=torch.int8, device=DEV)
+    x = torch.zeros(80, 256, dtype=torch.int8, device=DEV)
     f = torch.ones(64, device=DEV)
-    out = torch.empty(40, 64, dtype=torch.bfloat16, device=DEV)
-    ws = torch.zeros(lib.decode_workspace_bytes(32, 64, 256), dtype=torch.uint8, device=DEV)
+    out = torch.empty(80, 64, dtype=torch.bfloat16, device=DEV)
+    ws = torch.zeros(lib.decode_workspace_bytes(64, 64, 256), dtype=torch.uint8, device=DEV)
     stream = torch.cuda.current_stream().cuda_stream
 
     def call(m, n, k, stride):
@@ -252,8 +252,8 @@ def test_bad_shapes_are_refused_with_a_message():
 
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.check_decode(call(4, 64, 96, 96), "k=96")
-    with pytest.raises(lib.Sparse24LibraryError, match="m=33 tokens"):
-        lib.check_decode(call(33, 64, 256, 256), "m=33")
+    with pytest.raises(lib.Sparse24LibraryError, match="m=65 tokens"):
+        lib.check_decode(call(65, 64, 256, 256), "m=65")
     with pytest.raises(lib.Sparse24LibraryError, match="row stride"):
         lib.check_decode(call(4, 64, 256, 200), "stride 200")
     with pytest.raises(lib.Sparse24LibraryError, match="workspace"):
@@ -275,7 +275,7 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
     plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
     tunings = [lib.DecodeTuning(0, 0, 1), lib.DecodeTuning(0, 0, 0), lib.DecodeTuning(2, 0, 1),
                lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1)]
-    for m in (1, 8, 13, 32):
+    for m in (1, 8, 13, 32, 64):
         xq, xs = quantized(m, k, gen)
         want = reference(xq, xs, w, ws, bias)
         first = decode_mm(xq, xs, values, meta, ws, bias, plan, tunings[0])

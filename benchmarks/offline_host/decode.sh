@@ -6,7 +6,7 @@
 #   bash benchmarks/offline_host/decode.sh
 # Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
 #   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
-#   engines, default 32; 0 when its tests fail).
+#   engines, default 64; 0 when its tests fail).
 set -u -o pipefail
 OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT/k" "$OUT/t"
 START=$SECONDS; BUDGET_S=${BUDGET_S:-580}
@@ -16,9 +16,9 @@ gpu_host_setup /tmp/sparse24-setup.log || { tail -20 /tmp/sparse24-setup.log; ex
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
 tail -12 "$OUT/tests.log"
-decode=${DECODE_MAX_M:-32}
+decode=${DECODE_MAX_M:-64}
 grep -qE "^[0-9]+ passed" "$OUT/tests.log" || { decode=0; echo "decode GEMM tests did not pass: engines run without it"; }
-timeout 120 python3 benchmarks/kernels.py --out "$OUT/k" --models llama3-8b,llama3-70b --ms "${MS:-1,8,16}" \
+timeout 120 python3 benchmarks/kernels.py --out "$OUT/k" --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
   --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
 grep -A 40 "^decode" "$OUT/bench.log" | cut -c1-230
 tb=$(( $(left) - 10 ))

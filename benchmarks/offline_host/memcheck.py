@@ -3,7 +3,7 @@ built library):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/offline_host/memcheck.py
 
-Partial 64-row tiles (N not a multiple of 64), odd token counts, every token tile instance (M 1..32),
+Partial 64-row tiles (N not a multiple of 64), odd token counts, every token tile instance (M 1..64),
 row tiles split across CTAs (the fixup) with its ticket re-arm across two calls, a shallow ring and
 few CTAs (the ring wraps around), PDL on and off, strided rows, bias and none, fp16 output, e4m3
 inputs. Prints one line per case; a memory error makes the sanitizer
@@ -46,7 +46,7 @@ def main() -> None:
         ws = torch.rand(n, generator=gen, device=DEV) * 1e-2
         bias = torch.randn(n, generator=gen, device=DEV).to(odt)
         plan = make_plan(n, k, wdt, odt, torch.device(DEV))
-        for m in (1, 3, 8, 9, 16, 17, 32):
+        for m in (1, 3, 8, 9, 16, 17, 32, 33, 64):
             wide = torch.randint(1, 64, (m, k + 32), generator=gen, device=DEV, dtype=torch.int8)
             xq = wide[:, 16:16 + k].view(wdt)  # rows 16-byte aligned, k + 32 bytes apart
             xs = torch.rand(m, 1, generator=gen, device=DEV) * 1e-2

@@ -133,7 +133,7 @@ class GemmPlan:
 
 DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
 # Token counts timed at load time: the serving batch sizes where the weight stream dominates.
-DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32)
+DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
 DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 

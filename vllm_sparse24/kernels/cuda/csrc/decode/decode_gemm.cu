@@ -1,4 +1,4 @@
-// Few-token (M <= 32) 2:4 sparse W8A8 GEMM that streams the resident CUTLASS layout (layout.h).
+// Few-token (M <= 64) 2:4 sparse W8A8 GEMM that streams the resident CUTLASS layout (layout.h).
 //
 // At decode a linear layer is a weight stream: the kernel must keep enough weight bytes in flight on
 // every SM to run at HBM bandwidth, start streaming as early as possible and end with little work
@@ -49,7 +49,7 @@ constexpr int kThreads = (kConsumerWarps + 1) * 32;  // + the producer warp
 constexpr int kTileRows = 64;                        // one metadata atom
 constexpr int kWarpRows = kTileRows / kConsumerWarps;
 constexpr int kStageBlocks = 4;                      // 128-k blocks per unit (= stage)
-constexpr int kMaxM = 32;                            // 4 token tiles of 8
+constexpr int kMaxM = 64;                            // 8 token tiles of 8
 constexpr int kMaxStages = 8;
 constexpr int kMaxCtasPerSm = 2;                     // the workspace's partial slots allow this many
 constexpr int kMetaAtomBytes = kTileRows * 16;       // one k block of one row tile's metadata
@@ -414,7 +414,7 @@ int device_attr(cudaDeviceAttr attr, int fallback) {
 int sm_count() { return device_attr(cudaDevAttrMultiProcessorCount, 132); }
 int smem_optin() { return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, 227 * 1024); }
 
-int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
+int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 
 // tickets, then two partial-sum slots per CTA and consumer warp (a CTA's first and last row tile)
 int64_t workspace_need(int sms) {
@@ -464,7 +464,8 @@ int dispatch_tiles(Params& p, int stages, int ctas, bool pdl, cudaStream_t strea
   switch (token_tiles(p.m)) {
     case 1: return launch<In, Out, 1>(p, stages, ctas, pdl, stream);
     case 2: return launch<In, Out, 2>(p, stages, ctas, pdl, stream);
-    default: return launch<In, Out, 4>(p, stages, ctas, pdl, stream);
+    case 4: return launch<In, Out, 4>(p, stages, ctas, pdl, stream);
+    default: return launch<In, Out, 8>(p, stages, ctas, pdl, stream);
   }
 }
 
