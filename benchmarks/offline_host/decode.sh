@@ -18,7 +18,7 @@ timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py
 tail -12 "$OUT/tests.log"
 decode=${DECODE_MAX_M:-64}
 grep -qE "^[0-9]+ passed" "$OUT/tests.log" || { decode=0; echo "decode GEMM tests did not pass: engines run without it"; }
-timeout 120 python3 benchmarks/kernels.py --out "$OUT/k" --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
+timeout 130 python3 benchmarks/kernels.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
   --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
 grep -A 40 "^decode" "$OUT/bench.log" | cut -c1-230
 tb=$(( $(left) - 10 ))
