@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sparse24_tools.architectures import LLAMA  # noqa: E402
 from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.driver import compress_layer  # noqa: E402
-from sparse24_tools.model_walk import LINEAR_GROUPS  # noqa: E402
 from sparse24_tools.prune import METHODS  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     pos = torch.arange(seqlen, device=device).unsqueeze(0)
     kwargs = {"position_embeddings": rotary(inps[:1], pos), "position_ids": pos, "attention_mask": None,
               "use_cache": False}
-    names = [f"model.layers.0.{n}" for grp in LINEAR_GROUPS for n in grp]
+    names = LLAMA.linear_names(1)
     kinds = dict.fromkeys(names, "sparse")
     opts = CompressOptions(method=args.method, joint=args.joint, device=str(device),
                            batch_size=args.batch_size, progress=False)
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # warm-up on a copy-free small slice (kernels, cuBLAS/cuSOLVER handles); weights are then
     # rebuilt so the timed run starts from the dense layer
-    compress_layer(layer, "model.layers.0", inps[: min(2, nsamples)], kwargs, kinds, opts)
+    compress_layer(layer, LLAMA.layer_prefix(0), LLAMA.linear_groups, inps[: min(2, nsamples)], kwargs, kinds, opts)
     layer, _ = build_layer(shape, dtype, device, args.seed)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    _, results = compress_layer(layer, "model.layers.0", inps, kwargs, kinds, opts)
+    _, results = compress_layer(layer, LLAMA.layer_prefix(0), LLAMA.linear_groups, inps, kwargs, kinds, opts)
     sync()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

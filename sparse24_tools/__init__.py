@@ -1,4 +1,4 @@
-"""Offline tools that turn a dense Llama-family model into a sparse24 (2:4 + W8A8) checkpoint.
+"""Offline tools that turn a dense Hugging Face model into a sparse24 (2:4 + W8A8) checkpoint.
 
 Layout (llm-compressor modifier style, one algorithm per file, pure tensor math apart from
 model walking):
@@ -10,7 +10,8 @@ model walking):
   whose fields are the command-line flags (``sparse24_tools.options``);
 * ``sparse24_tools.quantize``: per-output-channel symmetric int8 weights;
 * ``sparse24_tools.stats``: Hessian / input-norm accumulation and reconstruction error;
-* ``sparse24_tools.model_walk``: which architectures and linears, layer-0 input capture;
+* ``sparse24_tools.architectures``: per-architecture facts (decoder stack, linear groups, norms);
+* ``sparse24_tools.model_walk``: walking a model by them, layer-0 input capture, loading;
 * ``sparse24_tools.driver``: sequential layer-by-layer calibration;
 * ``sparse24_tools.export``: sparse24 and compressed-tensors dense W8A8 writers;
 * ``sparse24_tools.evaluate``: perplexity that matches the plugin's arithmetic;

@@ -32,7 +32,8 @@ def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentPar
     common = _common_args()
 
     c = sub.add_parser("compress", parents=[common], help="dense model -> sparse24 (or dense W8A8) checkpoint",
-                       description="Compress a dense Llama / Mistral / Qwen2 model into a sparse24 checkpoint "
+                       description="Compress a dense Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model into "
+                                   "a sparse24 checkpoint "
                                    "(2:4 sparse + int8 or fp8 W8A8) that `vllm serve` loads with the plugin.")
     c.add_argument("--model", required=True, help="dense model: a Hugging Face folder or a .gguf file")
     c.add_argument("--out", required=True, help="checkpoint folder to write (written beside, then renamed)")

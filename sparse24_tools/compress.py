@@ -18,7 +18,7 @@ from .compress_options import CompressError, CompressOptions, calibration_size
 from .driver import parse_dense_layers, pick_auto_dense, plan_kinds, sequential_compress
 from .group import LinearResult, compress_group
 from .lm_head import quantized_lm_head, without_lm_head
-from .model_walk import decoder_layers, fused_groups, linear_names, load_model
+from .model_walk import fused_groups, load_model
 from .provenance import machine_info, utc_now
 from .prune import METHODS, method_named
 
@@ -82,8 +82,7 @@ def compress(
     tdtype = getattr(torch, opts.dtype)
     if model is None:
         model, tokenizer = load_model(model_path, tdtype)
-    layers = decoder_layers(model)
-    num_layers = len(layers)
+    groups = fused_groups(model)
     ignore = _ignore_patterns(without_lm_head(opts.ignore) if opts.quantize_lm_head else opts.ignore)
     patterns, auto = parse_dense_layers(opts.dense_layers)
     uses_calib = opts.calib is not None and opts.export == "sparse24"
@@ -98,7 +97,7 @@ def compress(
     }
     if not uses_calib:
         report.update(calib=None, nsamples=None, seqlen=None)
-    names = linear_names(num_layers)
+    names = [n for g in groups for n in g]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
 
     if opts.export == "dense-w8a8":
@@ -117,7 +116,7 @@ def compress(
 
     plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns, quant=opts.scheme,
                           quantize_lm_head=opts.quantize_lm_head)
-    kinds = plan_kinds(num_layers, plan, shapes)
+    kinds = plan_kinds(groups, plan, shapes)
     if opts.calib is None:
         if method.needs_calibration:
             without = [m.name for m in METHODS.values() if not m.needs_calibration]
@@ -128,7 +127,7 @@ def compress(
             raise CompressError("--dense-layers auto:P ranks the linears by their output error on calibration "
                                 "data: pass --calib, or name the dense layers")
         results = {}
-        for group in fused_groups(num_layers):
+        for group in groups:
             if kinds[group[0]] == "unquantized":
                 continue
             weights = [(n, model.get_submodule(n).weight) for n in group]
@@ -156,14 +155,14 @@ def compress(
             source = "probe pass (all sparse, same options)"
         else:
             source = "given (all-sparse run with the same options)"
-        chosen = pick_auto_dense(sensitivity, num_layers, auto)
+        chosen = pick_auto_dense(sensitivity, groups, auto)
         report["auto_dense"] = {"percent": auto, "chosen": chosen, "source": source,
                                 "probe_seconds": time.perf_counter() - t0,
                                 "sensitivity": {n: sensitivity[n] for n in chosen}}
         log.info("auto:%g keeps %d linears dense: %s", auto, len(chosen), ", ".join(chosen))
         plan = Sparse24Scheme(ignore=ignore, dense_layers=patterns + tuple(chosen), quant=opts.scheme,
                               quantize_lm_head=opts.quantize_lm_head)
-        kinds = plan_kinds(num_layers, plan, shapes)
+        kinds = plan_kinds(groups, plan, shapes)
     results = sequential_compress(model, samples, kinds, opts)
     report["linears"] = {n: r.report() for n, r in results.items()}
     report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}

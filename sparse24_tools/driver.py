@@ -24,15 +24,10 @@ from tqdm.auto import tqdm
 from vllm_sparse24.quant import fake_quant_per_token
 from vllm_sparse24.schema import K_MULTIPLE, Sparse24Scheme
 
+from .architectures import architecture_of
 from .compress_options import CompressError, CompressOptions
 from .group import LinearResult, compress_group
-from .model_walk import (
-    LINEAR_GROUPS,
-    capture_layer0_inputs,
-    decoder_layers,
-    fused_groups,
-    layer_forward,
-)
+from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
 from .stats import HessianAccumulator
 
 log = logging.getLogger(__name__)
@@ -60,11 +55,12 @@ def parse_dense_layers(values: Sequence[str]) -> tuple[tuple[str, ...], float | 
     return tuple(patterns), auto
 
 
-def plan_kinds(num_layers: int, scheme: Sparse24Scheme, shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """name -> 'sparse' | 'dense' | 'unquantized' for every decoder linear; fused groups agree,
-    and every sparse linear has K a multiple of K_MULTIPLE."""
+def plan_kinds(groups: Sequence[tuple[str, ...]], scheme: Sparse24Scheme,
+               shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """name -> 'sparse' | 'dense' | 'unquantized' for every linear of ``groups`` (the fused groups of
+    the decoder layers); fused groups agree, and every sparse linear has K a multiple of K_MULTIPLE."""
     kinds: dict[str, str] = {}
-    for group in fused_groups(num_layers):
+    for group in groups:
         ks = {n: scheme.layer_kind(n) for n in group}
         if len(set(ks.values())) > 1:
             raise CompressError(
@@ -89,6 +85,7 @@ class _Stop(Exception):
 def compress_layer(
     layer: nn.Module,
     prefix: str,
+    groups: Sequence[tuple[str, ...]],
     inps: torch.Tensor,
     kwargs: dict[str, Any],
     kinds: dict[str, str],
@@ -96,13 +93,14 @@ def compress_layer(
     pbar: tqdm | None = None,
 ) -> tuple[torch.Tensor, list[LinearResult]]:
     """Compress one decoder layer in place (weights become dequantized int8 / fp8 values) and return
-    (its outputs on the calibration inputs, per-linear results). ``layer`` must be on the
-    device of ``inps``."""
+    (its outputs on the calibration inputs, per-linear results). ``groups``: its linears in block
+    order, grouped by shared input (the architecture's ``linear_groups``); ``kwargs``: what the
+    model passes this layer. ``layer`` must be on the device of ``inps``."""
     results: list[LinearResult] = []
     grid = opts.grid
     hooks = []
     try:
-        for group in LINEAR_GROUPS:
+        for group in groups:
             full = [f"{prefix}.{n}" for n in group]
             kind = kinds[full[0]]
             if kind == "unquantized":
@@ -149,9 +147,10 @@ def sequential_compress(
     """One pass over all decoder layers; the model's linears are replaced in place by their
     dequantized compressed values. Returns name -> result."""
     device = torch.device(opts.device)
+    arch = architecture_of(model.config)
     layers = decoder_layers(model)
     t0 = time.perf_counter()
-    inps, kwargs = capture_layer0_inputs(model, samples, device)
+    inps, layer_kwargs = capture_layer0_inputs(model, samples, device)
     log.info("captured layer-0 inputs %s in %.1fs", tuple(inps.shape), time.perf_counter() - t0)
     results: dict[str, LinearResult] = {}
     if device.type == "cuda":
@@ -161,7 +160,8 @@ def sequential_compress(
         layer = layers[i]
         layer.to(device)
         try:
-            outs, res = compress_layer(layer, f"model.layers.{i}", inps, kwargs, kinds, opts, pbar)
+            outs, res = compress_layer(layer, arch.layer_prefix(i), arch.linear_groups, inps, layer_kwargs[i], kinds,
+                                       opts, pbar)
         finally:
             layer.to("cpu")
         for r in res:
@@ -175,10 +175,10 @@ def sequential_compress(
     return results
 
 
-def pick_auto_dense(sensitivity: dict[str, float], num_layers: int, percent: float) -> list[str]:
+def pick_auto_dense(sensitivity: dict[str, float], groups: Sequence[tuple[str, ...]], percent: float) -> list[str]:
     """The most sensitive whole fused groups (by the worst relative output error of their
     members, name -> error) until ``percent`` % of all quantized linears are dense."""
-    groups = [g for g in fused_groups(num_layers) if all(n in sensitivity for n in g)]
+    groups = [g for g in groups if all(n in sensitivity for n in g)]
     total = sum(len(g) for g in groups)
     budget = int(math.floor(total * percent / 100 + 1e-9))
     ranked = sorted(groups, key=lambda g: max(sensitivity[n] for n in g), reverse=True)

@@ -1,5 +1,6 @@
-"""Which models and linears the offline tools handle, and how to reach them (model walking
-only: no pruning math here)."""
+"""Walking a Hugging Face model by its architecture's adapter (``architectures.py``): its decoder
+layers and linears, the inputs of its first layer, loading it (model walking only: no pruning math
+here)."""
 
 from __future__ import annotations
 
@@ -14,45 +15,25 @@ from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
 
+from .architectures import UnsupportedModelError, architecture_of
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# in block order; each inner tuple shares one input (and vLLM fuses it into one layer)
-LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture or layout is not one the offline tools handle."""
-
-
-def check_architecture(config: Any) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        archs = getattr(config, "architectures", None)
-        raise UnsupportedModelError(
-            f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
-            f"offline compression supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    check_architecture(model.config)
+    """The model's decoder stack (its architecture's adapter says where), every grouped linear checked
+    to be an nn.Linear."""
+    arch = architecture_of(model.config)
     try:
-        layers = model.model.layers
+        layers = model.get_submodule(arch.layers)
     except AttributeError as e:
-        raise UnsupportedModelError(f"{type(model).__name__}: no model.layers decoder stack") from e
+        raise UnsupportedModelError(f"{type(model).__name__}: no {arch.layers} decoder stack ({arch.name} layout)") from e
     for i, layer in enumerate(layers):
-        for group in LINEAR_GROUPS:
+        for group in arch.linear_groups:
             for name in group:
                 mod = layer.get_submodule(name) if _has(layer, name) else None
                 if not isinstance(mod, nn.Linear):
                     raise UnsupportedModelError(
-                        f"model.layers.{i}.{name}: expected an nn.Linear, found {type(mod).__name__}"
+                        f"{arch.layer_prefix(i)}.{name}: expected an nn.Linear, found {type(mod).__name__}"
                     )
     return layers
 
@@ -65,13 +46,13 @@ def _has(module: nn.Module, name: str) -> bool:
         return False
 
 
-def linear_names(num_layers: int) -> list[str]:
-    return [f"model.layers.{i}.{n}" for i in range(num_layers) for g in LINEAR_GROUPS for n in g]
+def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Full names of every group of linears that share one input (vLLM fuses q/k/v, gate/up)."""
+    return architecture_of(model.config).fused_groups(len(decoder_layers(model)))
 
 
-def fused_groups(num_layers: int) -> list[tuple[str, ...]]:
-    """Full HF names of every group of linears that share one input (vLLM fuses q/k/v, gate/up)."""
-    return [tuple(f"model.layers.{i}.{n}" for n in g) for i in range(num_layers) for g in LINEAR_GROUPS]
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for g in fused_groups(model) for n in g]
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
@@ -89,7 +70,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     else:
         folder = str(p)
         cfg = AutoConfig.from_pretrained(folder)
-        check_architecture(cfg)
+        architecture_of(cfg)
         if getattr(cfg, "quantization_config", None):
             raise UnsupportedModelError(
                 f"{p}: already quantized ({cfg.quantization_config.get('quant_method')}); "
@@ -97,7 +78,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
             )
     log.info("loading %s", p)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    check_architecture(model.config)
+    architecture_of(model.config)
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     model.eval()
     model.config.use_cache = False
@@ -113,7 +94,7 @@ def dequantized_model(folder: Path, config: dict[str, Any], tensors: ckpt.Checkp
     config = dict(config)
     model_type = config.pop("model_type", None)
     hf_config = AutoConfig.for_model(model_type, **config)
-    check_architecture(hf_config)
+    architecture_of(hf_config)
     hf_config.use_cache = False
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     state = {k: t.float() for k, t in tensors.other.items()}
@@ -150,46 +131,69 @@ class _Captured(Exception):
     pass
 
 
+class _KeywordRecorder(nn.Module):
+    """Stands in for a decoder layer for one forward: keeps the keyword arguments the model passes
+    it (masks and rotary embeddings may differ by layer type) and passes the hidden states on."""
+
+    def __init__(self, seen: list[dict[str, Any]], last: bool) -> None:
+        super().__init__()
+        self.seen, self.last = seen, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.seen.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                         | {"use_cache": False})
+        if self.last:  # the final norm and the rest stay on the CPU: stop here
+            raise _Captured
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer0_inputs(
     model: nn.Module, samples: Sequence[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run embeddings (on ``device``) for each [1, T] sample and stop at decoder layer 0.
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Run the modules before the first decoder layer (on ``device``) for each [1, T] sample and stop
+    at decoder layer 0.
 
-    Returns (hidden states [S, T, H] on device, the layer's keyword arguments captured from the
-    first sample: position embeddings, attention mask...). Only the embedding and rotary modules
-    visit the device.
+    Returns (hidden states [S, T, H] on device, per decoder layer the keyword arguments the model
+    passes it, from the first sample: attention mask, position embeddings...). Only the modules
+    before the first layer visit the device (the per-layer arguments are taken with every layer
+    replaced by a recorder, so no layer runs).
     """
+    arch = architecture_of(model.config)
     layers = decoder_layers(model)
-    inner = model.model
-    moved = [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+    inner = model.get_submodule(arch.layers.rpartition(".")[0])
+    moved = [model.get_submodule(n) for n in arch.before_layers if _has(model, n)]
     for m in moved:
         m.to(device)
     hidden: list[torch.Tensor] = []
-    kw: dict[str, Any] = {}
 
     def hook(_mod, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        hidden.append(hs)
-        if not kw:
-            kw.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        hidden.append(args[0] if args else kwargs["hidden_states"])
         raise _Captured
 
     h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    real = list(layers)
+    layer_kwargs: list[dict[str, Any]] = []
     try:
         for ids in samples:
             try:
                 inner(input_ids=ids.to(device), use_cache=False)
             except _Captured:
                 pass
+        h.remove()
+        for i in range(len(layers)):
+            layers[i] = _KeywordRecorder(layer_kwargs, last=i == len(layers) - 1)
+        try:
+            inner(input_ids=samples[0].to(device), use_cache=False)
+        except _Captured:
+            pass
     finally:
         h.remove()
+        for i, layer in enumerate(real):
+            layers[i] = layer
         for m in moved:
             m.to("cpu")
-    kw["use_cache"] = False
-    kw.pop("past_key_values", None)
-    kw.pop("past_key_value", None)
-    return torch.cat(hidden, 0), kw
+    return torch.cat(hidden, 0), layer_kwargs
 
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

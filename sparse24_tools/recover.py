@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import architecture_of
 from .calib import read_text
 from .distill_data import generate_sequences, text_windows
 from .group import LinearResult
-from .model_walk import load_model
+from .model_walk import decoder_layers, load_model
 from .provenance import machine_info, utc_now
 from .recover_blocks import train_blocks
 from .recover_global import train_global
@@ -119,10 +120,11 @@ def _set_trainable(student: Student, extras: tuple[str, ...]) -> list[nn.Paramet
         q.weight.requires_grad_(True)
     if "embeddings" in extras:
         model.get_input_embeddings().weight.requires_grad_(True)
+    if "norms" in extras:
+        for name in architecture_of(model.config).norm_names(len(decoder_layers(model))):
+            model.get_submodule(name).weight.requires_grad_(True)
     quantized = set(student.qat)
     for name, mod in model.named_modules():
-        if "norms" in extras and "norm" in name.rsplit(".", 1)[-1] and hasattr(mod, "weight"):
-            mod.weight.requires_grad_(True)
         if "ignored" in extras and isinstance(mod, nn.Linear) and name not in quantized:
             mod.weight.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import architecture_of
 from .distill_data import BatchOrder
 from .distill_loss import normalized_mse
 from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
@@ -40,6 +41,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
     opts, dev = run.opts, run.device
     student, teacher = run.student.model, run.teacher
     layers_s, layers_t = decoder_layers(student), decoder_layers(teacher)
+    arch = architecture_of(student.config)
     n_layers = len(layers_s)
     per_step = opts.batch_size * opts.seqlen
     steps = opts.tokens // per_step
@@ -52,7 +54,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
     sel = torch.randperm(run.pool.shape[0], generator=g)[:n_pool].sort().values
     samples = [run.pool[i : i + 1] for i in sel.tolist()]
     with run.train_precision():
-        xt, kwargs = capture_layer0_inputs(teacher, samples, dev)
+        xt, layer_kwargs = capture_layer0_inputs(teacher, samples, dev)
         xs, _ = capture_layer0_inputs(student, samples, dev)
     teacher.to(dev)  # capture_layer0_inputs sends the embeddings back to the CPU
     student.to(dev)
@@ -66,7 +68,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
     pbar = tqdm(range(n_layers), desc="recover (blocks)", unit="layer", disable=not opts.progress)
     for i in pbar:
         t_layer = time.perf_counter()
-        ls, lt = layers_s[i], layers_t[i]
+        ls, lt, kwargs, name = layers_s[i], layers_t[i], layer_kwargs[i], arch.layer_prefix(i)
         with run.train_precision():
             yt = _propagate(lt, xt, kwargs, opts.batch_size)
         if i < start:  # trained before the interruption: only recompute its outputs
@@ -77,7 +79,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
             continue
         params = [p for p in ls.parameters() if p.requires_grad]
         if not params:
-            raise RecoverError(f"model.layers.{i}: no trainable parameter (all its linears are ignored?)")
+            raise RecoverError(f"{name}: no trainable parameter (all its linears are ignored?)")
         opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
         order = BatchOrder(n_pool, opts.batch_size, opts.seed + 7919 * (i + 1))
         first = last = None
@@ -97,7 +99,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
                 out = layer_forward(ls, xs[idx.to(xs.device)], kwargs)
                 loss = normalized_mse(out, yt[idx.to(yt.device)])
             if not torch.isfinite(loss):
-                raise RecoverError(f"model.layers.{i}: loss is {loss.item()} at step {step}; lower --lr")
+                raise RecoverError(f"{name}: loss is {loss.item()} at step {step}; lower --lr")
             loss.backward()
             if opts.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
@@ -120,7 +122,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
                 budget_fixed = True
         if run.stopped_by_budget:
             log.warning("time budget reached in layer %d (step %d of %d)", i, step, steps)
-        log.info("model.layers.%d: normalized MSE %.5f -> %.5f in %d steps", i, first or 0, last or 0, step)
+        log.info("%s: normalized MSE %.5f -> %.5f in %d steps", name, first or 0, last or 0, step)
         run.set_quant(True)
         with run.train_precision():
             xs = _propagate(ls, xs, kwargs, opts.batch_size)
