@@ -15,7 +15,17 @@ import torch
 
 pytestmark = pytest.mark.gpu
 # importing test_gpu_kernels skips this module too when there is no Hopper GPU or no built library
-from test_gpu_kernels import DEV, FP8_MAX, TOL, capture_apply, random_24, reference, rel_err  # noqa: E402
+from test_gpu_kernels import (  # noqa: E402
+    DEV,
+    FP8_MAX,
+    TOL,
+    _layer,
+    capture_apply,
+    compiled_with_targets,
+    random_24,
+    reference,
+    rel_err,
+)
 
 from vllm_sparse24.kernels import LinearLayer  # noqa: E402
 from vllm_sparse24.kernels.cuda import lib, sparse24_linear  # noqa: E402
@@ -285,3 +295,40 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
             xq2.copy_(xq)  # written by the kernel right before the GEMM
             got = decode_mm(xq2, xs, values, meta, ws, bias, plan, tuning)
             assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl)
+
+
+# host work that would stall a decode step: a synchronization, a device -> host copy, a Python scalar read
+SYNCING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+           "aten::item", "aten::_local_scalar_dense")
+
+
+def test_decode_layer_call_neither_syncs_nor_splits_the_graph(forced_threshold):
+    """The layer call at decode token counts: one graph under torch.compile (fullgraph: a graph break
+    raises) with one opaque GEMM op, no host synchronization or scalar read in eager calls, and a
+    captured call replays from the graph launch alone (no kernel launched from the host)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    forced_threshold(64)
+    gen = torch.Generator().manual_seed(77)
+    n, k = 1024, 2048
+    kern, tensors, _, _ = _layer(n, k, gen, torch.bfloat16)
+    for m in (1, 8, 64):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+        _, targets = compiled_with_targets(kern, tensors, x)
+        assert sum("sparse24" in t for t in targets) == 1, targets
+        kern.apply(tensors, x, None)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            kern.apply(tensors, x, None)
+        names = [e.name for e in prof.events() if e.device_type == DeviceType.CPU]
+        assert not [s for s in names if s in SYNCING], names
+        g, _ = capture_apply(kern, tensors, x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            g.replay()
+            torch.cuda.synchronize()
+        runtime = {e.name for e in prof.events() if e.device_type == DeviceType.CPU and e.name.startswith("cu")}
+        assert "cudaGraphLaunch" in runtime and not {s for s in runtime if "Launch" in s and "Graph" not in s}, runtime
+        kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+        assert any("decode_kernel" in s for s in kernels), kernels
