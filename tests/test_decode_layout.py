@@ -1,6 +1,6 @@
 """The decode GEMM's reading of CUTLASS's resident 2:4 layout, checked without a GPU.
 
-1. csrc/decode/layout_probe.cu (host code, built here with nvcc) evaluates the CuTe layouts that
+1. tests/layout_probe.cu (host code, built here with nvcc against csrc/) evaluates the CuTe layouts that
    CanonicalSparseConfig::fill_layoutA/fill_layoutE give for each shape, through the same sparse
    pointer views the compressor writes, and compares every value and metadata byte address with the
    closed forms of csrc/decode/layout.h; it also checks the mma.m16n8k32 register fragments the
@@ -17,6 +17,7 @@ Skipped when nvcc or the CUTLASS headers are missing.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,9 +36,10 @@ def probe(tmp_path_factory) -> str:
     except build.BuildError as e:
         pytest.skip(f"no CUDA toolkit / CUTLASS headers: {e}")
     exe = tmp_path_factory.mktemp("probe") / "layout_probe"
-    src = build.CSRC / "decode" / "layout_probe.cu"
+    src = Path(__file__).parent / "layout_probe.cu"
+    # its includes name csrc/decode/layout.h and csrc/sparse24_gemm.cuh ("../") as seen from csrc/decode
     cmd = [nvcc, "-std=c++17", "-O2", "--expt-relaxed-constexpr", *(f"-I{p}" for p in includes),
-           f"-I{build.CSRC}", str(src), "-o", str(exe)]
+           f"-I{build.CSRC}", f"-I{build.CSRC / 'decode'}", str(src), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(exe)

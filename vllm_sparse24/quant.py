@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-QMAX = 127  # the int8 grid's largest code (kept for the int8-only callers)
+QMAX = 127  # the int8 grid's largest code
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
 # a row of zeros gets this scale instead of 0, so that q = 0 and nothing divides by 0
 _MIN_SCALE = 1e-12
@@ -64,10 +64,6 @@ def grid_of(name: str) -> Grid:
         return GRIDS[name]
     except KeyError:
         raise ValueError(f"unknown quantization scheme {name!r}; choose from {sorted(GRIDS)}") from None
-
-
-def int8_scale(absmax: torch.Tensor) -> torch.Tensor:
-    return INT8.scale(absmax)
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, grid: Grid = INT8) -> torch.Tensor:

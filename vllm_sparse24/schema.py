@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import regex
@@ -139,7 +139,6 @@ class Sparse24Scheme:
     # "int8" or "fp8" (vllm_sparse24.quant.GRIDS): the grid of every quantized layer's weights
     # and activations; one checkpoint holds one scheme
     quant: str = "int8"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.quant not in SCHEME_ARGS:

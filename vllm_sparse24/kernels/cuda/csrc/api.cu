@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kQuantThreads) quant_int8_kernel(const T* __re
   if (threadIdx.x < 32) {
     amax = threadIdx.x < kQuantThreads / 32 ? warp_max[threadIdx.x] : 0.f;
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    // quant.py's int8_scale: absmax * float32(1/127), then the 1e-12 floor
+    // quant.py's Grid.scale of INT8: absmax * float32(1/127), then the 1e-12 floor
     if (threadIdx.x == 0) warp_max[0] = fmaxf(__fmul_rn(amax, static_cast<float>(1.0 / 127.0)), 1e-12f);
   }
   __syncthreads();
