@@ -137,3 +137,24 @@ def test_decode_abi_is_exported(built):
         lib.decode_workspace_bytes(8, 64, 96)
     with pytest.raises(lib.Sparse24LibraryError, match="m=65 tokens"):
         lib.decode_workspace_bytes(65, 64, 128)
+
+
+def test_a_machine_with_the_toolkit_has_built_the_library():
+    """The test command builds the library first, skipping only where the toolkit is missing: with
+    nvcc and the CUTLASS headers here (CI), a missing library is a failure, not a skip."""
+    try:
+        build.find_nvcc()
+        build.find_cutlass()
+    except build.BuildError as e:
+        pytest.skip(f"no CUDA toolkit here: {e}")
+    assert build.DEFAULT_LIB.is_file(), f"nvcc is here but {build.DEFAULT_LIB} is not built: run python -m vllm_sparse24.build"
+
+
+def test_the_build_skips_with_a_message_without_the_toolkit(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(build.glob, "glob", lambda pattern: [])
+    assert build.main(["--skip-without-toolkit", "--out", str(tmp_path / "lib.so")]) == 0
+    assert "skipping the CUDA library build: no nvcc >= 12.2 found" in capsys.readouterr().err
+    assert build.main(["--out", str(tmp_path / "lib.so")]) == 1
+    assert not (tmp_path / "lib.so").exists()
