@@ -217,7 +217,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
         cells = {r["impl"]: r.get("us") for r in rows if r["layer"] == layer and r["M"] == m and r["model"] == model}
         fp8 = cells.get("fp8_cutlass")
         line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8",
-                                                    "sparse24_decode") if cells.get(i))
+                                                    *(f"sparse24_decode{t}" for t in DECODE_TUNINGS),
+                                                    "sparse24_fp8_decode") if cells.get(i))
         ratio = f" sparse24/fp8={fp8 / cells['sparse24']:.2f}x" if fp8 and cells.get("sparse24") else ""
         print(f"{model} {layer} M={m}: {line}{ratio}", flush=True)
 

@@ -6,7 +6,7 @@
 #   bash benchmarks/offline_host/decode.sh
 # Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
 #   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
-#   engines, default 64; 0 when its tests fail).
+#   engines, default 64; 0 when its tests fail), STEPS (default "tests bench e2e").
 set -u -o pipefail
 OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT/k" "$OUT/t"
 START=$SECONDS; BUDGET_S=${BUDGET_S:-580}
@@ -14,15 +14,18 @@ left() { echo $((BUDGET_S - (SECONDS - START))); }
 . benchmarks/offline_host/setup.sh
 gpu_host_setup /tmp/sparse24-setup.log || { tail -20 /tmp/sparse24-setup.log; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
-tail -12 "$OUT/tests.log"
+STEPS=${STEPS:-tests bench e2e}
 decode=${DECODE_MAX_M:-64}
-grep -qE "^[0-9]+ passed" "$OUT/tests.log" || { decode=0; echo "decode GEMM tests did not pass: engines run without it"; }
-timeout 130 python3 benchmarks/kernels.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
+if [[ $STEPS == *tests* ]]; then
+  timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
+  tail -12 "$OUT/tests.log"
+  grep -qE "^[0-9]+ passed" "$OUT/tests.log" || { decode=0; echo "decode GEMM tests did not pass: engines run without it"; }
+fi
+[[ $STEPS == *bench* ]] && timeout 130 python3 benchmarks/kernels.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
   --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
-grep -A 40 "^decode" "$OUT/bench.log" | cut -c1-230
+[[ $STEPS == *bench* ]] && grep -E "^llama" "$OUT/bench.log" | sed 's/sparse24_/s24_/g; s/_cutlass//g' | cut -c1-230
 tb=$(( $(left) - 10 ))
-VLLM_SPARSE24_DECODE_MAX_M=$decode timeout $((tb + 5)) python3 benchmarks/throughput.py --out "$OUT/t" --time-budget $tb \
+[[ $STEPS == *e2e* ]] && VLLM_SPARSE24_DECODE_MAX_M=$decode timeout $((tb + 5)) python3 benchmarks/throughput.py --out "$OUT/t" --time-budget $tb \
   --engines "${ENGINES:-fp8,sparse24}" --workloads "${WORKLOADS:-decode_8x128x512,decode_1x128x512,decode_64x128x512}" \
   --repeats 2 --profile --profile-engines sparse24,fp8 --profile-workloads decode_8x128x64 2>&1 \
   | grep --line-buffered -E "^(\[|ROW|PROFILE|  gap|\||FAILED|Traceback|[A-Za-z]*Error)" | cut -c1-260
