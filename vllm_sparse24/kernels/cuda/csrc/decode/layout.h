@@ -1,6 +1,6 @@
 // Closed-form addressing of the resident 2:4 weight (CUTLASS sm90 sparse layout of an 8-bit weight,
 // tile K >= 128), shared by the decode kernel and the host probe that checks it against the CuTe
-// layouts (layout_probe.cu). Written out so the decode kernel needs no CuTe:
+// layouts (tests/layout_probe.cu). Written out so the decode kernel needs no CuTe:
 //
 //   values: row-major [N, K/2]; value j of row n (the j-th kept element, in k order) at n*K/2 + j.
 //           Kept pair of group g (logical k 4g..4g+3) = values 2g, 2g+1.
