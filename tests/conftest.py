@@ -62,9 +62,12 @@ def force_kernel(monkeypatch):
     dispatch.kernel_override.cache_clear()
 
 
-def run_engine(model_dir: Path, out: Path, ids: list[int], *extra: str, check: bool = True):
-    """Run tests/engine_runner.py in a fresh process; returns (result dict or None, completed process with stdout+stderr in .stdout)."""
-    env = dict(os.environ, VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def run_engine(model_dir: Path, out: Path, ids: list[int], *extra: str, check: bool = True,
+               env: dict[str, str] | None = None):
+    """Run tests/engine_runner.py in a fresh process (``env`` added to its environment); returns
+    (result dict or None, completed process with stdout+stderr in .stdout)."""
+    env = dict(os.environ, VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               **(env or {}))
     cmd = [sys.executable, str(HERE / "engine_runner.py"), str(model_dir), str(out),
            "--ids", ",".join(map(str, ids)), *extra]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)

@@ -16,18 +16,18 @@ import os
 def _inject(fault: str) -> None:
     import torch
 
-    from vllm_sparse24 import linear_method
+    from vllm_sparse24 import format as fmt
     from vllm_sparse24.kernels import torch_ref
 
     if fault == "unpack":  # read the bitmask bits in big instead of little order
-        good = linear_method.unpack_24
+        good = fmt.unpack_24
 
         def bad_unpack(values, bitmask, k, name="weight"):
             shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
             flipped = (((bitmask.unsqueeze(-1) >> shifts) & 1) << (7 - shifts)).sum(-1).to(torch.uint8)
             return good(values, flipped, k, name)
 
-        linear_method.unpack_24 = bad_unpack
+        fmt.unpack_24 = bad_unpack
     elif fault == "kernel":  # one activation scale per tensor instead of per token
         def per_tensor(x, grid):
             scale = (x.abs().amax() / grid.qmax).clamp_min(1e-12).float()

@@ -31,7 +31,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vllm_sparse24.checkpoint import load_scheme, validate_checkpoint
-from vllm_sparse24.schema import INPUT_ARGS, SCHEME_ARGS, WEIGHT_ARGS
+from vllm_sparse24.schema import SCHEME_ARGS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -127,12 +127,17 @@ def _regex_kind(scheme_cfg: dict, name: str, legacy: bool) -> str:
 def _check_accepted(q, scheme, kinds: dict[str, str]) -> None:
     """An accepted config says what the scheme does (the config read independently)."""
     if scheme.legacy:
-        assert q["quant_method"] == "compressed-tensors" and q["sparsity_config"]["format"] == "sparse-24-bitmask"
+        assert q["quant_method"] == "compressed-tensors"
+        assert q["sparsity_config"]["format"] in ("sparse-24-bitmask", "dense")
         assert q["sparsity_config"].get("sparsity_structure", "2:4") == "2:4"
-        for group in q["config_groups"].values():
-            for key, want in (("weights", WEIGHT_ARGS), ("input_activations", INPUT_ARGS)):
+        weight_args, input_args = SCHEME_ARGS[scheme.quant]
+        for group in (q.get("config_groups") or {}).values():
+            # weight scales per channel or per tensor; everything else as the scheme's
+            assert group["weights"].get("strategy") in ("channel", "tensor"), group["weights"]
+            for key, want in (("weights", weight_args), ("input_activations", input_args)):
                 got = group[key]
-                assert all(_same(got.get(k), v) for k, v in want.items() if k in got), (key, got)
+                assert all(_same(got.get(k), v) for k, v in want.items() if k in got and
+                           (key, k) != ("weights", "strategy")), (key, got)
     else:
         assert q["quant_method"] == "sparse24" and type(q["format_version"]) is int and q["format_version"] == 1
         assert q.get("sparsity_structure", "2:4") == "2:4"

@@ -17,14 +17,26 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from .checkpoint import validate_checkpoint
 from .linear_method import Sparse24LinearMethod
 from .lm_head_method import Sparse24LMHeadMethod
-from .schema import QUANT_METHOD, Sparse24ConfigError, Sparse24Scheme
+from .schema import QUANT_METHOD, SCHEME_ARGS, Sparse24ConfigError, Sparse24Scheme
+
+# the scheme (int8 / fp8) that an unquantized 2:4 checkpoint is quantized to at load
+LOAD_SCHEME_ENV = "VLLM_SPARSE24_LOAD_SCHEME"
+
+
+def load_scheme_from_env() -> str:
+    value = os.environ.get(LOAD_SCHEME_ENV) or "int8"
+    if value not in SCHEME_ARGS:
+        raise Sparse24ConfigError(f"{LOAD_SCHEME_ENV}={value!r}: choose one of {sorted(SCHEME_ARGS)}")
+    return value
 
 
 @register_quantization_config(QUANT_METHOD)
 class Sparse24Config(QuantizationConfig):
-    def __init__(self, scheme: Sparse24Scheme) -> None:
+    def __init__(self, scheme: Sparse24Scheme | None = None) -> None:
+        """``scheme`` None: vLLM found no quantization_config (``--quantization sparse24`` on a
+        plain checkpoint), so the weights are float 2:4, quantized at load."""
         super().__init__()
-        self.scheme = scheme
+        self.scheme = scheme if scheme is not None else Sparse24Scheme.unquantized_24(load_scheme_from_env())
 
     def __repr__(self) -> str:
         return f"Sparse24Config({self.scheme})"
@@ -49,14 +61,14 @@ class Sparse24Config(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Sparse24Config:
         if Sparse24Scheme.is_legacy_config(config):
-            return cls(Sparse24Scheme.from_compressed_tensors(config))
+            return cls(Sparse24Scheme.from_compressed_tensors(config, load_scheme_from_env()))
         return cls(Sparse24Scheme.from_dict(config))
 
     @classmethod
     def override_quantization_method(
         cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
     ) -> str | None:
-        # legacy llm-compressor 2:4 W8A8 checkpoints: stock vLLM >= 0.19.1 refuses them, we claim them
+        # compressed-tensors 2:4 checkpoints (llm-compressor): stock vLLM >= 0.19.1 refuses them, we claim them
         if Sparse24Scheme.is_legacy_config(hf_quant_cfg) and user_quant in (None, QUANT_METHOD, "compressed-tensors"):
             return QUANT_METHOD
         if hf_quant_cfg.get("quant_method") == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
@@ -68,13 +80,16 @@ class Sparse24Config(QuantizationConfig):
         if os.path.isdir(model_name):
             validate_checkpoint(model_name, self.scheme)
 
-    def _layer_kind(self, prefix: str) -> str:
+    def _shard_names(self, prefix: str) -> list[str]:
+        """The checkpoint's module names of the layers vLLM fuses into ``prefix`` ([] if none)."""
         last = prefix.rsplit(".", 1)[-1]
-        shards = self.packed_modules_mapping.get(last)
+        return [prefix[: -len(last)] + s for s in self.packed_modules_mapping.get(last) or ()]
+
+    def _layer_kind(self, prefix: str) -> str:
+        shards = self._shard_names(prefix)
         if not shards:
             return self.scheme.layer_kind(prefix)
-        base = prefix[: -len(last)]
-        kinds = {s: self.scheme.layer_kind(base + s) for s in shards}
+        kinds = {s.rsplit(".", 1)[-1]: self.scheme.layer_kind(s) for s in shards}
         if len(set(kinds.values())) > 1:
             raise Sparse24ConfigError(
                 f"{prefix}: vLLM fuses {shards} into one layer, so they must share one kind, "
@@ -90,4 +105,4 @@ class Sparse24Config(QuantizationConfig):
         kind = self._layer_kind(prefix)
         if kind == "unquantized":
             return UnquantizedLinearMethod()
-        return Sparse24LinearMethod(self.scheme, prefix, kind)
+        return Sparse24LinearMethod(self.scheme, prefix, kind, self._shard_names(prefix))

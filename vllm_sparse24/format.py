@@ -83,8 +83,9 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
     return mask.reshape(n, k)
 
 
-def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """Compress a 2:4 weight [N, K] into (values [N, K/2], bitmask uint8 [N, K/8])."""
+def check_24(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise :class:`Sparse24FormatError` naming ``name``, the first bad row and columns unless
+    the 2-D ``weight`` has at most 2 non-zeros in every group of 4 along K."""
     if weight.dim() != 2:
         raise Sparse24FormatError(f"{name}: expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -98,6 +99,12 @@ def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
             f"{int(nz[r, g])} non-zeros (at most 2 of every 4 along K are allowed); "
             f"{bad.shape[0]} such groups in all"
         )
+
+
+def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4 weight [N, K] into (values [N, K/2], bitmask uint8 [N, K/8])."""
+    check_24(weight, name)
+    n = weight.shape[0]
     mask = mask_24(weight)
     values = _take(weight, mask, n)
     bitmask = pack_bitmasks(mask.cpu()).to(weight.device)

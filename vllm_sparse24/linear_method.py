@@ -1,8 +1,16 @@
-"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers, int8 or fp8 (e4m3)."""
+"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers, int8 or fp8 (e4m3).
+
+A layer is finished (checked, unpacked, quantized where the checkpoint holds float weights, and
+handed to the kernel) as soon as its last checkpoint tensor is loaded, so loading holds the source
+tensors of one layer at a time: float weights are created on the meta device and materialized
+when their first shard arrives, so an unquantized 2:4 checkpoint never needs a float copy of
+every layer at once.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
 
 import torch
 from vllm.model_executor.layers.linear import (
@@ -14,27 +22,48 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     ModelWeightParameter,
     PackedvLLMParameter,
+    PerTensorScaleParameter,
 )
 
+from . import format as fmt
 from .checkpoint import SCALE, WEIGHT, sparse_names
-from .format import Sparse24FormatError, unpack_24
 from .kernels import LinearLayer, choose_kernel
+from .quant import quantize_weight_per_channel
 from .schema import K_MULTIPLE, Sparse24Scheme
+
+# vLLM's shard ids of fused q/k/v layers -> index into packed_modules_mapping["qkv_proj"]
+_QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
 @register_weight_loader_v2_supported_method
 class Sparse24LinearMethod(LinearMethodBase):
-    """Loads values + bitmask (sparse) or the weight codes (dense) + per-channel scale, checks
-    them, and hands the dense codes (int8 or float8_e4m3fn, the checkpoint's scheme) to the
-    kernel chosen for the device."""
+    """Loads a layer's checkpoint tensors (sparse24 values + bitmask, compressed-tensors values +
+    bitmask + shape, or a dense [N, K] weight; quantized codes + weight scale, or float weights),
+    checks them, and hands the dense codes (int8 or float8_e4m3fn, the checkpoint's scheme) with
+    per-channel scales to the kernel chosen for the device."""
 
-    def __init__(self, scheme: Sparse24Scheme, layer_name: str, kind: Literal["sparse", "dense"]):
+    # finish a layer as soon as its last tensor is loaded (False: in process_weights_after_loading)
+    finish_on_load: ClassVar[bool] = True
+
+    def __init__(self, scheme: Sparse24Scheme, layer_name: str, kind: Literal["sparse", "dense"],
+                 shard_names: Sequence[str] = ()):
+        """``shard_names``: the checkpoint's module names of the layers vLLM fused into this one
+        (q/k/v, gate/up), in vLLM's shard order; empty for a layer that is not fused."""
         self.scheme = scheme
         self.layer_name = layer_name
+        self.shard_names = tuple(shard_names)
         self.sparse = kind == "sparse"
-        self.names = sparse_names(scheme.legacy)  # the parameters take the checkpoint's tensor names
         self.grid = scheme.grid
+        # where the weights of this layer come from: sparse24 / compressed-tensors bitmask / dense
+        self.layout = self.scheme.layout if self.sparse else "dense"
+        # the parameters take the checkpoint's tensor names
+        self.names = sparse_names(self.layout == "bitmask")
         self.kernel = None
+        self.resident_names: list[str] = []
+        self.finished = False
+        self._seen: dict[str, set] = {}  # checkpoint parameter -> the shard ids loaded into it
+        self._shards = 1
+        self._device = torch.device("cpu")
 
     def create_weights(
         self,
@@ -51,70 +80,137 @@ class Sparse24LinearMethod(LinearMethodBase):
         layer.logical_widths = output_partition_sizes
         layer.input_size_per_partition = k
         layer.output_size_per_partition = n
-        if self.sparse:
-            if k % K_MULTIPLE:
-                tp = input_size // k
-                raise Sparse24FormatError(
-                    f"{self.layer_name}: K per tensor-parallel rank is {k} (K={input_size}, tp={tp}); "
-                    f"sparse24 needs a multiple of {K_MULTIPLE}. Use a smaller tensor-parallel size "
-                    "or keep this layer dense (dense_layers)"
-                )
-            layer.register_parameter(
-                self.names.packed,
-                PackedvLLMParameter(
-                    data=torch.empty(n, k // 2, dtype=self.grid.dtype),
-                    input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=loader,
-                ),
-            )
-            layer.register_parameter(
-                self.names.bitmask,
-                PackedvLLMParameter(
-                    data=torch.empty(n, k // 8, dtype=torch.uint8),
-                    input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
-                ),
-            )
-            if self.scheme.legacy:
-                # compressed-tensors stored each shard's dense [N, K]; kept for checking K only
-                layer.register_parameter(
-                    self.names.shape,
-                    BasevLLMParameter(data=torch.zeros(2, 1, dtype=torch.int64), weight_loader=_load_shape),
-                )
-        else:
-            layer.register_parameter(
-                WEIGHT,
-                ModelWeightParameter(
-                    data=torch.empty(n, k, dtype=self.grid.dtype), input_dim=1, output_dim=0, weight_loader=loader
-                ),
-            )
-        layer.register_parameter(
-            SCALE,
-            ChannelQuantScaleParameter(data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader),
-        )
         layer.sparse24_full_k = input_size
         layer.sparse24_act_dtype = params_dtype
+        self._shards = len(output_partition_sizes)
+        self._device = torch.empty(0).device  # vLLM builds the model under its target device
+        if self.sparse and k % K_MULTIPLE:
+            tp = input_size // k
+            raise fmt.Sparse24FormatError(
+                f"{self.layer_name}: K per tensor-parallel rank is {k} (K={input_size}, tp={tp}); "
+                f"sparse24 needs a multiple of {K_MULTIPLE}. Use a smaller tensor-parallel size "
+                "or keep this layer dense (dense_layers)"
+            )
+        # float weights (quantized at load) wait on the meta device for their first shard
+        values_dtype, values_device = (
+            (self.grid.dtype, None) if self.scheme.quantized else (params_dtype, "meta")
+        )
+        params: dict[str, BasevLLMParameter] = {}
+        if self.layout == "dense":
+            params[WEIGHT] = ModelWeightParameter(
+                data=torch.empty(n, k, dtype=values_dtype, device=values_device),
+                input_dim=1, output_dim=0, weight_loader=loader,
+            )
+        else:
+            params[self.names.packed] = PackedvLLMParameter(
+                data=torch.empty(n, k // 2, dtype=values_dtype, device=values_device),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=loader,
+            )
+            params[self.names.bitmask] = PackedvLLMParameter(
+                data=torch.empty(n, k // 8, dtype=torch.uint8),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
+            )
+            if self.layout == "bitmask":
+                # compressed-tensors stores each shard's dense [N, K]; kept for checking K only
+                params[self.names.shape] = BasevLLMParameter(
+                    data=torch.zeros(2, 1, dtype=torch.int64), weight_loader=_load_shape
+                )
+        if self.scheme.quantized:
+            if self.scheme.weight_strategy == "tensor":  # one scale per fused shard
+                params[SCALE] = PerTensorScaleParameter(
+                    data=torch.empty(self._shards, dtype=torch.float32), weight_loader=loader
+                )
+            else:
+                params[SCALE] = ChannelQuantScaleParameter(
+                    data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader
+                )
+        for name, param in params.items():
+            param.weight_loader = self._tracking_loader(layer, name, param.weight_loader)
+            layer.register_parameter(name, param)
+            self._seen[name] = set()
+
+    # -- loading, one layer at a time ------------------------------------------------------
+    def _tracking_loader(self, layer: torch.nn.Module, name: str, load: Callable) -> Callable:
+        def tracking_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+            shard = args[0] if args else next(iter(kwargs.values()), None)
+            if self.finished:
+                raise fmt.Sparse24FormatError(
+                    f"{self.layer_name}: {name} (shard {shard}) loaded again after the layer was complete; "
+                    "the checkpoint holds the tensor twice"
+                )
+            if name == WEIGHT and self.sparse:  # 2:4 stored dense: check it as the checkpoint holds it
+                fmt.check_24(loaded_weight, self._source_name(shard))
+            param = getattr(layer, name)  # the materialized one after the first shard
+            if param.is_meta:
+                param = _materialize(param, self._device)
+                layer.register_parameter(name, param)
+            load(param, loaded_weight, *args, **kwargs)
+            self._seen[name].add(shard)
+            if self.finish_on_load and all(self._complete(n) for n in self._seen):
+                self._finish(layer)
+
+        return tracking_loader
+
+    def _complete(self, name: str) -> bool:
+        seen = self._seen[name]
+        return None in seen or len(seen) >= self._shards
+
+    def _source_name(self, shard) -> str:
+        """The checkpoint's module name of one shard of this (possibly fused) layer."""
+        if shard is None or not self.shard_names:
+            return self.layer_name
+        return self.shard_names[_QKV_SHARDS.get(shard, shard) if isinstance(shard, str) else shard]
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        n, k = layer.output_size_per_partition, layer.input_size_per_partition
-        if self.sparse:
-            if self.scheme.legacy:
+        if self.finished:
+            return
+        partial = {name: sorted(map(str, seen)) for name, seen in self._seen.items() if seen and not self._complete(name)}
+        if partial:
+            raise fmt.Sparse24FormatError(
+                f"{self.layer_name}: the checkpoint gave only some of this layer's tensors (loaded: {partial}; "
+                f"expected {sorted(self._seen)} for each of {self._shards} shard(s))"
+            )
+        never = [name for name in self._seen if getattr(layer, name).is_meta]
+        if never:
+            raise fmt.Sparse24FormatError(f"{self.layer_name}: the checkpoint has no {never}")
+        self._finish(layer)  # weights put in place without loaders (e.g. vLLM's dummy weights)
+
+    def _finish(self, layer: torch.nn.Module) -> None:
+        codes, scale = self._codes_and_scale(layer)
+        for name in self._seen:  # free now: vLLM's loader still holds the parameters
+            param = getattr(layer, name)
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            delattr(layer, name)
+        self._prepare_kernel(layer, codes, scale)
+        self.finished = True
+
+    def _codes_and_scale(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense codes [N, K] of the scheme's grid (2:4 when sparse) + float32 scale [N, 1]."""
+        k = layer.input_size_per_partition
+        if self.layout == "dense":
+            weight = getattr(layer, WEIGHT).data
+        else:
+            if self.names.shape:
                 shape_k = int(getattr(layer, self.names.shape).data.reshape(-1)[1])
                 if shape_k != layer.sparse24_full_k:
-                    raise Sparse24FormatError(
-                        f"{self.layer_name}.{self.names.shape}: says K={shape_k}, the model expects K={layer.sparse24_full_k}"
+                    raise fmt.Sparse24FormatError(
+                        f"{self.layer_name}.{self.names.shape}: says K={shape_k}, the model expects "
+                        f"K={layer.sparse24_full_k}"
                     )
-                delattr(layer, self.names.shape)
             values = getattr(layer, self.names.packed).data
-            bitmask = getattr(layer, self.names.bitmask).data
-            weight = unpack_24(values, bitmask, k, name=self.layer_name)
-            delattr(layer, self.names.packed)
-            delattr(layer, self.names.bitmask)
-        else:
-            weight = getattr(layer, WEIGHT).data
-            delattr(layer, WEIGHT)
+            weight = fmt.unpack_24(values, getattr(layer, self.names.bitmask).data, k, name=self.layer_name)
+        if not self.scheme.quantized:
+            return quantize_weight_per_channel(weight, self.grid)
         scale = getattr(layer, SCALE).data.to(torch.float32)
+        if self.scheme.weight_strategy == "tensor":
+            widths = torch.tensor(layer.logical_widths, device=scale.device)
+            scale = scale.reshape(-1).repeat_interleave(widths).reshape(-1, 1)
         if not torch.isfinite(scale).all() or (scale < 0).any():
-            raise Sparse24FormatError(f"{self.layer_name}.{SCALE}: has negative, inf or NaN entries")
-        delattr(layer, SCALE)
+            raise fmt.Sparse24FormatError(f"{self.layer_name}.{SCALE}: has negative, inf or NaN entries")
+        return weight, scale
+
+    def _prepare_kernel(self, layer: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        n, k = layer.output_size_per_partition, layer.input_size_per_partition
         spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device)
         self.kernel = choose_kernel(spec)(spec)
         try:
@@ -128,7 +224,6 @@ class Sparse24LinearMethod(LinearMethodBase):
                 "gpu_memory_utilization does not help here: free the GPU (other processes) or shard the model "
                 f"over more GPUs (tensor_parallel_size). ({e})"
             ) from e
-        del weight
         self.resident_names = list(resident)
         for name, t in resident.items():
             layer.register_parameter(f"s24_{name}", torch.nn.Parameter(t, requires_grad=False))
@@ -138,7 +233,16 @@ class Sparse24LinearMethod(LinearMethodBase):
         return self.kernel.apply(tensors, x, bias)
 
 
+def _materialize(param: torch.nn.Parameter, device: torch.device) -> torch.nn.Parameter:
+    """A zeroed copy on ``device`` of a meta parameter, of the same vLLM parameter class and
+    attributes (its loader included)."""
+    t = torch.zeros(param.shape, dtype=param.dtype, device=device)
+    t.__class__ = param.__class__
+    t.__dict__ = param.__dict__.copy()
+    return t
+
+
 def _load_shape(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
     if loaded_weight.numel() != 2:
-        raise Sparse24FormatError(f"legacy '.shape' tensor must hold 2 values [N, K], got {tuple(loaded_weight.shape)}")
+        raise fmt.Sparse24FormatError(f"legacy '.shape' tensor must hold 2 values [N, K], got {tuple(loaded_weight.shape)}")
     param.data.copy_(loaded_weight.reshape(2, 1))

@@ -26,6 +26,9 @@ class Sparse24LMHeadMethod(Sparse24LinearMethod):
     """Dense W8A8 logits for a ``ParallelLMHead``: int8 (or e4m3) codes + per-row scale from the
     checkpoint, or quantized at load from the embedding it is tied to."""
 
+    # vLLM ties the embedding after loading (tie_weights): the layer is finished after that
+    finish_on_load = False
+
     def __init__(self, scheme: Sparse24Scheme, layer_name: str):
         super().__init__(scheme, layer_name, "dense")
         self.tied = False

@@ -24,6 +24,14 @@ SPARSITY_STRUCTURE = "2:4"
 # bytes need 8, and the CUTLASS kernel needs 16-byte rows of the compressed values (K/2 bytes).
 K_MULTIPLE = 64
 LEGACY_SPARSITY_FORMAT = "sparse-24-bitmask"
+# compressed-tensors sparsity formats the plugin reads: values + bitmask, or the weight stored
+# dense with the zeros in place (the 2:4 pattern is then checked at load)
+CT_SPARSITY_LAYOUTS = {LEGACY_SPARSITY_FORMAT: "bitmask", "dense": "dense"}
+# how the weights of a 2:4 layer are stored: sparse24 values + bitmask, compressed-tensors
+# values + bitmask + shape, or dense [N, K] with the zeros in place
+Layout = Literal["sparse24", "bitmask", "dense"]
+# weight scales the plugin reads: one per output channel, or one per tensor (expanded at load)
+WEIGHT_STRATEGIES = ("channel", "tensor")
 
 WEIGHT_ARGS: dict[str, Any] = {
     "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
@@ -124,25 +132,33 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class Sparse24Scheme:
-    """Which linear layers are sparse W8A8, dense W8A8 or left unquantized."""
+    """Which linear layers are sparse W8A8, dense W8A8 or left unquantized, and how the
+    checkpoint stores them."""
 
     ignore: tuple[str, ...] = ("lm_head",)
     dense_layers: tuple[str, ...] = ()
     # lm_head as a dense W8A8 layer on the scheme's grid (vLLM's ParallelLMHead, not a linear
     # layer); with tied embeddings the plugin quantizes a copy of the embedding for the logits
     quantize_lm_head: bool = False
-    # legacy checkpoints only: which layers the quantization / sparsity configs target
+    # compressed-tensors checkpoints only: which layers the quantization / sparsity configs target
     quant_targets: tuple[str, ...] = ("Linear",)
     sparse_targets: tuple[str, ...] = ("Linear",)
     sparse_ignore: tuple[str, ...] = ()
+    # a compressed-tensors checkpoint, or one without quantization_config (read only)
     legacy: bool = False
     # "int8" or "fp8" (vllm_sparse24.quant.GRIDS): the grid of every quantized layer's weights
     # and activations; one checkpoint holds one scheme
     quant: str = "int8"
+    layout: Layout = "sparse24"
+    # False: the checkpoint holds float weights, quantized on ``quant``'s grid at load
+    quantized: bool = True
+    weight_strategy: str = "channel"
 
     def __post_init__(self) -> None:
         if self.quant not in SCHEME_ARGS:
             raise Sparse24ConfigError(f"unknown quantization scheme {self.quant!r}; choose from {sorted(SCHEME_ARGS)}")
+        if self.weight_strategy not in WEIGHT_STRATEGIES:
+            raise Sparse24ConfigError(f"unknown weight strategy {self.weight_strategy!r}; choose from {WEIGHT_STRATEGIES}")
         if self.quantize_lm_head and _match(LM_HEAD, self.ignore):
             raise Sparse24ConfigError(
                 f"quantization_config.quantize_lm_head is true but ignore {list(self.ignore)} leaves "
@@ -224,44 +240,98 @@ class Sparse24Scheme:
             **({"quantize_lm_head": True} if self.quantize_lm_head else {}),
         }
 
-    # -- legacy compressed-tensors sparse-24-bitmask ----------------------------------
+    # -- compressed-tensors 2:4 checkpoints (llm-compressor), and plain ones -----------
     @staticmethod
     def is_legacy_config(cfg: Mapping[str, Any] | None) -> bool:
+        """A compressed-tensors quantization_config whose sparsity_config promises 2:4."""
         if not isinstance(cfg, Mapping) or cfg.get("quant_method") != "compressed-tensors":
             return False
         sparsity = cfg.get("sparsity_config")
-        return isinstance(sparsity, Mapping) and sparsity.get("format") == LEGACY_SPARSITY_FORMAT
+        return isinstance(sparsity, Mapping) and (
+            sparsity.get("format") == LEGACY_SPARSITY_FORMAT
+            or sparsity.get("sparsity_structure") == SPARSITY_STRUCTURE
+        )
 
     @classmethod
-    def from_compressed_tensors(cls, cfg: Mapping[str, Any]) -> Sparse24Scheme:
+    def unquantized_24(cls, quant: str = "int8") -> Sparse24Scheme:
+        """A checkpoint without quantization_config served with ``--quantization sparse24``: float
+        weights with the zeros in place; every linear but lm_head is 2:4 (checked at load) and
+        quantized on ``quant``'s grid at load."""
+        return cls(ignore=("lm_head",), legacy=True, quant=quant, layout="dense", quantized=False)
+
+    @classmethod
+    def from_compressed_tensors(cls, cfg: Mapping[str, Any], load_quant: str = "int8") -> Sparse24Scheme:
+        """The scheme of a compressed-tensors 2:4 checkpoint; ``load_quant`` is the grid an
+        unquantized one is quantized on at load."""
         if not cls.is_legacy_config(cfg):
-            raise Sparse24ConfigError("not a compressed-tensors sparse-24-bitmask config")
+            raise Sparse24ConfigError("not a compressed-tensors 2:4 config (sparsity_config with sparsity_structure '2:4')")
         sparsity = cfg["sparsity_config"]
         if sparsity.get("sparsity_structure", SPARSITY_STRUCTURE) != SPARSITY_STRUCTURE:
             raise Sparse24ConfigError(
                 f"sparsity_config.sparsity_structure={sparsity.get('sparsity_structure')!r}; only '2:4' is supported"
             )
+        layout = CT_SPARSITY_LAYOUTS.get(fmt) if isinstance(fmt := sparsity.get("format"), str) else None
+        if layout is None:
+            raise Sparse24ConfigError(
+                f"sparsity_config.format={sparsity.get('format')!r} is not supported; sparse24 reads "
+                + " or ".join(repr(f) for f in CT_SPARSITY_LAYOUTS)
+            )
+        sparse_targets = tuple(_str_list(sparsity.get("targets", ["Linear"]), "sparsity_config.targets"))
+        sparse_ignore = tuple(_str_list(sparsity.get("ignore", []), "sparsity_config.ignore"))
+        ignore = tuple(_str_list(cfg.get("ignore", []), "ignore"))
         groups = cfg.get("config_groups") or {}
         _require_mapping(groups, "quantization_config.config_groups")
-        if not groups:
-            raise Sparse24ConfigError(
-                "compressed-tensors sparse-24-bitmask checkpoint without quantization config_groups: "
-                "sparse24 serves int8 W8A8 only"
+        if not groups:  # 2:4 only: quantized at load
+            return cls(
+                ignore=ignore + sparse_ignore, quant_targets=sparse_targets, sparse_targets=sparse_targets,
+                sparse_ignore=sparse_ignore, legacy=True, quant=load_quant, layout=layout, quantized=False,
             )
+        _refuse_4bit_format(cfg, groups)
         targets: list[str] = []
+        quants: dict[str, str] = {}
+        strategies: dict[str, str] = {}
         for gname, group in groups.items():
             _require_mapping(group, f"quantization_config.config_groups.{gname}")
-            check_quant_args(group.get("weights"), WEIGHT_ARGS, f"config_groups.{gname}.weights")
-            check_quant_args(
-                group.get("input_activations"), INPUT_ARGS, f"config_groups.{gname}.input_activations"
-            )
-            targets += _str_list(group.get("targets", []), f"config_groups.{gname}.targets")
+            what = f"config_groups.{gname}"
+            quant = scheme_of_args(group.get("weights"), f"{what}.weights")
+            weights, inputs = SCHEME_ARGS[quant]
+            check_quant_args(group.get("weights"), {k: v for k, v in weights.items() if k != "strategy"},
+                             f"{what}.weights")
+            strategies[gname] = _weight_strategy(group["weights"], f"{what}.weights")
+            check_quant_args(group.get("input_activations"), inputs, f"{what}.input_activations")
+            quants[gname] = quant
+            targets += _str_list(group.get("targets", []), f"{what}.targets")
+        for name, values in (("schemes", quants), ("weight strategies", strategies)):
+            if len(set(values.values())) > 1:
+                raise Sparse24ConfigError(
+                    f"quantization_config.config_groups mix {name} {values}; sparse24 loads one per checkpoint"
+                )
         return cls(
-            ignore=tuple(_str_list(cfg.get("ignore", []), "ignore")),
-            quant_targets=tuple(targets),
-            sparse_targets=tuple(_str_list(sparsity.get("targets", ["Linear"]), "sparsity_config.targets")),
-            sparse_ignore=tuple(_str_list(sparsity.get("ignore", []), "sparsity_config.ignore")),
-            legacy=True,
+            ignore=ignore, quant_targets=tuple(targets), sparse_targets=sparse_targets, sparse_ignore=sparse_ignore,
+            legacy=True, quant=next(iter(quants.values())), layout=layout,
+            weight_strategy=next(iter(strategies.values())),
+        )
+
+
+def _weight_strategy(args: Mapping[str, Any], what: str) -> str:
+    got = _parse_quant_args(args, what).strategy
+    got = getattr(got, "value", got)
+    if got not in WEIGHT_STRATEGIES:
+        raise Sparse24ConfigError(
+            f"quantization_config['{what}']: strategy={got!r} is not supported; sparse24 loads weight "
+            f"scales per {' or '.join(repr(s) for s in WEIGHT_STRATEGIES)}"
+        )
+    return got
+
+
+def _refuse_4bit_format(cfg: Mapping[str, Any], groups: Mapping[str, Any]) -> None:
+    formats = [cfg.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, Mapping)]
+    if "marlin-24" in formats:
+        raise Sparse24ConfigError(
+            "quantization_config.format='marlin-24' (4-bit weights with 16-bit activations, W4A16, "
+            "packed for the Marlin 2:4 kernel) is not supported: sparse24 runs 8-bit weights (int8 or "
+            "fp8 W8A8) and has no 4-bit scheme; serve the unquantized 2:4 model with --quantization "
+            "sparse24 instead"
         )
 
 

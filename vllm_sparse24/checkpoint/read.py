@@ -67,6 +67,14 @@ def read_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme | None = N
     naming the file and the tensor."""
     folder = Path(folder)
     scheme = load_scheme(folder) if scheme is None else scheme
+    if scheme.layout == "dense" or not scheme.quantized or scheme.weight_strategy != "channel":
+        # the plugin serves these (it quantizes or packs them at load); the offline tools read
+        # quantized values + bitmask with per-channel scales only
+        raise CheckpointError(
+            f"{folder}: a compressed-tensors checkpoint with {'float' if not scheme.quantized else 'quantized'} "
+            f"weights stored {scheme.layout} ({scheme.weight_strategy}-wise scale) is served by the plugin but "
+            "not read by the offline tools"
+        )
     kinds = validate_checkpoint(folder, scheme)
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}  # tensor -> its file (shards may split a layer)
@@ -75,7 +83,7 @@ def read_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme | None = N
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
                 where[key] = f.name
-    names = sparse_names(scheme.legacy)
+    names = sparse_names(scheme.layout == "bitmask")
     linears: dict[str, QuantizedLinear] = {}
     for prefix, kind in sorted(kinds.items()):
         scale = tensors.pop(f"{prefix}.{SCALE}").float().reshape(-1, 1)

@@ -16,17 +16,55 @@ from ..quant import GRIDS
 from ..schema import K_MULTIPLE, LM_HEAD, Sparse24Scheme
 from .names import DENSE_SUFFIXES, SCALE, SCALE_DTYPES, WEIGHT, CheckpointError, sparse_names
 
+INDEX_NAME = "model.safetensors.index.json"
+# the float dtypes (of scales, and of the weights the plugin quantizes at load)
+FLOAT_DTYPES = SCALE_DTYPES
+
+
+def _read_index(folder: Path) -> dict[str, str] | None:
+    """The index's tensor name -> shard file name, or None without an index."""
+    path = folder / INDEX_NAME
+    if not path.exists():
+        return None
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a safetensors index with a 'weight_map' ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+def _shard_files(folder: Path, weight_map: dict[str, str] | None) -> list[Path]:
+    """The shards the index names (each must exist), or every *.safetensors file without one."""
+    if weight_map is None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files (sparse24 checkpoints never use pickle)")
+        return files
+    by_file: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(key)
+    for fname, keys in sorted(by_file.items()):
+        if not (folder / fname).is_file():
+            raise CheckpointError(
+                f"{folder / INDEX_NAME}: shard {fname} is missing from the folder ({len(keys)} tensors, "
+                f"e.g. {sorted(keys)[0]!r}); download it again"
+            )
+    return [folder / fname for fname in sorted(by_file)]
+
 
 def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
-    """tensor name -> (file name, dtype, shape) over every *.safetensors file in folder.
+    """tensor name -> (file name, dtype, shape) over the shards that model.safetensors.index.json
+    lists (each must exist and hold the tensors the index puts in it), or every *.safetensors file
+    in folder without an index.
 
     Refuses what safetensors would read ambiguously or vLLM could not load: a name given twice
     in one header or in two files (one copy would silently win), a dtype torch cannot load.
     """
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files (sparse24 checkpoints never use pickle)")
+    weight_map = _read_index(folder)
+    files = _shard_files(folder, weight_map)
     out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
     for f in files:
         try:
@@ -47,6 +85,10 @@ def read_headers(folder: str | os.PathLike) -> dict[str, tuple[str, torch.dtype,
                     f"(loadable: {', '.join(sorted(_DTYPES))})"
                 )
             out[key] = (f.name, _DTYPES[dtype_name], shape)
+    for key, fname in (weight_map or {}).items():
+        if out.get(key, (fname,))[0] != fname or key not in out:
+            where = f"it is in {out[key][0]}" if key in out else "no shard holds it"
+            raise CheckpointError(f"{folder / INDEX_NAME}: puts tensor {key!r} in {fname}, but {where}")
     return out
 
 
@@ -98,20 +140,88 @@ def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[in
         raise CheckpointError(f"{fname}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
 
 
+def expected_linear_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Linear layer name suffix -> its [N, K] by config.json, for the Llama-family layers (q/k/v/o,
+    gate/up/down); {} when config.json does not say (another architecture)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        hidden, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, RecursionError):
+        return {}
+    if not all(isinstance(v, int) for v in (hidden, inter, heads, kv_heads, head_dim)):
+        return {}
+    return {
+        "self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+    }
+
+
+def _expected_nk(shapes: dict[str, tuple[int, int]], prefix: str) -> tuple[int, int] | None:
+    parts = prefix.split(".")
+    return shapes.get(".".join(parts[-2:])) if len(parts) >= 2 else None
+
+
 def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> dict[str, str]:
-    """Check every quantized linear's tensors by name, dtype and shape; returns prefix -> kind.
+    """Check every quantized or 2:4 linear's tensors by name, dtype and shape (against
+    config.json for Llama-family layers); returns prefix -> kind.
 
     Layers are found from the tensor names; each must be of the kind the scheme assigns.
     """
     headers = read_headers(folder)
-    names = sparse_names(scheme.legacy)
+    shapes = expected_linear_shapes(folder)
+    bitmask_layout = scheme.layout == "bitmask"
+    names = sparse_names(bitmask_layout)
     packed_key, mask_key = names.packed, names.bitmask
     code_dtype = scheme.grid.dtype
     code_dtypes = {g.dtype: name for name, g in GRIDS.items()}
+    # the dtype of the stored weights: the scheme's codes, or float when quantized at load
+    value_dtypes = (code_dtype,) if scheme.quantized else FLOAT_DTYPES
     _check_one_scheme(headers, scheme, packed_key)
+
+    def expect_scale(prefix: str, n: int) -> None:
+        name = f"{prefix}.{SCALE}"
+        if not scheme.quantized:
+            if name in headers:
+                raise CheckpointError(
+                    f"{headers[name][0]}: {name!r}: the quantization_config says the weights are not "
+                    "quantized, but the layer has a scale"
+                )
+            return
+        tensor_wise = scheme.weight_strategy == "tensor"
+        _expect(headers, name, SCALE_DTYPES, None if tensor_wise else (n, 1))
+        if tensor_wise and prod(headers[name][2]) != 1:
+            raise CheckpointError(
+                f"{headers[name][0]}: tensor {name!r} has shape {list(headers[name][2])}, expected [1] "
+                "(weights: strategy 'tensor')"
+            )
+
+    def expect_nk(prefix: str, key: str, n: int, k: int, per: int) -> None:
+        want = _expected_nk(shapes, prefix)
+        if want is not None and (n, k) != want:
+            fname, _, got = headers[key]
+            raise CheckpointError(
+                f"{fname}: tensor {key!r} has shape {list(got)}, expected {[want[0], want[1] // per]} "
+                f"({prefix} is [N, K] = {list(want)} by config.json)"
+            )
+
+    def expect_sparse_k(prefix: str, k: int) -> None:
+        if k % K_MULTIPLE:
+            raise CheckpointError(
+                f"{prefix}: K={k} is not a multiple of {K_MULTIPLE} (sparse24 needs K per tensor-parallel "
+                f"rank to be a multiple of {K_MULTIPLE}); keep this layer dense (dense_layers)"
+            )
+
     sparse = {k[: -len(packed_key) - 1] for k in headers if k.endswith("." + packed_key)}
     sparse |= {k[: -len(mask_key) - 1] for k in headers if k.endswith("." + mask_key)}
     kinds: dict[str, str] = {}
+    if sparse and scheme.layout == "dense":
+        raise CheckpointError(
+            f"{sorted(sparse)[0]}: has sparse tensors ({packed_key}/{mask_key}) but sparsity_config.format "
+            "is 'dense' (the weights stored [N, K])"
+        )
     for prefix in sorted(sparse):
         kind = scheme.layer_kind(prefix)
         if kind != "sparse":
@@ -120,18 +230,15 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"makes it {kind} (check ignore / dense_layers)"
             )
         pk = f"{prefix}.{packed_key}"
-        _expect(headers, pk, (code_dtype,), None)
+        _expect(headers, pk, value_dtypes, None)
         n, half_k = headers[pk][2] if len(headers[pk][2]) == 2 else (None, None)
         if n is None:
             raise CheckpointError(f"{headers[pk][0]}: tensor {pk!r} must be 2-D [N, K/2], got {list(headers[pk][2])}")
         k = 2 * half_k
-        if k % K_MULTIPLE:
-            raise CheckpointError(
-                f"{prefix}: K={k} is not a multiple of {K_MULTIPLE} (sparse24 needs K per tensor-parallel "
-                f"rank to be a multiple of {K_MULTIPLE}); keep this layer dense (dense_layers)"
-            )
+        expect_sparse_k(prefix, k)
+        expect_nk(prefix, pk, n, k, 2)
         _expect(headers, f"{prefix}.{mask_key}", (torch.uint8,), (n, k // 8))
-        _expect(headers, f"{prefix}.{SCALE}", SCALE_DTYPES, (n, 1))
+        expect_scale(prefix, n)
         if names.shape:
             _expect(headers, f"{prefix}.{names.shape}", (torch.int64, torch.int32), None)
         stray = f"{prefix}.{WEIGHT}"
@@ -142,24 +249,30 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
         prefix, _, suffix = key.rpartition(".")
         if suffix != WEIGHT or prefix in kinds:
             continue
-        if dtype in code_dtypes:
-            kind = scheme.layer_kind(prefix)
-            if kind == "sparse":
-                raise CheckpointError(
-                    f"{fname}: {prefix} is a sparse24 layer but is stored dense ({key!r}); expected "
-                    f"{prefix}.{packed_key} and {prefix}.{mask_key}"
-                )
-            if kind == "unquantized":
-                # vLLM would cast the codes into the layer's float weight, unscaled
-                raise CheckpointError(
-                    f"{fname}: {key!r} is {code_dtypes[dtype]} but the quantization_config leaves {prefix} unquantized "
-                    "(ignore); store it in float or quantize it"
-                )
-            if len(shape) != 2:
-                raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
-            _expect(headers, f"{prefix}.{SCALE}", SCALE_DTYPES, (shape[0], 1))
-            kinds[prefix] = "dense"
-    allowed = {"sparse": names.suffixes(), "dense": DENSE_SUFFIXES}
+        kind = scheme.layer_kind(prefix)
+        # float weights are linears only where config.json names them (else embeddings, norms...)
+        if dtype not in code_dtypes and (kind == "unquantized" or _expected_nk(shapes, prefix) is None):
+            continue
+        if kind == "unquantized":
+            # vLLM would cast the codes into the layer's float weight, unscaled
+            raise CheckpointError(
+                f"{fname}: {key!r} is {code_dtypes[dtype]} but the quantization_config leaves {prefix} unquantized "
+                "(ignore); store it in float or quantize it"
+            )
+        if kind == "sparse" and scheme.layout != "dense":
+            raise CheckpointError(
+                f"{fname}: {prefix} is a sparse24 layer but is stored dense ({key!r}); expected "
+                f"{prefix}.{packed_key} and {prefix}.{mask_key}"
+            )
+        _expect(headers, key, value_dtypes if kind == "sparse" else (code_dtype,), None)
+        if len(shape) != 2:
+            raise CheckpointError(f"{fname}: tensor {key!r} must be 2-D, got {list(shape)}")
+        if kind == "sparse":
+            expect_sparse_k(prefix, shape[1])
+        expect_nk(prefix, key, shape[0], shape[1], 1)
+        expect_scale(prefix, shape[0])
+        kinds[prefix] = kind
+    allowed = {"sparse": DENSE_SUFFIXES if scheme.layout == "dense" else names.suffixes(), "dense": DENSE_SUFFIXES}
     for key, (fname, _, shape) in headers.items():
         prefix, _, suffix = key.rpartition(".")
         if prefix in kinds and suffix not in allowed[kinds[prefix]]:
