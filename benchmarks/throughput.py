@@ -15,12 +15,22 @@ per engine (speed does not depend on the values):
     ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
   * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
+  * the published 2:4 models' formats (docs/format.md), served by the plugin:
+    ``sparse24_from_bf16``: the 2:4 weights in bf16 with the zeros in place and no quantization_config
+    (as Sparse-Llama-3.1-8B-2of4), served with ``--quantization sparse24``, quantized to int8 at load;
+    ``ct24_fp8_dynamic``: a compressed-tensors FP8-dynamic 2:4 checkpoint (e4m3 channel-wise weights
+    stored dense, ``sparsity_config`` dense 2:4, as the Sparse-Llama FP8-dynamic models), loaded
+    into the fp8 scheme.
 Each engine runs in its own process (``--_engine``), every workload in that process, with the
 same token-id prompts (``random.Random(seed)``) for all engines. Metrics follow
 ``vllm bench throughput``: requests/s = n / elapsed, total tok/s = (prompt + generated) / elapsed,
 output tok/s = generated / elapsed, elapsed = the median of ``--repeats`` (3) ``LLM.generate`` calls
 over all requests (``ignore_eos``, greedy, no detokenization) after a warm-up generate.
 Writes throughput-<gpu>-<date>.json + .png + .md into --out.
+
+``--measure-load`` runs each engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, tp 1) and adds to
+its rows the seconds of vLLM's model load (weights read and processed) and the peak GPU memory
+allocated during it (``torch.cuda.max_memory_allocated``).
 
 ``--profile`` then runs each of ``--profile-engines`` once more in an in-process engine
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler sees the engine's kernels, CUDA graphs
@@ -42,13 +52,27 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8", "sparse24_lmq")
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8", "sparse24_lmq", "sparse24_from_bf16",
+           "ct24_fp8_dynamic")
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
 SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8"}
 LM_HEAD_ENGINES = ("sparse24_lmq",)  # lm_head quantized on the scheme's grid (quantize_lm_head)
+# engines on the published 2:4 models' formats, served with --quantization sparse24
+PUBLISHED_ENGINES = ("sparse24_from_bf16", "ct24_fp8_dynamic")
+# quantization_config of a compressed-tensors FP8-dynamic 2:4 checkpoint (docs/format.md)
+CT_FP8_DYNAMIC = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True},
+    }},
+    "ignore": ["lm_head"], "kv_cache_scheme": None,
+    "sparsity_config": {"format": "dense", "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"]},
+}
 WORKLOADS = {  # name -> (prompts, input tokens, output tokens)
     "prefill_256x1024x16": (256, 1024, 16),
     "decode_1x128x512": (1, 128, 512),
@@ -147,7 +171,8 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     want = {"bf16": "bf16" in engines or "fp8" in engines, "w4a16": "w4a16" in engines,
             "w8a8_int8": "w8a8_int8" in engines}
     sparse = [e for e in SPARSE_ENGINES if e in engines]
-    need_weights = want["w8a8_int8"] or bool(sparse)
+    published = [e for e in PUBLISHED_ENGINES if e in engines]
+    need_weights = want["w8a8_int8"] or bool(sparse) or bool(published)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.time()
@@ -162,7 +187,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     if need_weights and not cfg.get("tie_word_embeddings"):
         common["lm_head.weight"] = rnd(v, h).cpu()
     int8_res: dict = {}
-    sparse_tensors: dict = {e: {} for e in sparse}
+    sparse_tensors: dict = {e: {} for e in sparse + published}
     for layer in range(n_layers if need_weights else 0):
         p = f"model.layers.{layer}"
         common[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -173,7 +198,13 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
             if want["w8a8_int8"]:
                 q, s = quantize_weight_per_channel(wf)
                 int8_res[name] = LinearResult(name, "dense", "rtn", q.cpu(), s.cpu(), 0.0, 0.0, 0.0)
-            pruned = magnitude_24(wf, name=name) if sparse else None
+            pruned = magnitude_24(wf, name=name) if sparse or published else None
+            if "sparse24_from_bf16" in published:
+                sparse_tensors["sparse24_from_bf16"][f"{name}.weight"] = pruned.to(torch.bfloat16).cpu()
+            if "ct24_fp8_dynamic" in published:
+                q, s = quantize_weight_per_channel(pruned, GRIDS["fp8"])
+                sparse_tensors["ct24_fp8_dynamic"][f"{name}.weight"] = q.cpu()
+                sparse_tensors["ct24_fp8_dynamic"][f"{name}.weight_scale"] = s.to(torch.bfloat16).cpu()
             for e in sparse:
                 q, s = quantize_weight_per_channel(pruned, GRIDS[SPARSE_ENGINES[e]])
                 # packed on the GPU (the 2:4 mask's topk is slow on CPU)
@@ -212,6 +243,18 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
             assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
             (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
         secs[f"{e}_write_s"] = round(time.time() - t, 1)
+    for e in published:  # sharded with an index, as the Hub has them
+        t = time.time()
+        hf = hf_config_dict(_stub_model(cfg, common), torch.bfloat16)
+        if e == "ct24_fp8_dynamic":
+            hf["quantization_config"] = CT_FP8_DYNAMIC
+        with ckpt.atomic_output_dir(root / e, overwrite=True) as tmp:
+            ckpt.save_safetensors_shards({**common, **sparse_tensors.pop(e)}, tmp)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+            scheme = ckpt.load_scheme(tmp) if e == "ct24_fp8_dynamic" else Sparse24Scheme.unquantized_24()
+            kinds = ckpt.validate_checkpoint(tmp, scheme)
+            assert set(kinds.values()) == {"sparse"} and len(kinds) == 7 * n_layers, kinds
+        secs[f"{e}_write_s"] = round(time.time() - t, 1)
     return secs
 
 
@@ -236,7 +279,7 @@ def make_engine(args, eng: str):
     if here not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     model = {"fp8": "bf16"}.get(eng, eng)
-    quant = {"fp8": "fp8", **dict.fromkeys(SPARSE_ENGINES, "sparse24")}.get(eng)
+    quant = {"fp8": "fp8", **dict.fromkeys((*SPARSE_ENGINES, *PUBLISHED_ENGINES), "sparse24")}.get(eng)
     cfg = json.loads((Path(args.ckpt_dir) / model / "config.json").read_text())
     llm = LLM(model=str(Path(args.ckpt_dir) / model), quantization=quant, dtype=args.dtype,
               load_format="dummy" if model in DUMMY_QUANT else "auto",
@@ -252,11 +295,15 @@ def run_engine(args) -> None:
     from vllm.inputs import TokensPrompt
 
     eng = args._engine
+    load = probe_model_load() if args.measure_load else {}
     t0 = time.time()
     llm, cfg = make_engine(args, eng)
     load_s = time.time() - t0
     facts = engine_facts(llm)
     print(f"[{eng}] engine ready in {load_s:.1f}s: {facts}", flush=True)
+    if load:
+        print(f"[{eng}] model load {load['load_model_s']:.1f}s, peak GPU memory while loading "
+              f"{load['load_peak_gib']:.2f} GiB, {load['load_end_gib']:.2f} GiB after", flush=True)
     warm = make_prompts(8, min(256, args.max_model_len // 2), cfg["vocab_size"], seed=12345)
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
                  SamplingParams(max_tokens=32, ignore_eos=True, temperature=0, detokenize=False),
@@ -276,7 +323,7 @@ def run_engine(args) -> None:
         row = {"engine": eng, "workload": wl, "requests_s": round(n / dt, 3),
                "total_tok_s": round((n * inp + gen) / dt, 1), "output_tok_s": round(gen / dt, 1),
                "elapsed_s": round(dt, 3), "elapsed_all_s": [round(v, 3) for v in times],
-               "generated_tokens": gen, "engine_load_s": round(load_s, 1), **facts}
+               "generated_tokens": gen, "engine_load_s": round(load_s, 1), **facts, **load}
         print("ROW " + json.dumps(row), flush=True)
         rows.append(row)
         Path(args.result_json).write_text(json.dumps(rows))
@@ -337,6 +384,35 @@ def timeline(prof, steps: int) -> dict:
             "runtime_calls_per_step": {k: round(v / steps, 2) for k, v in sorted(calls.items())},
             "top_gaps": [{"between": k, "ms": round(v[0] / 1e3, 3), "count": v[1],
                           "us_each": round(v[0] / max(v[1], 1), 2)} for k, v in top_gaps]}
+
+
+def probe_model_load() -> dict:
+    """Filled by vLLM's next model load in this process: its seconds and the peak GPU memory
+    allocated during it (the engine must run in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    import torch
+    from vllm.model_executor.model_loader import base_loader
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    stats: dict = {}
+    load_model = base_loader.BaseModelLoader.load_model
+
+    cuda = torch.cuda.is_available()  # a CPU smoke run records the seconds only (memory 0)
+
+    def measured_load_model(self, *args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        model = load_model(self, *args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        stats.update(load_model_s=round(time.perf_counter() - t, 2),
+                     load_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 3),
+                     load_end_gib=round(torch.cuda.memory_allocated() / 2**30 if cuda else 0.0, 3))
+        return model
+
+    base_loader.BaseModelLoader.load_model = measured_load_model
+    return stats
 
 
 def run_profile(args) -> None:
@@ -481,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--replot", default=None, help="redraw the PNG (+ MD) of a results JSON and exit")
     ap.add_argument("--date", default=datetime.date.today().isoformat(), help="date stamped on the results (default: today)")
+    ap.add_argument("--measure-load", action="store_true",
+                    help="engines in-process (tp 1): record the model load's seconds and peak GPU memory")
     ap.add_argument("--profile", action="store_true", help="after the throughput runs, profile --profile-engines")
     ap.add_argument("--profile-engines", default="sparse24,fp8")
     ap.add_argument("--profile-workloads", default=PROFILE_WORKLOADS)
@@ -544,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                     "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--dtype", args.dtype,
                     "--repeats", str(args.repeats)] + (
-            ["--enforce-eager"] if args.enforce_eager else [])
+            ["--enforce-eager"] if args.enforce_eager else []) + (["--measure-load"] if args.measure_load else [])
         t = time.time()
         rc = run_group(cmd, min(args.engine_timeout, remaining - 5))
         print(f"[{e}] process done rc={rc} in {time.time() - t:.0f}s", flush=True)
@@ -626,7 +704,8 @@ def report(args, argv, cfg, rows, failed, out: Path, final: bool) -> None:
                            "max_model_len": args.max_model_len, "prefix_caching": False,
                            "enforce_eager": args.enforce_eager, "repeats": args.repeats,
                            "bf16_fp8_weights": "vLLM dummy (load_format=dummy)",
-                           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
+                           "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if args.measure_load else
+                           os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
               "rows": rows, "failed_engines": failed}
     stem = out / f"throughput-{tag}-{args.date}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
