@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,22 @@ def test_tensor_names_are_spelled_in_one_place():
     spelled = sorted(str(p.relative_to(root)) for folder in ("vllm_sparse24", "sparse24_tools", "benchmarks")
                      for p in (root / folder).rglob("*.py") if re.search(r"weight_packed|weight_bitmask", p.read_text()))
     assert spelled == ["vllm_sparse24/checkpoint/names.py"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_output_dir_gives_the_umask_modes(tmp_path, umask):
+    """What is renamed into place has the modes the umask gives, not the temporary folder's 0700
+    nor the 0600 that safetensors writes (a server running as another user must read it)."""
+    old = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "model") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "run.sh").write_text("")
+            (tmp / "sub" / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "model", *(tmp_path / "model").rglob("*")]}
+    assert modes == {"model": 0o777 & ~umask, "model/model.safetensors": 0o666 & ~umask,
+                     "model/sub": 0o777 & ~umask, "model/sub/run.sh": 0o777 & ~umask}

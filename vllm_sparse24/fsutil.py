@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +16,37 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
+def current_umask() -> int:
+    """The process's file mode creation mask: from /proc on Linux, else by setting it and setting it
+    straight back (which another thread could see for that instant)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path, umask: int) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would have given
+    under ``umask``: ``mkdtemp`` makes its folder 0700 and safetensors writes its files 0600, which
+    would leave a checkpoint unreadable to other users (e.g. a server running as another user)."""
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        executable = stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR
+        path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds."""
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds,
+    with the modes the process's umask gives (not the private ones of the temporary folder)."""
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
@@ -25,6 +54,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp, current_umask())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
