@@ -76,6 +76,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
                 f"{p}: already quantized ({cfg.quantization_config.get('quant_method')}); "
                 "compress starts from a dense model"
             )
+        if any(p.glob("*.safetensors")):
+            # a truncated or corrupt file fails here naming it; transformers' error would not
+            ckpt.read_headers(p)
     log.info("loading %s", p)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     architecture_of(model.config)
