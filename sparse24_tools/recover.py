@@ -44,6 +44,7 @@ from .group import LinearResult
 from .model_walk import decoder_layers, load_model
 from .provenance import machine_info, utc_now
 from .recover_blocks import train_blocks
+from .recover_budget import BudgetError
 from .recover_global import train_global
 from .recover_options import RecoverError, RecoverOptions
 from .recover_run import STATE_FILE, STATE_FORMAT, RecoveryRun
@@ -51,7 +52,7 @@ from .student import Student, check_compatible, load_student, wrap_quantized
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RecoverError", "RecoverOptions", "recover", "plot_perplexity"]
+__all__ = ["BudgetError", "RecoverError", "RecoverOptions", "recover", "plot_perplexity"]
 
 
 def _check_text_file(path: str | os.PathLike, what: str) -> str:
@@ -244,6 +245,10 @@ def recover(
     t_train = time.perf_counter() - t_train
     run.set_quant(True)
     final = run.evaluate(summary["steps"], summary["tokens"], final=True) if eval_windows is not None else None
+    if final is not None and run.stopped_by_budget and final["perplexity"] > run.evals[0]["perplexity"]:
+        raise BudgetError(f"--max-minutes {opts.max_minutes:g}: the time ran out after {summary['steps']} steps "
+                          f"with perplexity {final['perplexity']:.3f}, worse than the student's "
+                          f"{run.evals[0]['perplexity']:.3f}; nothing was written. Give it more minutes")
 
     results: dict[str, LinearResult] = {}
     for prefix, q in student.qat.items():

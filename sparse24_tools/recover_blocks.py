@@ -23,8 +23,9 @@ from .architectures import architecture_of
 from .distill_data import BatchOrder
 from .distill_loss import normalized_mse
 from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
+from .recover_budget import EXPORT_SECONDS, MIN_STEPS, BudgetError, memory_gib, refuse
 from .recover_options import RecoverError
-from .recover_run import RecoveryRun, lr_at
+from .recover_run import RecoveryRun, lr_at, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,18 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
         xs, _ = capture_layer0_inputs(student, samples, dev)
     teacher.to(dev)  # capture_layer0_inputs sends the embeddings back to the CPU
     student.to(dev)
-    log.info("blocks: %d sequences x %d tokens of hidden states on %s; %d steps per layer",
-             n_pool, opts.seqlen, dev, steps)
+    mem = memory_gib(dev)
+    log.info("blocks: %d sequences x %d tokens of hidden states on %s (%.2f GiB, three copies); %d steps per "
+             "layer; memory in use %s", n_pool, opts.seqlen, dev, 3 * xs.numel() * xs.element_size() / 2**30,
+             steps, "unknown" if mem is None else f"{mem:.1f} GiB")
 
     if start == 0:
         run.set_quant(True)
         run.evaluate(0, 0, layers_done=0)
-    budget_fixed = run.state is not None or opts.max_minutes is None
+    if opts.max_minutes is not None and run.budget_left() <= EXPORT_SECONDS + run.eval_seconds():
+        raise refuse(opts.max_minutes, f"{run.budget_left():.0f}s are left after loading, the hidden states and the "
+                     "first evaluation", 0, "steps per layer")
+    fitting = run.state is None and opts.max_minutes is not None
     pbar = tqdm(range(n_layers), desc="recover (blocks)", unit="layer", disable=not opts.progress)
     for i in pbar:
         t_layer = time.perf_counter()
@@ -87,6 +93,10 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
         step = 0
         while step < steps:
             if run.budget_left() <= 0:
+                if i == start and step < max(1, warmup_steps(steps, opts.warmup)):
+                    raise BudgetError(f"--max-minutes {opts.max_minutes:g}: the time ran out in the first layer's "
+                                      f"learning-rate warm-up (step {step} of {steps}); nothing was written. "
+                                      "Give it more minutes")
                 run.stopped_by_budget = True
                 break
             t0 = time.perf_counter()
@@ -116,10 +126,13 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
                 run.curve.append({"layer": i, "step": step, "loss": value, "lr": lr})
             pbar.set_postfix(layer=i, step=f"{step}/{steps}", loss=f"{value:.4f}")
             step_times.append(time.perf_counter() - t0)
-            if not budget_fixed and len(step_times) == 4:
-                steps = _fit_budget_blocks(run, i, n_layers, step, steps, sorted(step_times[1:])[1],
-                                           time.perf_counter() - t_layer - sum(step_times))
-                budget_fixed = True
+            if fitting and len(step_times) in (1, _REFIT_AFTER):
+                # the first step's time fits the schedule; the median of the next ones refits it
+                first = len(step_times) == 1
+                seconds = step_times[0] if first else sorted(step_times[1:])[len(step_times[1:]) // 2]
+                steps = _fit_budget_blocks(run, i, n_layers, step, steps, seconds,
+                                           time.perf_counter() - t_layer - sum(step_times), refuse_below=first)
+                fitting = first
         if run.stopped_by_budget:
             log.warning("time budget reached in layer %d (step %d of %d)", i, step, steps)
         log.info("%s: normalized MSE %.5f -> %.5f in %d steps", name, first or 0, last or 0, step)
@@ -137,18 +150,25 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
             "tokens_per_layer": steps * per_step, "pool_sequences": n_pool, "layers": n_layers}
 
 
+# steps timed before the schedule is refitted (the first of them carries one-time costs)
+_REFIT_AFTER = 4
+
+
 def _fit_budget_blocks(run: RecoveryRun, layer: int, n_layers: int, step: int, steps: int,
-                       step_seconds: float, setup_seconds: float) -> int:
+                       step_seconds: float, setup_seconds: float, refuse_below: bool) -> int:
     """Steps per layer so that the remaining layers, evaluations and export fit --max-minutes
     (``setup_seconds``: the teacher layer's forward over the pool; the student's after training
-    costs about as much)."""
+    costs about as much); with ``refuse_below`` a BudgetError when fewer than MIN_STEPS fit."""
     left = run.budget_left()
-    eval_s = run.seconds_eval / max(len(run.evals), 1)
+    eval_s = run.eval_seconds()
     n_evals = (n_layers - layer) // run.opts.eval_every if run.opts.eval_every else 0
     layers_left = n_layers - layer
-    spare = left - 10.0 - eval_s * (n_evals + 1) - 2 * setup_seconds * layers_left + step * step_seconds
-    fit = int(spare / (layers_left * step_seconds))
-    new = max(step + 1, min(steps, fit))
-    log.info("time budget %.1f min: %.3fs/step, %.1fs per layer besides -> %d steps per layer",
-             run.opts.max_minutes, step_seconds, setup_seconds, new)
+    spare = left - EXPORT_SECONDS - eval_s * (n_evals + 1) - 2 * setup_seconds * layers_left + step * step_seconds
+    fit = max(0, int(spare / (layers_left * step_seconds)))
+    if refuse_below and fit < MIN_STEPS:
+        raise refuse(run.opts.max_minutes, f"a step took {step_seconds:.2f}s and each layer {setup_seconds:.1f}s "
+                     f"besides, for {layers_left} layers in the {left:.0f}s left", fit, "steps per layer")
+    new = max(step + 1, min(steps, max(fit, MIN_STEPS)))
+    log.info("time budget %.1f min: %.3fs/step, %.1fs per layer besides -> %d steps per layer (warm-up %d)",
+             run.opts.max_minutes, step_seconds, setup_seconds, new, warmup_steps(new, run.opts.warmup))
     return new

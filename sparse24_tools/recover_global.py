@@ -1,10 +1,12 @@
 """``--mode global``: KL (+ SquareHead) distillation of the whole student from the dense teacher,
-AdamW, warm-up then cosine decay; the time budget is fitted on the first steps."""
+AdamW, warm-up then cosine decay; the time budget is fitted from the first step's time
+(``recover_budget``)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,21 +16,25 @@ from tqdm.auto import tqdm
 from .distill_data import BatchOrder
 from .distill_loss import chunked_kl, squarehead_loss
 from .model_walk import decoder_layers
+from .recover_budget import MIN_STEPS, BudgetError, log_forecast, probe, refuse, steps_that_fit
 from .recover_options import RecoverError
-from .recover_run import RecoveryRun, lr_at
+from .recover_run import RecoveryRun, lr_at, warmup_steps
 
 log = logging.getLogger(__name__)
 
 
 class _LayerOutputs:
-    """Forward hooks that keep every decoder layer's output (for SquareHead)."""
+    """Forward hooks that keep every decoder layer's output (for SquareHead) while ``recording``
+    (training forwards only: evaluations in between would pile up theirs)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.outs: list[torch.Tensor] = []
+        self.recording = False
         self.hooks = [layer.register_forward_hook(self._hook) for layer in decoder_layers(model)]
 
     def _hook(self, _mod, _args, out) -> None:
-        self.outs.append(out[0] if isinstance(out, tuple) else out)
+        if self.recording:
+            self.outs.append(out[0] if isinstance(out, tuple) else out)
 
     def take(self) -> list[torch.Tensor]:
         outs, self.outs = self.outs, []
@@ -43,6 +49,64 @@ def _head(model: nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+@dataclass
+class _Losses:
+    loss: torch.Tensor
+    kl: torch.Tensor  # mean over tokens
+    agree: torch.Tensor  # per token: the student's top-1 is the teacher's
+    squarehead: torch.Tensor | None
+
+
+class _Distill:
+    """The loss of one batch: KL(teacher || student), + SquareHead with ``--loss kl+squarehead``."""
+
+    def __init__(self, run: RecoveryRun) -> None:
+        self.run = run
+        squarehead = run.opts.loss == "kl+squarehead"
+        # (student, teacher) layer outputs
+        self.layers = (_LayerOutputs(run.student.model), _LayerOutputs(run.teacher)) if squarehead else ()
+
+    def __call__(self, ids: torch.Tensor) -> _Losses:
+        opts, student, teacher = self.run.opts, self.run.student.model, self.run.teacher
+        for h in self.layers:
+            h.recording = True
+        try:
+            with self.run.train_precision():
+                with torch.no_grad():
+                    th = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+                sh = student.model(input_ids=ids, use_cache=False).last_hidden_state
+                kl, agree = chunked_kl(sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1]),
+                                       _head(student), _head(teacher), opts.vocab_chunk)
+                kl_mean = kl.mean()
+                loss = opts.kl_weight * kl_mean
+                sq = None
+                if self.layers:
+                    sq = squarehead_loss(self.layers[0].take(), self.layers[1].take())
+                    loss = loss + opts.squarehead_weight * sq
+        finally:
+            for h in self.layers:
+                h.recording = False
+        return _Losses(loss, kl_mean, agree, sq)
+
+    def close(self) -> None:
+        for h in self.layers:
+            h.remove()
+
+
+def _forecast(run: RecoveryRun, distill: _Distill, params: list[nn.Parameter], first: torch.Tensor,
+              total: int) -> None:
+    """Measure one sequence's forward and backward, log the expected memory and time, and refuse a
+    budget that cannot hold MIN_STEPS steps even at one sequence's time per step."""
+    opts = run.opts
+    p = probe(lambda: distill(run.pool[first[:1]].to(run.device)).loss.backward(), params, run.device)
+    log_forecast(p, opts.batch_size, total, opts.max_minutes, run.device)
+    if opts.max_minutes is not None:
+        fit = steps_that_fit(run.budget_left(), p.seconds, run.eval_seconds(), opts.eval_every)
+        if fit < MIN_STEPS:
+            raise refuse(opts.max_minutes, f"{run.budget_left():.0f}s are left after loading and the first "
+                         f"evaluation, and one sequence's forward + backward takes {p.seconds:.1f}s", fit)
+
+
 def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]:
     """KL (+ SquareHead) distillation of the whole student; returns steps and tokens done."""
     opts, dev = run.opts, run.device
@@ -54,65 +118,54 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
         opt.load_state_dict(run.state["optimizer"])
         start, total = int(run.state["step"]), int(run.state["total_steps"])
     order = BatchOrder(run.pool.shape[0], opts.batch_size, opts.seed)
-    squarehead = opts.loss == "kl+squarehead"
-    hooks_s = _LayerOutputs(run.student.model) if squarehead else None
-    hooks_t = _LayerOutputs(run.teacher) if squarehead else None
-    student, teacher = run.student.model, run.teacher
+    distill = _Distill(run)
     if start == 0:
         run.set_quant(True)
         run.evaluate(0, 0)
+        _forecast(run, distill, params, order.batch(0), total)
     step_times: list[float] = []
-    budget_fixed = run.state is not None or opts.max_minutes is None
+    fitting = run.state is None and opts.max_minutes is not None
     pbar = tqdm(total=total, initial=start, desc="recover (global)", unit="step", disable=not opts.progress)
     step = start
     try:
         while step < total:
             if run.budget_left() <= 0:
-                log.warning("time budget reached at step %d of %d", step, total)
-                run.stopped_by_budget = True
+                _stop_for_budget(run, step, total)
                 break
             t0 = time.perf_counter()
             run.set_quant(step >= int(opts.quant_from * total))
             idx = order.batch(step)
-            ids = run.pool[idx].to(dev)
             lr = lr_at(step, total, opts.lr, opts.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with run.train_precision():
-                with torch.no_grad():
-                    th = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-                sh = student.model(input_ids=ids, use_cache=False).last_hidden_state
-                kl, agree = chunked_kl(sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1]),
-                                       _head(student), _head(teacher), opts.vocab_chunk)
-                kl_mean = kl.mean()
-                loss = opts.kl_weight * kl_mean
-                sq = None
-                if squarehead:
-                    sq = squarehead_loss(hooks_s.take(), hooks_t.take())
-                    loss = loss + opts.squarehead_weight * sq
-            if not torch.isfinite(loss):
-                raise RecoverError(f"loss is {loss.item()} at step {step}; lower --lr")
-            loss.backward()
+            out = distill(run.pool[idx].to(dev))
+            if not torch.isfinite(out.loss):
+                raise RecoverError(f"loss is {out.loss.item()} at step {step}; lower --lr")
+            out.loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip) if opts.grad_clip > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.reapply_masks()
             run.count_tokens(idx)
             step += 1
-            row = {"step": step, "tokens": step * per_step, "loss": loss.item(), "kl": kl_mean.item(),
-                   "top1_agreement": float(agree.float().mean()), "lr": lr}
-            if sq is not None:
-                row["squarehead"] = sq.item()
+            row = {"step": step, "tokens": step * per_step, "loss": out.loss.item(), "kl": out.kl.item(),
+                   "top1_agreement": float(out.agree.float().mean()), "lr": lr}
+            if out.squarehead is not None:
+                row["squarehead"] = out.squarehead.item()
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
             run.curve.append(row)
             pbar.update(1)
             pbar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", lr=f"{lr:.2e}")
             step_times.append(time.perf_counter() - t0)
-            if not budget_fixed and len(step_times) == 4:
-                total = _fit_budget(run, step, total, sorted(step_times[1:])[1], opts.eval_every)
+            if fitting and len(step_times) in (1, _REFIT_AFTER):
+                # the first step's time fits the schedule; the median of the next ones (free of the
+                # first step's one-time costs) refits it
+                first = len(step_times) == 1
+                seconds = step_times[0] if first else sorted(step_times[1:])[len(step_times[1:]) // 2]
+                total = _fit_budget(run, step, total, seconds, refuse_below=first)
                 pbar.total = total
-                budget_fixed = True
+                fitting = first
             if opts.eval_every and step % opts.eval_every == 0 and step < total:
                 run.set_quant(True)
                 run.evaluate(step, step * per_step)
@@ -120,21 +173,36 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
                 run.save_state({"step": step, "total_steps": total, "optimizer": opt.state_dict()})
     finally:
         pbar.close()
-        for h in (hooks_s, hooks_t):
-            if h is not None:
-                h.remove()
+        distill.close()
     return {"mode": "global", "steps": step, "planned_steps": total, "tokens": step * per_step,
             "epochs": round(step * opts.batch_size / run.pool.shape[0], 3)}
 
 
-def _fit_budget(run: RecoveryRun, step: int, total: int, step_seconds: float, eval_every: int) -> int:
-    """Lower ``total`` so that the remaining steps, evaluations and export fit --max-minutes."""
-    left = run.budget_left()
-    eval_s = run.seconds_eval / max(len(run.evals), 1)
-    export_s = 10.0 + eval_s  # the final evaluation and writing the checkpoint
-    # n more steps cost n * step_seconds plus an evaluation every eval_every steps
-    per_step = step_seconds + (eval_s / eval_every if eval_every else 0.0)
-    fit = int((left - export_s) / per_step)
-    total = max(step + 1, min(total, step + fit))
-    log.info("time budget %.1f min: %.2fs/step -> %d steps in all", run.opts.max_minutes, step_seconds, total)
-    return total
+# steps timed before the schedule is refitted (the first of them carries one-time costs)
+_REFIT_AFTER = 4
+
+
+def _stop_for_budget(run: RecoveryRun, step: int, total: int) -> None:
+    """The budget ran out at ``step``: refuse a run still in warm-up (its model would be no better
+    than its input), else stop here, cut short in the decay."""
+    warm = warmup_steps(total, run.opts.warmup)
+    if step < max(warm, 1):
+        raise BudgetError(f"--max-minutes {run.opts.max_minutes:g}: the time ran out after {step} of {total} steps, "
+                          f"before the end of the learning rate's {max(warm, 1)}-step warm-up; nothing was written. "
+                          "Give it more minutes")
+    log.warning("time budget reached at step %d of %d", step, total)
+    run.stopped_by_budget = True
+
+
+def _fit_budget(run: RecoveryRun, step: int, total: int, step_seconds: float, refuse_below: bool) -> int:
+    """The step count (at most ``total``) whose remaining steps, evaluations and export fit
+    --max-minutes; with ``refuse_below`` a BudgetError when fewer than MIN_STEPS steps fit."""
+    fit = step + steps_that_fit(run.budget_left(), step_seconds, run.eval_seconds(), run.opts.eval_every)
+    if refuse_below and fit < MIN_STEPS:
+        raise refuse(run.opts.max_minutes, f"the first step took {step_seconds:.1f}s with "
+                     f"{run.budget_left():.0f}s left", fit)
+    new = max(step + 1, MIN_STEPS, min(total, fit))
+    log.info("time budget %.1f min: %.2fs/step -> %d steps in all (warm-up %d), expected to end in %.1f min",
+             run.opts.max_minutes, step_seconds, new, warmup_steps(new, run.opts.warmup),
+             (run.elapsed() + (new - step) * step_seconds) / 60)
+    return min(new, total)

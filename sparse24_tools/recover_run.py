@@ -58,6 +58,10 @@ class RecoveryRun:
             return math.inf
         return self.opts.max_minutes * 60 - self.elapsed()
 
+    def eval_seconds(self) -> float:
+        """The mean time of the evaluations so far (0 before any)."""
+        return self.seconds_eval / len(self.evals) if self.evals else 0.0
+
     # -- precision ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def train_precision(self) -> Iterator[None]:
@@ -139,9 +143,14 @@ class RecoveryRun:
             q.reapply_mask()
 
 
+def warmup_steps(total: int, warmup: float) -> int:
+    """The warm-up of a schedule of ``total`` steps: ceil(warmup * total), at least 1 when warmup > 0."""
+    return max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+
+
 def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
-    """Linear warm-up over ceil(warmup * total) steps, then cosine decay to 0 at ``total``."""
-    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    """Linear warm-up over ``warmup_steps(total, warmup)`` steps, then cosine decay to 0 at ``total``."""
+    warm = warmup_steps(total, warmup)
     if step < warm:
         return lr * (step + 1) / warm
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))

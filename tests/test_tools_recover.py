@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ from sparse24_tools.calib import CalibrationError  # noqa: E402
 from sparse24_tools.compress import compress  # noqa: E402
 from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
-from sparse24_tools.recover import RecoverError, RecoverOptions, recover  # noqa: E402
+from sparse24_tools.recover import BudgetError, RecoverError, RecoverOptions, recover  # noqa: E402
+from sparse24_tools.recover_budget import MIN_STEPS  # noqa: E402
+from sparse24_tools.recover_run import RecoveryRun, warmup_steps  # noqa: E402
 from vllm_sparse24 import checkpoint as ckpt  # noqa: E402
 from vllm_sparse24.format import unpack_bitmask  # noqa: E402
 
@@ -269,15 +272,97 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_the_same_result(tiny, t
     assert not state.parent.exists()
 
 
-def test_time_budget_lowers_the_step_count(tiny, tmp_path):
-    root, calib, _, student = tiny
+def _slow_steps(monkeypatch, seconds: float) -> None:
+    """Every optimizer step takes ``seconds`` longer (a large model on a slow machine); the probe,
+    which takes no optimizer step, does not."""
+    real = torch.optim.AdamW.step
+
+    def slow(self, *a, **kw):
+        time.sleep(seconds)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow)
+
+
+def test_time_budget_fits_the_schedule(tiny, tmp_path, monkeypatch, caplog):
+    """A budget far below --tokens: the step count is fitted from the first step's time, warm-up
+    and decay follow it, the run ends its schedule in time (no stop half-way) and the model improves."""
+    root, calib, ev, student = tiny
+    _slow_steps(monkeypatch, 0.25)
     # also the bf16 autocast path that CUDA runs use by default
     opts = RecoverOptions(**{**BASE, "tokens": 100_000 * 8 * 64, "eval_every": 0, "generate_tokens": 0,
-                             "max_minutes": 0.2, "amp": "bf16"})
-    rep = recover(root / "dense", student, tmp_path / "budget", calib, opts)
-    assert 0 < rep["train"]["steps"] < 100_000 and rep["train"]["planned_steps"] < 100_000
-    assert all(math.isfinite(r["loss"]) for r in rep["loss_curve"])
-    assert rep["seconds"]["total_before_export"] < 0.2 * 60 + 10
+                             "max_minutes": 0.4, "amp": "bf16", "warmup": 0.2, "eval_text": str(ev)})
+    with caplog.at_level(logging.INFO, logger="sparse24_tools"):
+        rep = recover(root / "dense", student, tmp_path / "budget", calib, opts)
+    train = rep["train"]
+    assert MIN_STEPS <= train["steps"] == train["planned_steps"] < 100_000 and not train["stopped_by_time_budget"]
+    lrs = [r["lr"] for r in rep["loss_curve"]]
+    warm = warmup_steps(train["steps"], 0.2)
+    assert lrs[warm - 1] == max(lrs) == pytest.approx(opts.lr) and lrs[-1] < 0.1 * opts.lr
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm], strict=False))
+    assert rep["seconds"]["total_before_export"] < 0.4 * 60
+    assert rep["final_eval"]["kl"] < rep["evals"][0]["kl"]
+    logged = caplog.text
+    assert "expected peak resident memory" in logged and "expected time: one sequence forward + backward" in logged
+
+
+@pytest.mark.parametrize("mode", ["global", "blocks"])
+def test_a_budget_too_small_to_train_is_refused(tiny, tmp_path, monkeypatch, mode):
+    root, calib, _, student = tiny
+    _slow_steps(monkeypatch, 3.0)  # 12s are left after the 10s kept for the export: 4 steps
+    opts = RecoverOptions(**{**BASE, "mode": mode, "tokens": 1000 * 8 * 64, "eval_every": 0, "generate_tokens": 0,
+                             "max_minutes": 0.4})
+    unit = "steps per layer" if mode == "blocks" else "steps"
+    with pytest.raises(BudgetError, match=rf"--max-minutes 0.4: .* so \d {unit} fit, fewer than the {MIN_STEPS} "
+                                          "a run needs to train meaningfully; nothing was written"):
+        recover(root / "dense", student, tmp_path / "out", calib, opts)
+    assert list(tmp_path.iterdir()) == []
+    # so little time that the probe alone shows it, before any training step
+    opts.max_minutes = 0.01
+    before = r"one sequence's forward \+ backward takes" if mode == "global" else "are left after loading"
+    with pytest.raises(BudgetError, match=before):
+        recover(root / "dense", student, tmp_path / "out", calib, opts)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _budget_ends_after(monkeypatch, steps: int) -> None:
+    """The time runs out once ``steps`` steps are done (steps that got slower than the fit expected)."""
+    monkeypatch.setattr(RecoveryRun, "budget_left", lambda self: -1.0 if len(self.curve) >= steps else 1e9)
+
+
+def test_a_run_that_runs_out_of_time_in_warm_up_writes_nothing(tiny, tmp_path, monkeypatch):
+    root, calib, ev, student = tiny
+    opts = RecoverOptions(**{**BASE, "warmup": 0.5, "generate_tokens": 0, "max_minutes": 5.0, "eval_text": str(ev)})
+    _budget_ends_after(monkeypatch, 3)  # of 40 steps, 20 of them warm-up
+    with pytest.raises(BudgetError, match=r"ran out after 3 of 40 steps, before the end of the learning rate's "
+                                          r"20-step warm-up; nothing was written"):
+        recover(root / "dense", student, tmp_path / "out", calib, opts)
+    assert not (tmp_path / "out").exists()
+    # past the warm-up the run stops there and writes what it has, if it is better than its input
+    _budget_ends_after(monkeypatch, 30)
+    rep = recover(root / "dense", student, tmp_path / "out", calib, opts)
+    assert rep["train"]["stopped_by_time_budget"] and rep["train"]["steps"] == 30
+    assert rep["final_eval"]["perplexity"] < rep["evals"][0]["perplexity"]
+
+
+def test_a_run_stopped_by_its_budget_worse_than_its_input_writes_nothing(tiny, tmp_path, monkeypatch):
+    import sparse24_tools.recover_run as recover_run
+
+    root, calib, ev, student = tiny
+    opts = RecoverOptions(**{**BASE, "generate_tokens": 0, "eval_every": 0, "max_minutes": 5.0, "eval_text": str(ev)})
+    _budget_ends_after(monkeypatch, 30)
+    real = recover_run.evaluate_pair
+    calls = []
+
+    def getting_worse(*a, **kw):  # the stand-in for a run whose perplexity rose
+        calls.append(1)
+        return {**real(*a, **kw), "perplexity": 10.0 + len(calls)}
+
+    monkeypatch.setattr(recover_run, "evaluate_pair", getting_worse)
+    with pytest.raises(BudgetError, match=r"ran out after 30 steps with perplexity 12.000, worse than the "
+                                          r"student's 11.000; nothing was written"):
+        recover(root / "dense", student, tmp_path / "out", calib, opts)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_inputs_name_the_file(tiny, tmp_path):
@@ -393,11 +478,14 @@ def test_time_budget_fit_counts_evaluations_and_keeps_the_run_long():
 
     from sparse24_tools.recover_global import _fit_budget
 
-    run = SimpleNamespace(budget_left=lambda: 300.0, seconds_eval=4.0, evals=[{}, {}],
-                          opts=SimpleNamespace(max_minutes=5.0))
+    run = SimpleNamespace(budget_left=lambda: 300.0, eval_seconds=lambda: 2.0, elapsed=lambda: 10.0,
+                          opts=SimpleNamespace(max_minutes=5.0, eval_every=25, warmup=0.05))
     step, step_s, every = 4, 0.1, 25
-    total = _fit_budget(run, step, 10**9, step_s, every)
+    total = _fit_budget(run, step, 10**9, step_s, refuse_below=True)
     n = total - step
     needed = n * step_s + (n // every) * 2.0 + 10.0 + 2.0  # steps, evaluations, final eval + export
     assert 0.95 * 300 <= needed <= 300
-    assert _fit_budget(run, step, 100, step_s, every) == 100  # a plan that fits stays as it is
+    assert _fit_budget(run, step, 100, step_s, refuse_below=True) == 100  # a plan that fits stays as it is
+    with pytest.raises(BudgetError, match=f"fewer than the {MIN_STEPS}"):
+        _fit_budget(run, 1, 10**9, 300 / 5, refuse_below=True)
+    assert _fit_budget(run, 4, 10**9, 300 / 3, refuse_below=False) == MIN_STEPS  # a refit keeps the minimum
