@@ -127,6 +127,13 @@ def log_forecast(p: Probe, batch_size: int, steps: int, max_minutes: float | Non
              steps, steps * step_s / 60, budget)
 
 
+def log_measured(step_seconds: float, device: torch.device) -> None:
+    """What the first step took: its time, and the peak memory since the probe."""
+    peak = peak_memory_gib(device)
+    log.info("first step: %.1fs, peak %s memory so far %s", step_seconds,
+             "CUDA" if device.type == "cuda" else "resident", "unknown" if peak is None else f"{peak:.1f} GiB")
+
+
 # -- the budget -----------------------------------------------------------------------------------
 
 

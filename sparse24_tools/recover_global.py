@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 from .distill_data import BatchOrder
 from .distill_loss import chunked_kl, squarehead_loss
 from .model_walk import decoder_layers
-from .recover_budget import MIN_STEPS, BudgetError, log_forecast, probe, refuse, steps_that_fit
+from .recover_budget import (
+    MIN_STEPS,
+    BudgetError,
+    log_forecast,
+    log_measured,
+    probe,
+    refuse,
+    steps_that_fit,
+)
 from .recover_options import RecoverError
 from .recover_run import RecoveryRun, lr_at, warmup_steps
 
@@ -96,15 +104,20 @@ class _Distill:
 def _forecast(run: RecoveryRun, distill: _Distill, params: list[nn.Parameter], first: torch.Tensor,
               total: int) -> None:
     """Measure one sequence's forward and backward, log the expected memory and time, and refuse a
-    budget that cannot hold MIN_STEPS steps even at one sequence's time per step."""
+    budget that cannot hold the evaluations and MIN_STEPS steps even at one sequence's time per
+    step, before the first evaluation spends it."""
     opts = run.opts
     p = probe(lambda: distill(run.pool[first[:1]].to(run.device)).loss.backward(), params, run.device)
     log_forecast(p, opts.batch_size, total, opts.max_minutes, run.device)
-    if opts.max_minutes is not None:
-        fit = steps_that_fit(run.budget_left(), p.seconds, run.eval_seconds(), opts.eval_every)
-        if fit < MIN_STEPS:
-            raise refuse(opts.max_minutes, f"{run.budget_left():.0f}s are left after loading and the first "
-                         f"evaluation, and one sequence's forward + backward takes {p.seconds:.1f}s", fit)
+    if opts.max_minutes is None:
+        return
+    # an evaluation runs two forwards (student, teacher) per window, the probe four units (two
+    # forwards and a backward worth two)
+    eval_s = p.seconds / 2 * opts.eval_windows * opts.eval_seqlen / opts.seqlen if run.eval_windows is not None else 0
+    fit = steps_that_fit(run.budget_left() - eval_s, p.seconds, eval_s, opts.eval_every)
+    if fit < MIN_STEPS:
+        raise refuse(opts.max_minutes, f"{run.budget_left():.0f}s are left after loading, one sequence's forward + "
+                     f"backward takes {p.seconds:.1f}s and an evaluation about {eval_s:.0f}s", fit)
 
 
 def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]:
@@ -121,8 +134,8 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
     distill = _Distill(run)
     if start == 0:
         run.set_quant(True)
-        run.evaluate(0, 0)
         _forecast(run, distill, params, order.batch(0), total)
+        run.evaluate(0, 0)
     step_times: list[float] = []
     fitting = run.state is None and opts.max_minutes is not None
     pbar = tqdm(total=total, initial=start, desc="recover (global)", unit="step", disable=not opts.progress)
@@ -158,6 +171,8 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
             pbar.update(1)
             pbar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", lr=f"{lr:.2e}")
             step_times.append(time.perf_counter() - t0)
+            if len(step_times) == 1:
+                log_measured(step_times[0], dev)
             if fitting and len(step_times) in (1, _REFIT_AFTER):
                 # the first step's time fits the schedule; the median of the next ones (free of the
                 # first step's one-time costs) refits it
