@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,22 @@ def test_demo_server_command_on_cpu():
     cmd = server_command(Path("m"), "127.0.0.1", 8123, ["--max-model-len", "512"], cuda=False)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[-2:] == ["--max-model-len", "512"]
+    # a KV cache of its own size: vLLM's CPU default reserves 92% of the machine's memory
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "1G" and "--gpu-memory-utilization" not in cmd
+
+
+def test_readme_cpu_commands_fit_a_small_machine():
+    """The README's CPU server command passes the demo's CPU flags, and its Python example has the
+    flags and the __main__ guard that a script starting an engine needs."""
+    from vllm_sparse24.demo import CPU_SERVER_ARGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cpu_serve = re.search(r"python -m vllm\.entrypoints\.openai\.api_server --model models/smollm2-sparse24 "
+                          r"\\\n\s+(.*?)\s+# CPU", readme)
+    assert cpu_serve and cpu_serve.group(1).split() == CPU_SERVER_ARGS
+    python = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "LLM(" in b)
+    assert 'if __name__ == "__main__":' in python
+    assert 'dtype="float32", kv_cache_memory_bytes=2**30, enforce_eager=True' in python
 
 
 def test_compress_magnitude_needs_no_calibration(tmp_path):

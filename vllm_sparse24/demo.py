@@ -17,6 +17,10 @@ DESCRIPTION = (
 )
 logger = logging.getLogger("vllm_sparse24.demo")
 DEFAULT_DIR = Path("models/tiny-sparse24")
+# The CPU engine's flags (the README shows the same): float32 (bfloat16 crashed vLLM's CPU engine on
+# AVX2-only machines); a KV cache of 1 GiB rather than vLLM's default, which reserves 92% of the
+# machine's memory; no compile step, which took minutes on 2 cores.
+CPU_SERVER_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "1G", "--enforce-eager"]
 
 
 def build_tiny_sparse24(out: Path) -> Path:
@@ -44,9 +48,7 @@ def server_command(model: Path, host: str, port: int, server_args: list[str], cu
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", host, "--port", str(port)]
     if not cuda:
-        # float32 (bfloat16 crashed vLLM's CPU engine on AVX2-only machines) and a KV cache
-        # reservation that fits a small machine
-        cmd += ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
+        cmd += CPU_SERVER_ARGS
     return cmd + server_args
 
 
