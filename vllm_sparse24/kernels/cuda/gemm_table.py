@@ -140,10 +140,8 @@ DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 def decode_forced_max_m() -> int | None:
     """``VLLM_SPARSE24_DECODE_MAX_M`` as a token count (0 = decode GEMM off), or None for ``auto``
-    (measured per layer shape at load). Unset means 0: on an H200 the decode GEMM is not faster than
-    the CUTLASS configs back to back under CUDA-graph replay on the Llama-3 8B/70B shapes (it ties
-    at best; docs/kernels.md), while the timing at load, one isolated call at a time, picked it at
-    M <= 8 on two 8B shapes where it then ran 15-20% slower. So it is opt-in."""
+    (measured per layer shape at load). Unset means 0: the decode GEMM is opt-in until its timings
+    against the CUTLASS configs (docs/kernels.md) decide where it serves by default."""
     raw = os.environ.get(DECODE_ENV, "").strip().lower()
     if not raw:
         return 0
