@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 from .compress_options import CompressOptions, comparison_runs
 from .options import add_options, options_from
@@ -54,7 +55,7 @@ def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentPar
     m.add_argument("--model", required=True, help="dense model: a Hugging Face folder or a .gguf file")
     m.add_argument("--text", required=True, help="evaluation text file")
     m.add_argument("--work-dir", required=True, help="folder for the compressed checkpoints")
-    m.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+    m.add_argument("--runs", nargs="+", default=None, metavar="RUN", choices=tuple(comparison_runs()),
                    help=f"subset of: {' '.join(comparison_runs())} (default: all)")
     m.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
     m.add_argument("--windows", type=int, default=64, help="evaluation windows (default 64)")
@@ -88,10 +89,70 @@ def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentPar
     return ap
 
 
+# What a command's input can cause, each with a message that names the file, option or layer and
+# what was expected: shown as one line, not a traceback. By module and name: an error's class is
+# loaded when it is raised, so telling them apart imports nothing.
+_USER_ERRORS = (
+    ("sparse24_tools.architectures", "UnsupportedModelError"), ("sparse24_tools.calib", "CalibrationError"),
+    ("sparse24_tools.compress_options", "CompressError"), ("sparse24_tools.evaluate", "EvalError"),
+    ("sparse24_tools.inputs", "InputError"), ("sparse24_tools.recover_options", "RecoverError"),
+    ("vllm_sparse24.checkpoint.names", "CheckpointError"), ("vllm_sparse24.format", "Sparse24FormatError"),
+    ("vllm_sparse24.schema", "Sparse24ConfigError"), ("vllm_sparse24.sparsity", "PruneError"),
+)
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, _USER_OS_ERRORS):
+        return True
+    return any(module in sys.modules and isinstance(e, getattr(sys.modules[module], name))
+               for module, name in _USER_ERRORS)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every input path of the command, before torch or any model loads (the library functions
+    check them again for their other callers)."""
+    from . import inputs
+    from .calib import check_source
+
+    if args.cmd in ("compress", "recover"):
+        inputs.new_output(args.out, "--out", args.overwrite)
+    if args.cmd in ("compress", "eval", "compare"):
+        inputs.model_source(args.model, "--model")
+    if args.cmd in ("eval", "compare"):
+        inputs.text_file(args.text, "--text")
+    if args.cmd == "recover":
+        inputs.model_source(args.teacher, "--teacher")
+        inputs.checkpoint_folder(args.student, "--student")
+        if args.eval_text is not None:
+            inputs.text_file(args.eval_text, "--eval-text")
+    if getattr(args, "calib", None) is not None:
+        check_source(args.calib)
+    for part in getattr(args, "parts", ()):
+        inputs.compare_part(part)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m sparse24_tools") -> int:
+    """Run one command; an error of its input prints ``PROG COMMAND: error: ...`` and returns 2
+    (with -v after its traceback)."""
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _check_paths(args)
+        _run(args)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        message = str(e).replace("\n", " ")
+        print(f"{prog} {args.cmd}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     import torch
 
     if args.threads:
@@ -127,7 +188,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m sparse24_tools") 
         compare(args.model, args.text, args.work_dir, runs=args.runs or list(comparison_runs()),
                 opts=options_from(CompressOptions, args), eval_seqlen=args.eval_seqlen, windows=args.windows,
                 json_path=args.json, png_path=args.png, argv=sys.argv, title=args.title)
-    return 0
 
 
 if __name__ == "__main__":

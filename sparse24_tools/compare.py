@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from . import inputs
+from .calib import check_source
 from .compress import compress
 from .compress_options import CompressOptions, calibration_size, comparison_runs
 from .evaluate import load_for_eval, perplexity
@@ -52,6 +54,10 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Compress with ``opts`` changed as each of ``runs`` says (:func:`comparison_runs`), evaluate
     each, write the table, JSON and plot."""
+    inputs.model_source(model_path, "--model")
+    inputs.text_file(text, "--text")
+    if opts.calib is not None:
+        check_source(opts.calib)
     table_of_runs = comparison_runs()
     unknown = [r for r in runs if r not in table_of_runs]
     if unknown:
@@ -106,8 +112,8 @@ def merge(parts: list[str], json_path: str, png_path: str, title: str) -> list[d
     PATH:SUFFIX (SUFFIX is appended to that part's run names)."""
     docs, suffixes = [], []
     for p in parts:
-        path, _, suffix = p.partition(":") if not Path(p).exists() else (p, "", "")
-        docs.append(json.loads(Path(path).read_text()))
+        path, suffix = inputs.compare_part(p)
+        docs.append(json.loads(path.read_text()))
         suffixes.append(suffix)
     by_run: dict[str, dict[str, Any]] = {}
     for i, d in enumerate(docs):

@@ -13,7 +13,8 @@ import torch
 
 from vllm_sparse24.schema import Sparse24Scheme
 
-from .calib import token_samples
+from . import inputs
+from .calib import check_source, token_samples
 from .compress_options import CompressError, CompressOptions, calibration_size
 from .driver import parse_dense_layers, pick_auto_dense, plan_kinds, sequential_compress
 from .group import LinearResult, compress_group
@@ -76,8 +77,12 @@ def compress(
     opts.validate()
     grid, method = opts.grid, method_named(opts.method)
     out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    # every input path before the model loads
+    inputs.new_output(out, "--out", opts.overwrite)
+    if model is None:
+        inputs.model_source(model_path, "--model")
+    if opts.calib is not None:
+        check_source(opts.calib)
     torch.manual_seed(opts.seed)
     tdtype = getattr(torch, opts.dtype)
     if model is None:

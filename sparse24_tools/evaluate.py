@@ -24,6 +24,7 @@ from vllm_sparse24 import checkpoint as ckpt
 from vllm_sparse24.quant import FP8, INT8, fake_quant_per_token
 from vllm_sparse24.schema import LM_HEAD, Sparse24ConfigError, Sparse24Scheme
 
+from . import inputs
 from .export import dense_w8a8_scheme
 from .lm_head import is_tied, quantize_tied_lm_head
 from .model_walk import dequantized_model, load_model
@@ -61,9 +62,8 @@ def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if p.is_file() or not (p / "config.json").exists():
-        if p.is_dir():
-            raise EvalError(f"{p}: no config.json")
+    inputs.model_source(p, "--model")
+    if p.is_file():
         return load_model(p, torch.float32)
     cfg_dict = json.loads((p / "config.json").read_text())
     qcfg = cfg_dict.pop("quantization_config", None)
@@ -99,9 +99,7 @@ def perplexity(
 ) -> dict[str, Any]:
     """exp(mean NLL) over the first ``windows`` non-overlapping windows of ``seqlen`` tokens
     (``device``: where the token windows go; the model must be there already)."""
-    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise EvalError(f"{text_file}: empty")
+    text = inputs.text_file(text_file, "--text")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     avail = ids.numel() // seqlen
     if avail == 0:

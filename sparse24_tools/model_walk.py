@@ -15,6 +15,7 @@ from torch import nn
 
 from vllm_sparse24 import checkpoint as ckpt
 
+from . import inputs
 from .architectures import UnsupportedModelError, architecture_of
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model {p} does not exist (expected a HF folder or a .gguf file)")
+    inputs.model_source(p, "model")
     kwargs: dict[str, Any] = {}
     if p.is_file():
-        if p.suffix != ".gguf":
-            raise UnsupportedModelError(f"{p}: a model file must be .gguf; otherwise pass a HF folder")
         folder, kwargs["gguf_file"] = str(p.parent), p.name
     else:
         folder = str(p)

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import inputs
 from .architectures import architecture_of
-from .calib import read_text
+from .calib import check_source
 from .distill_data import generate_sequences, text_windows
 from .group import LinearResult
 from .model_walk import decoder_layers, load_model
@@ -55,20 +56,10 @@ log = logging.getLogger(__name__)
 __all__ = ["BudgetError", "RecoverError", "RecoverOptions", "recover", "plot_perplexity"]
 
 
-def _check_text_file(path: str | os.PathLike, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise RecoverError(f"{what} {p}: not a file")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise RecoverError(f"{what} {p}: empty")
-    return text
-
-
 def eval_windows_of(tokenizer: Any, text_file: str | os.PathLike, seqlen: int, windows: int) -> torch.Tensor:
     """The first ``windows`` non-overlapping windows, as ``sparse24_tools.evaluate.perplexity`` takes them."""
     p = Path(text_file)
-    text = _check_text_file(p, "--eval-text")
+    text = inputs.text_file(p, "--eval-text")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = min(windows, ids.numel() // seqlen)
     if n == 0:
@@ -203,13 +194,16 @@ def recover(
         opts = replace(opts, device="cuda" if torch.cuda.is_available() else "cpu")
     opts.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    # every input path before any loading
+    inputs.new_output(out, "--out", overwrite)
+    if teacher_model is None:
+        inputs.model_source(teacher_path, "--teacher")
+    inputs.checkpoint_folder(student_path, "--student")
+    check_source(calib)
+    if opts.eval_text is not None:
+        inputs.text_file(opts.eval_text, "--eval-text")
     state_dir = Path(state_dir) if state_dir else out.parent / f"{out.name}.recover-state"
     state = _load_state(state_dir, opts, resume)
-    read_text(calib)  # a missing or empty calibration text fails here, before any loading
-    if opts.eval_text is not None:
-        _check_text_file(opts.eval_text, "--eval-text")
     device = torch.device(opts.device)
     torch.manual_seed(opts.seed)
 

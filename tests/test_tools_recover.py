@@ -23,6 +23,7 @@ from sparse24_tools.calib import CalibrationError  # noqa: E402
 from sparse24_tools.compress import compress  # noqa: E402
 from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
+from sparse24_tools.inputs import InputError  # noqa: E402
 from sparse24_tools.recover import BudgetError, RecoverError, RecoverOptions, recover  # noqa: E402
 from sparse24_tools.recover_budget import MIN_STEPS  # noqa: E402
 from sparse24_tools.recover_run import RecoveryRun, warmup_steps  # noqa: E402
@@ -402,7 +403,7 @@ def test_bad_inputs_name_the_file(tiny, tmp_path):
     empty.write_text(" \n")
     with pytest.raises(CalibrationError, match="empty.txt is empty"):
         recover(dense, student, tmp_path / "a", empty, opts)
-    with pytest.raises(RecoverError, match="--eval-text .*empty.txt: empty"):
+    with pytest.raises(InputError, match="--eval-text .*empty.txt: empty"):
         recover(dense, student, tmp_path / "a", calib, RecoverOptions(**{**opts.__dict__, "eval_text": str(empty)}))
     with pytest.raises(RecoverError, match="less than one batch"):
         recover(dense, student, tmp_path / "a", calib, RecoverOptions(**{**opts.__dict__, "tokens": 100}))
