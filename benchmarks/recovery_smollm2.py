@@ -4,13 +4,13 @@
         --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery [--minutes 10] \\
         [--scheme int8|fp8]
 
-1. the dense teacher's perplexity on ``--eval-text`` (``offline eval``'s code: the first
+1. the dense teacher's perplexity on ``--eval-text`` (``vllm-sparse24 eval``'s code: the first
    ``--windows`` non-overlapping windows of 512 tokens);
 2. two one-shot students with the compressor (SparseGPT-joint) in ``--scheme`` (int8: int8
    weights and activations; fp8: e4m3 weights and activations): all linears 2:4, and
    ``--dense-layers auto:10`` (its sensitivities taken from the all-sparse run, as
-   ``offline compare`` does), each evaluated like step 1 (``one_shot`` in the JSON);
-3. each student recovered by ``offline recover`` in each ``--modes`` (global distillation,
+   ``vllm-sparse24 compare`` does), each evaluated like step 1 (``one_shot`` in the JSON);
+3. each student recovered by ``vllm-sparse24 recover`` in each ``--modes`` (global distillation,
    block-wise reconstruction), each run within ``--minutes`` (its token count is fitted to the
    time on its first steps), then evaluated like step 1 from the written checkpoint;
 4. ``recovery-smollm2-<gpu>-<date>.json`` (``gpu``, ``date``, ``command``, ``dense_ppl``,

@@ -36,7 +36,7 @@ def _module_main(module: str, command: str) -> Runner:
             if e.name != module:
                 raise
             raise SystemExit(f"{PROG} {command}: this installation has no {module} module") from e
-        return main(argv, prog=f"{PROG} {command}") if module == "vllm_sparse24.demo" else main(argv)
+        return main(argv, prog=f"{PROG} {command}")
 
     return run
 

@@ -1,4 +1,4 @@
-"""``python -m sparse24_tools compare``: compress with several methods, evaluate each, write a table
+"""``vllm-sparse24 compare``: compress with several methods, evaluate each, write a table
 (stdout), JSON and a log-scale bar plot (PNG)."""
 
 from __future__ import annotations

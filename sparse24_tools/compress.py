@@ -1,4 +1,4 @@
-"""``python -m sparse24_tools compress``: load, calibrate, compress, write (orchestration only)."""
+"""``vllm-sparse24 compress``: load, calibrate, compress, write (orchestration only)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def _scheme(folder: Path, qcfg: dict[str, Any]) -> Sparse24Scheme:
             raise EvalError(f"{folder}: compressed-tensors format {qcfg.get('format')!r} not supported "
                             f"(one of {sorted(formats)})")
         return dense_w8a8_scheme(tuple(qcfg.get("ignore", ())), formats[qcfg["format"]])
-    raise EvalError(f"{folder}: quant_method {method!r} not supported by offline eval")
+    raise EvalError(f"{folder}: quant_method {method!r} not supported by vllm-sparse24 eval")
 
 
 def load_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:

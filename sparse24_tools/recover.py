@@ -1,4 +1,4 @@
-"""``python -m sparse24_tools recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
+"""``vllm-sparse24 recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
 its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8 or fp8) in the forward.
 
 Orchestration only: the options are in :mod:`sparse24_tools.recover_options`, the run's state and

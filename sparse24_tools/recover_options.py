@@ -53,7 +53,7 @@ class RecoverOptions:
                                           choices=EXTRAS)
     eval_text: str | None = option(None, "text file for perplexity / top-1 agreement evaluations")
     eval_every: int = option(0, "evaluate every N steps (blocks: every N layers); 0: before and after only")
-    eval_windows: int = option(16, "evaluate on the first N non-overlapping windows of --eval-text (as offline eval)")
+    eval_windows: int = option(16, "evaluate on the first N non-overlapping windows of --eval-text (as vllm-sparse24 eval)")
     eval_seqlen: int = option(512, "tokens per evaluation window")
     block_pool_tokens: int = option(262_144, "blocks mode: tokens whose hidden states are kept on the device")
     save_every: int = option(100, "save the training state every N steps (blocks: after every layer)")

@@ -66,7 +66,7 @@ class RecoveryRun:
     @contextlib.contextmanager
     def train_precision(self) -> Iterator[None]:
         """bf16 autocast (``--amp``) and TF32 matmuls on CUDA while training; evaluation runs
-        in plain float32, as ``offline eval`` does."""
+        in plain float32, as ``vllm-sparse24 eval`` does."""
         use_bf16 = self.opts.amp == "bf16" or (self.opts.amp == "auto" and self.device.type == "cuda")
         if self.device.type != "cuda":
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
@@ -159,7 +159,7 @@ def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
 @torch.no_grad()
 def evaluate_pair(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
                   device: torch.device, batch_size: int = 2) -> dict[str, float]:
-    """Student perplexity (the arithmetic of ``offline eval``: float32, full logits), the
+    """Student perplexity (the arithmetic of ``vllm-sparse24 eval``: float32, full logits), the
     teacher's, the student's top-1 agreement with the teacher and mean KL(teacher || student)
     over the next-token predictions of ``windows`` [n, T]."""
     nll_s = nll_t = kl = 0.0

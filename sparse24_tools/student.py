@@ -43,22 +43,22 @@ class Student:
 
 
 def load_student(path: str | os.PathLike) -> Student:
-    """A sparse24 checkpoint (``python -m sparse24_tools compress`` output) as a float model."""
+    """A sparse24 checkpoint (``vllm-sparse24 compress`` output) as a float model."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     cfg_path = p / "config.json"
     if not p.is_dir() or not cfg_path.exists():
         raise RecoverError(f"student {p}: not a checkpoint folder (no config.json); pass the output "
-                           "of `python -m sparse24_tools compress`")
+                           "of `vllm-sparse24 compress`")
     cfg = json.loads(cfg_path.read_text())
     q = cfg.get("quantization_config")
     if not q:
         raise RecoverError(f"student {cfg_path}: no quantization_config: a dense model, not a 2:4 sparse24 "
-                           "checkpoint (make one with `python -m sparse24_tools compress`)")
+                           "checkpoint (make one with `vllm-sparse24 compress`)")
     if Sparse24Scheme.is_legacy_config(q):
         raise RecoverError(f"student {cfg_path}: a legacy compressed-tensors sparse-24-bitmask checkpoint; "
-                           "recover reads and writes the sparse24 format (python -m sparse24_tools compress)")
+                           "recover reads and writes the sparse24 format (vllm-sparse24 compress)")
     if q.get("quant_method") != "sparse24":
         raise RecoverError(f"student {cfg_path}: quant_method {q.get('quant_method')!r} is not 2:4 sparse24 "
                            f"(format {q.get('format')!r}); recover needs a sparse24 checkpoint")

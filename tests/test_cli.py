@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -114,6 +115,27 @@ def test_compress_magnitude_needs_no_calibration(tmp_path):
     report = json.loads((out / "compress_report.json").read_text())
     assert report["calib"] is None and "not measured" in report["errors"]
     assert report["totals"]["sparse"] == 7
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands()))
+def test_every_command_answers_help_under_its_own_name(command):
+    t0 = time.perf_counter()
+    proc = _console(command, "--help")
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"usage: vllm-sparse24 {command} ")
+    assert "python -m" not in proc.stdout and "(default: None)" not in proc.stdout
+    assert not re.search(r"\(default[^)]*\)\s*\(default", proc.stdout), "an option shows its default twice"
+    if command not in ("demo", "build"):  # the offline tools' parsers import no torch: measured ~0.1 s
+        assert seconds < 2.0, f"{command} --help took {seconds:.1f}s"
+
+
+def test_the_docs_name_the_console_command():
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        stale = re.findall(r"python -m (?:offline|sparse24_tools) \w+|`offline (?:eval|recover|compress|compare)`",
+                           doc.read_text())
+        assert not stale, (doc.name, stale)
 
 
 def test_building_the_parsers_imports_no_torch():

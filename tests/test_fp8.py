@@ -374,7 +374,7 @@ def _text(path: Path, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """``python -m sparse24_tools compress --scheme fp8`` (SparseGPT-joint, one dense layer) on a tiny model."""
+    """``vllm-sparse24 compress --scheme fp8`` (SparseGPT-joint, one dense layer) on a tiny model."""
     from sparse24_tools.__main__ import main
 
     root = tmp_path_factory.mktemp("fp8c")

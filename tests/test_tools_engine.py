@@ -1,4 +1,4 @@
-"""A tiny model compressed by ``python -m sparse24_tools compress`` loads in the sparse24 plugin on
+"""A tiny model compressed by ``vllm-sparse24 compress`` loads in the sparse24 plugin on
 CPU and generates, with prompt log-probs equal to ``offline eval``'s model (one engine start)."""
 
 from __future__ import annotations

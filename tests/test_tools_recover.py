@@ -1,4 +1,4 @@
-"""``python -m sparse24_tools recover`` on a tiny random Llama (CPU): the 2:4 mask is kept bit for bit,
+"""``vllm-sparse24 recover`` on a tiny random Llama (CPU): the 2:4 mask is kept bit for bit,
 the exported values are the trained int8 values, the loss goes down in both modes, an
 interrupted run leaves no output and resumes to the same result, bad inputs fail clearly, and
 the output runs in the plugin with the log-probs of ``offline eval``."""

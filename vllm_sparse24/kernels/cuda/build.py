@@ -163,9 +163,9 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.build") -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_sparse24.build",
+        prog=prog,
         description="Compile the sparse24 CUDA library (CUTLASS sm90 2:4 GEMMs) for Hopper GPUs.")
     ap.add_argument("--out", type=Path, default=DEFAULT_LIB,
                     help=f"library path (default: {DEFAULT_LIB}; the plugin loads it from there, "
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.out, args.build_dir, args.jobs)
     except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0
 
