@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_sparse24.fsutil import proc_status
+
 from .recover_options import RecoverError
 
 log = logging.getLogger(__name__)
@@ -37,23 +39,17 @@ class BudgetError(RecoverError):
 # -- memory --------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def _memory_gib(device: torch.device, peak: bool) -> float | None:
+    """Memory in use now (or its peak): the CUDA allocator's on a CUDA device, else this process's
+    resident set (Linux)."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device) / _GIB
+    kib = proc_status("VmHWM" if peak else "VmRSS")
+    return None if kib is None else int(kib) / 2**20
 
 
 def memory_gib(device: torch.device) -> float | None:
-    """Memory in use now: the CUDA allocator's on a CUDA device, else this process's resident set."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / _GIB
-    kib = _proc_status_kib("VmRSS")
-    return None if kib is None else kib / 2**20
+    return _memory_gib(device, peak=False)
 
 
 def reset_peak_memory(device: torch.device) -> bool:
@@ -70,10 +66,7 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / _GIB
-    kib = _proc_status_kib("VmHWM")
-    return None if kib is None else kib / 2**20
+    return _memory_gib(device, peak=True)
 
 
 # -- the probe ------------------------------------------------------------------------------------

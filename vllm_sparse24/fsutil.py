@@ -16,16 +16,24 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
-def current_umask() -> int:
-    """The process's file mode creation mask: from /proc on Linux, else by setting it and setting it
-    straight back (which another thread could see for that instant)."""
+def proc_status(field: str) -> str | None:
+    """The value of ``field`` in /proc/self/status (Linux), e.g. "0022" for "Umask"; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+                if line.startswith(field + ":"):
+                    return line.split()[1]
     except OSError:
         pass
+    return None
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask: from /proc on Linux, else by setting it and setting it
+    straight back (which another thread could see for that instant)."""
+    value = proc_status("Umask")
+    if value is not None:
+        return int(value, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
