@@ -23,7 +23,7 @@ from .architectures import architecture_of
 from .distill_data import BatchOrder
 from .distill_loss import normalized_mse
 from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
-from .recover_budget import EXPORT_SECONDS, MIN_STEPS, BudgetError, memory_gib, refuse
+from .recover_budget import EXPORT_SECONDS, MIN_STEPS, BudgetError, fit_point, memory_gib, refuse
 from .recover_options import RecoverError
 from .recover_run import RecoveryRun, lr_at, warmup_steps
 
@@ -126,10 +126,8 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
                 run.curve.append({"layer": i, "step": step, "loss": value, "lr": lr})
             pbar.set_postfix(layer=i, step=f"{step}/{steps}", loss=f"{value:.4f}")
             step_times.append(time.perf_counter() - t0)
-            if fitting and len(step_times) in (1, _REFIT_AFTER):
-                # the first step's time fits the schedule; the median of the next ones refits it
-                first = len(step_times) == 1
-                seconds = step_times[0] if first else sorted(step_times[1:])[len(step_times[1:]) // 2]
+            if fitting and (point := fit_point(step_times)):
+                seconds, first = point
                 steps = _fit_budget_blocks(run, i, n_layers, step, steps, seconds,
                                            time.perf_counter() - t_layer - sum(step_times), refuse_below=first)
                 fitting = first
@@ -148,10 +146,6 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
             break
     return {"mode": "blocks", "steps": steps_done, "steps_per_layer": steps, "tokens": steps_done * per_step // n_layers,
             "tokens_per_layer": steps * per_step, "pool_sequences": n_pool, "layers": n_layers}
-
-
-# steps timed before the schedule is refitted (the first of them carries one-time costs)
-_REFIT_AFTER = 4
 
 
 def _fit_budget_blocks(run: RecoveryRun, layer: int, n_layers: int, step: int, steps: int,

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 MIN_STEPS = 8
 # writing the checkpoint after the final evaluation
 EXPORT_SECONDS = 10.0
+# steps timed before the schedule is refitted (the first of them carries one-time costs)
+REFIT_AFTER = 4
 _GIB = 2**30
 
 
@@ -128,6 +130,19 @@ def log_measured(step_seconds: float, device: torch.device) -> None:
 
 
 # -- the budget -----------------------------------------------------------------------------------
+
+
+def fit_point(step_times: list[float]) -> tuple[float, bool] | None:
+    """Where the budget is fitted: (seconds per step, whether it is the first fit) after the steps
+    timed so far, or None between. The first step's time fits the schedule, so that warm-up and
+    decay follow it from the start; the median of the next ones, free of the first step's one-time
+    costs, refits it."""
+    if len(step_times) == 1:
+        return step_times[0], True
+    if len(step_times) == REFIT_AFTER:
+        later = sorted(step_times[1:])
+        return later[len(later) // 2], False
+    return None
 
 
 def steps_that_fit(seconds_left: float, step_seconds: float, eval_seconds: float, eval_every: int) -> int:

@@ -19,6 +19,7 @@ from .model_walk import decoder_layers
 from .recover_budget import (
     MIN_STEPS,
     BudgetError,
+    fit_point,
     log_forecast,
     log_measured,
     probe,
@@ -173,11 +174,8 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
             step_times.append(time.perf_counter() - t0)
             if len(step_times) == 1:
                 log_measured(step_times[0], dev)
-            if fitting and len(step_times) in (1, _REFIT_AFTER):
-                # the first step's time fits the schedule; the median of the next ones (free of the
-                # first step's one-time costs) refits it
-                first = len(step_times) == 1
-                seconds = step_times[0] if first else sorted(step_times[1:])[len(step_times[1:]) // 2]
+            if fitting and (point := fit_point(step_times)):
+                seconds, first = point
                 total = _fit_budget(run, step, total, seconds, refuse_below=first)
                 pbar.total = total
                 fitting = first
@@ -191,10 +189,6 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
         distill.close()
     return {"mode": "global", "steps": step, "planned_steps": total, "tokens": step * per_step,
             "epochs": round(step * opts.batch_size / run.pool.shape[0], 3)}
-
-
-# steps timed before the schedule is refitted (the first of them carries one-time costs)
-_REFIT_AFTER = 4
 
 
 def _stop_for_budget(run: RecoveryRun, step: int, total: int) -> None:
