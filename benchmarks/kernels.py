@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_sparse24.kernels.cuda import lib  # noqa: E402
+from vllm_sparse24.kernels.cuda import build, lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     compress_24,
@@ -362,6 +362,9 @@ def main():
             for m, cfg, loss in rows:
                 print(f"  M <= {m:5d}: {cfg:42s} (worst layer {loss:.3f}x its own best)")
         return
+    if args.search and len(lib.config_ids()) < len(build.config_rows()):
+        print(f"note: the library holds {len(lib.config_ids())} of {len(build.config_rows())} configs; "
+              "`python -m vllm_sparse24.build --search-configs` adds the search-only rows", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device=DEV).manual_seed(0)
     ops = vllm_ops()

@@ -23,7 +23,12 @@ def test_config_rows_parse_in_order():
 
 
 def test_dispatch_table_names_only_compiled_configs():
-    names = {n for _, n in build.config_rows()}
+    """Every config the table names is a row a default build compiles, and every such row is named
+    (a row only `kernels.py --search` tries is an S24_SEARCH_CONFIG row, compiled on request)."""
+    names = {n for _, n in build.config_rows(search_configs=False)}
+    named = {choice.config for classes in GEMM_TABLE.values() for rows in classes.values() for _, choice in rows}
+    assert named == names, (sorted(names - named), sorted(named - names))
+    assert len(build.config_rows()) > len(names)
     for key, classes in GEMM_TABLE.items():
         for rows in classes.values():
             assert rows and rows[-1][0] is None, key
@@ -67,7 +72,11 @@ def built():
 
 
 def test_built_library_matches_the_table(built):
-    assert lib.config_ids() == {n: i for i, n in build.config_rows()}
+    """The library holds the table's rows under their configs.inc ids, and the search-only rows all or
+    none (--search-configs)."""
+    everything = {n: i for i, n in build.config_rows()}
+    default = {n: i for i, n in build.config_rows(search_configs=False)}
+    assert lib.config_ids() in (default, everything)
     assert built.s24_config_name(-1) is None and built.s24_config_name(10_000) is None
 
 

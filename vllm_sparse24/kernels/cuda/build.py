@@ -2,7 +2,7 @@
 
 Needs nvcc >= 12.2 (CUDA_HOME, PATH or /usr/local/cuda*) and the CUTLASS headers of the
 ``nvidia-cutlass`` wheel (the ``cuda`` extra installs it); no GPU and no torch. Each row of
-csrc/configs.inc is one translation unit (a CUTLASS sparse GEMM takes ~100 s and ~5 GB to compile),
+csrc/configs.inc that the dispatch table uses (all rows with ``--search-configs``) is one translation unit (a CUTLASS sparse GEMM takes ~100 s and ~5 GB to compile),
 built ``--jobs`` at a time, plus the C ABI (api.cu) and the few-token decode GEMM (csrc/decode/);
 objects are cached under ``--build-dir`` by a hash of their sources and flags, so a rebuild after an
 edit recompiles only what changed. The library is linked into a
@@ -39,19 +39,20 @@ NVCC_FLAGS = [
     # sm_90a: wgmma.sp and setmaxnreg exist only on the arch-specific target
     "-gencode=arch=compute_90a,code=sm_90a",
 ]
-_ROW = re.compile(r"^S24_CONFIG\(\s*(\d+)\s*,\s*(\w+)", re.M)
+_ROW = re.compile(r"^(S24_CONFIG|S24_SEARCH_CONFIG)\(\s*(\d+)\s*,\s*(\w+)", re.M)
 
 
 class BuildError(RuntimeError):
     """The CUDA library could not be built (missing toolkit or headers, compiler error)."""
 
 
-def config_rows() -> list[tuple[int, str]]:
-    """(id, name) of every row of csrc/configs.inc, in order."""
-    rows = [(int(i), name) for i, name in _ROW.findall((CSRC / "configs.inc").read_text())]
-    if [i for i, _ in rows] != list(range(len(rows))):
+def config_rows(search_configs: bool = True) -> list[tuple[int, str]]:
+    """(id, name) of the rows of csrc/configs.inc, in order: every row, or (``search_configs=False``)
+    those a default build compiles, the S24_CONFIG rows the dispatch table uses."""
+    found = _ROW.findall((CSRC / "configs.inc").read_text())
+    if [int(i) for _, i, _ in found] != list(range(len(found))):
         raise BuildError(f"{CSRC / 'configs.inc'}: config ids must be 0, 1, 2, ... in row order")
-    return rows
+    return [(int(i), name) for macro, i, name in found if search_configs or macro == "S24_CONFIG"]
 
 
 def find_nvcc() -> str:
@@ -99,8 +100,9 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2) -> Path:
-    """Compile every config + the C ABI and link ``out``; returns its path."""
+def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2, search_configs: bool = False) -> Path:
+    """Compile the configs (the table's rows, or with ``search_configs`` every row) + the C ABI and the
+    decode GEMM, and link ``out``; returns its path."""
     nvcc = find_nvcc()
     includes = find_cutlass()
     build_dir = Path(build_dir or Path(tempfile.gettempdir()) / "vllm_sparse24_build")
@@ -116,8 +118,8 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2)
     key_flags = [f for f in flags if f != f"-I{CSRC}"]
     units: list[tuple[str, list[str], Path]] = []  # (label, command, object)
     src = CSRC / "gemm_config.cu"
-    for cid, name in config_rows():
-        row = re.search(rf"^S24_CONFIG\(\s*{cid}\s*,.*$", table, re.M).group(0)
+    for cid, name in config_rows(search_configs):
+        row = re.search(rf"^S24_(SEARCH_)?CONFIG\(\s*{cid}\s*,.*$", table, re.M).group(0)
         obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), row, version, *key_flags)}.o"
         units.append((name, [nvcc, *flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)], obj))
     # the few-token decode GEMM (csrc/decode/): its own sources and the C ABI header only, so
@@ -127,8 +129,9 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2)
     decode_obj = build_dir / f"decode_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags)}.o"
     units.append(("decode", [nvcc, *flags, "-c", str(decode), "-o", str(decode_obj)], decode_obj))
     api = CSRC / "api.cu"
-    api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *key_flags)}.o"
-    units.append(("api", [nvcc, *flags, "-c", str(api), "-o", str(api_obj)], api_obj))
+    api_flags = ["-DS24_WITH_SEARCH_CONFIGS"] if search_configs else []  # which rows the library holds
+    api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *key_flags, *api_flags)}.o"
+    units.append(("api", [nvcc, *flags, *api_flags, "-c", str(api), "-o", str(api_obj)], api_obj))
 
     todo = [u for u in units if not u[2].is_file()]
     log.info("nvcc %s, CUTLASS %s; %d of %d units to compile, %d at a time, objects in %s",
@@ -174,6 +177,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.bui
                     help="object cache (default: <tmp>/vllm_sparse24_build); reruns compile only what changed")
     ap.add_argument("--jobs", type=int, default=2,
                     help="translation units compiled at once; each needs ~5 GB of memory (default: 2)")
+    ap.add_argument("--search-configs", action="store_true",
+                    help="also compile the configs.inc rows the dispatch table does not use (S24_SEARCH_CONFIG), "
+                         "the candidates of `benchmarks/kernels.py --search`")
     ap.add_argument("--skip-without-toolkit", action="store_true",
                     help="exit 0 with a message, instead of failing, where nvcc >= 12.2 or the CUTLASS headers are "
                          "missing (the test command on a machine without the CUDA toolkit: the CPU tests run, the "
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.bui
             print(f"skipping the CUDA library build: {e}", file=sys.stderr)
             return 0
     try:
-        build(args.out, args.build_dir, args.jobs)
+        build(args.out, args.build_dir, args.jobs, args.search_configs)
     except BuildError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -112,9 +112,11 @@ def decode_partition(n: int, k: int, sms: int = 0) -> tuple[int, int, int]:
 
 @functools.cache
 def config_ids() -> dict[str, int]:
-    """Config name -> id, as compiled into the loaded library (csrc/configs.inc)."""
+    """Config name -> id of the rows the loaded library holds (csrc/configs.inc; search-only rows only
+    in a library built with --search-configs)."""
     so = lib()
-    return {so.s24_config_name(i).decode(): i for i in range(so.s24_num_configs())}
+    names = (so.s24_config_name(i) for i in range(so.s24_num_configs()))
+    return {name.decode(): i for i, name in enumerate(names) if name is not None}
 
 
 def compressed_bytes(n: int, k: int) -> tuple[int, int]:

@@ -48,10 +48,32 @@ constexpr bool ids_in_order() {
 }
 static_assert(ids_in_order(), "configs.inc ids must be 0, 1, 2, ... in row order");
 
+// Which rows this library holds: every S24_CONFIG row, and the S24_SEARCH_CONFIG rows only when
+// built with --search-configs (S24_WITH_SEARCH_CONFIGS); the others have no kernel to point at.
+#ifdef S24_WITH_SEARCH_CONFIGS
+constexpr bool kSearchBuilt = true;
+#else
+constexpr bool kSearchBuilt = false;
+#endif
+#undef S24_SEARCH_CONFIG
+#define S24_CONFIG(ID, ...) true,
+#define S24_SEARCH_CONFIG(ID, ...) kSearchBuilt,
+constexpr bool kBuilt[] = {
+#include "configs.inc"
+};
+#undef S24_CONFIG
+#undef S24_SEARCH_CONFIG
+#define S24_SEARCH_CONFIG S24_CONFIG
+
 using RunFn = int (*)(S24GemmArgs*, int, char*, size_t);
+template <int I>
+constexpr RunFn run_fn() {
+  if constexpr (kBuilt[I]) return &run_config<I>;
+  else return nullptr;
+}
 template <size_t... I>
 constexpr std::array<RunFn, sizeof...(I)> make_table(std::index_sequence<I...>) {
-  return {&run_config<static_cast<int>(I)>...};
+  return {run_fn<static_cast<int>(I)>()...};
 }
 constexpr auto kRun = make_table(std::make_index_sequence<kNumConfigs>{});
 
@@ -143,7 +165,7 @@ extern "C" {
 
 int s24_abi_version() { return kAbiVersion; }
 int s24_num_configs() { return kNumConfigs; }
-const char* s24_config_name(int id) { return id >= 0 && id < kNumConfigs ? kConfigNames[id] : nullptr; }
+const char* s24_config_name(int id) { return id >= 0 && id < kNumConfigs && kBuilt[id] ? kConfigNames[id] : nullptr; }
 const char* s24_last_error() { return g_err; }
 
 int s24_compressed_bytes(int n, int k, int64_t* values_bytes, int64_t* meta_bytes) {
@@ -165,7 +187,8 @@ int s24_compress(int dtype, const void* dense, void* values, void* meta, int n, 
 }
 
 int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* bytes) {
-  if (config < 0 || config >= kNumConfigs) return fail(-1, "config id out of range");
+  if (config < 0 || config >= kNumConfigs || !kRun[config])
+    return fail(-1, "config id out of range, or a search-only config this library was built without");
   *bytes = 0;
   for (int swizzle : {1, 2, 4, 8}) {  // the stream-K workspace depends on the raster swizzle
     S24GemmArgs a{};
@@ -180,7 +203,8 @@ int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* by
 int s24_gemm(int config, const void* values, const void* meta, const void* x, const float* x_scale,
              const float* w_scale, const void* bias, void* out, int m, int n, int k, int splits, int swizzle,
              void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
-  if (config < 0 || config >= kNumConfigs) return fail(-1, "config id out of range");
+  if (config < 0 || config >= kNumConfigs || !kRun[config])
+    return fail(-1, "config id out of range, or a search-only config this library was built without");
   S24GemmArgs a{values, meta, x, x_scale, w_scale, bias, out, m, n, k, splits, swizzle,
                 workspace, static_cast<size_t>(workspace_bytes), stream, sm_count()};
   return kRun[config](&a, 0, g_err, kErrLen);
