@@ -75,7 +75,8 @@ def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentPar
         "recover", parents=[common], help="sparse24 checkpoint -> accuracy-recovered sparse24 checkpoint (distillation)",
         description="Distill a 2:4 W8A8 student from its dense teacher with the 2:4 mask fixed and the "
         "plugin's int8 or fp8 arithmetic (the student's scheme) in the forward (STE); writes the "
-        "compressor's checkpoint format atomically, with recover_report.json and recover_perplexity.png inside it.",
+        "compressor's checkpoint format atomically, with recover_report.json and recover_curves.png inside it. "
+        "With --fsdp, start it with torchrun (global mode across GPUs).",
 )
     r.add_argument("--teacher", required=True, help="the dense model: HF folder or .gguf file")
     r.add_argument("--student", required=True, help="sparse24 checkpoint folder (vllm-sparse24 compress)")
@@ -176,8 +177,9 @@ def _run(args: argparse.Namespace) -> None:
         rep = recover(args.teacher, args.student, args.out, args.calib, options_from(RecoverOptions, args),
                       state_dir=args.state_dir, resume=args.resume, overwrite=args.overwrite,
                       keep_state=args.keep_state, argv=sys.argv)
-        print(json.dumps({"train": rep["train"], "data": rep["data"], "final_eval": rep["final_eval"],
-                          "teacher_eval": rep["teacher_eval"]}, indent=2))
+        if rep:  # under --fsdp, rank 0 reports
+            print(json.dumps({"train": rep["train"], "data": rep["data"], "final_eval": rep["final_eval"],
+                              "domains": rep["domains"]}, indent=2))
     elif args.cmd == "merge":
         from .compare import merge
 

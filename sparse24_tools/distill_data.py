@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,10 +43,21 @@ def generate_sequences(
     device: str | torch.device = "cpu",
     eos_token_id: int | None = None,
     progress: bool = True,
+    stop: Callable[[], bool] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[list[Any]], list[Any]] | None = None,
 ) -> torch.Tensor:
     """[G, seqlen] sequences: ``prompt_len`` tokens from random windows of ``prompts_from``
     followed by ``seqlen - prompt_len`` tokens sampled from the teacher (end-of-sequence is
-    suppressed so every sequence is full), G = ceil(new_tokens / (seqlen - prompt_len))."""
+    suppressed so every sequence is full), G = ceil(new_tokens / (seqlen - prompt_len)).
+
+    Each batch of ``batch_size`` sequences is sampled with its own seed, so the result does not
+    depend on how the batches are shared out: with ``world`` > 1 processes (a sharded teacher, all
+    of them in every forward), process ``rank`` samples batches rank, rank + world, ... and
+    ``gather`` (its list -> every process's lists, concatenated) collects them. ``stop``, asked
+    before every round of ``world`` batches, ends the generation early (fewer sequences); under
+    several processes it must answer the same in all of them."""
     if new_tokens <= 0:
         return torch.empty(0, seqlen, dtype=torch.long)
     if not 0 < prompt_len < seqlen:
@@ -57,25 +69,35 @@ def generate_sequences(
     offs = torch.randint(0, prompts_from.shape[1] - prompt_len + 1, (count,), generator=g)
     prompts = torch.stack([prompts_from[i, o : o + prompt_len] for i, o in zip(pick.tolist(), offs.tolist(),
                                                                                 strict=True)])
-    out = []
-    torch.manual_seed(seed)
+    n_batches = -(-count // batch_size)
+    mine: list[tuple[int, torch.Tensor]] = []
     use_cache = teacher.config.use_cache
     teacher.config.use_cache = True
     try:
-        for b in tqdm(range(0, count, batch_size), desc="teacher generates", unit="batch", disable=not progress):
-            x = prompts[b : b + batch_size].to(device)
+        for first in tqdm(range(0, n_batches, world), desc="teacher generates", unit="round",
+                          disable=not progress):
+            if stop is not None and stop():
+                log.warning("generation stopped early (time share used up) after %d of %d batches", first, n_batches)
+                break
+            b = first + rank
+            # a process without a batch in the last round still takes part in every forward
+            x = prompts[b * batch_size : (b + 1) * batch_size] if b < n_batches else prompts[:1]
+            torch.manual_seed(seed * 1_000_003 + b)
             y = teacher.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=per_seq, min_new_tokens=per_seq, use_cache=True,
-                pad_token_id=eos_token_id if eos_token_id is not None else 0,
+                input_ids=x.to(device), attention_mask=torch.ones_like(x, device=device), do_sample=True,
+                temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=per_seq, min_new_tokens=per_seq,
+                use_cache=True, pad_token_id=eos_token_id if eos_token_id is not None else 0,
             )
             if y.shape[1] != seqlen:
                 raise RuntimeError(f"teacher generated {y.shape[1] - prompt_len} tokens, expected {per_seq}")
-            out.append(y.cpu())
+            if b < n_batches:
+                mine.append((b, y.cpu()))
     finally:
         teacher.config.use_cache = use_cache
-    seqs = torch.cat(out)
-    log.info("teacher generated %d sequences x %d new tokens (%d tokens)", count, per_seq, count * per_seq)
+    done = sorted(gather(mine) if gather is not None else mine, key=lambda item: item[0])
+    seqs = torch.cat([y for _, y in done]) if done else torch.empty(0, seqlen, dtype=torch.long)
+    log.info("teacher generated %d sequences x %d new tokens (%d tokens)", seqs.shape[0], per_seq,
+             seqs.shape[0] * per_seq)
     return seqs
 
 

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -133,14 +133,27 @@ def kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return (lt.exp() * (lt - ls)).sum(-1)
 
 
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """||t - s||^2 / ||t||^2 over the whole tensor (float32)."""
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12,
+                   denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """||t - s||^2 / ||t||^2 over the whole tensor (float32); ``denominator`` replaces ||t||^2
+    (a value summed over several processes' data)."""
     t = teacher.detach().float()
-    return (student.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(eps)
+    den = t.pow(2).sum() if denominator is None else denominator
+    return (student.float() - t).pow(2).sum() / den.clamp_min(eps)
 
 
-def squarehead_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of :func:`normalized_mse` of each decoder layer's output."""
+def squarehead_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean over layers of :func:`normalized_mse` of each decoder layer's output.
+
+    ``reduce`` (data split over several processes): maps this process's per-layer ||t||^2 [L]
+    to their mean over the processes. Each layer's ratio then divides this process's ||t - s||^2
+    by that mean, so that the mean of the processes' losses (and of their gradients, which FSDP
+    averages) is the loss of the whole batch, sum ||t - s||^2 / sum ||t||^2."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"squarehead: {len(student)} student vs {len(teacher)} teacher layer outputs")
-    return torch.stack([normalized_mse(s, t) for s, t in zip(student, teacher, strict=True)]).mean()
+    dens = torch.stack([t.detach().float().pow(2).sum() for t in teacher])
+    if reduce is not None:
+        dens = reduce(dens)
+    return torch.stack([normalized_mse(s, t, denominator=d)
+                        for s, t, d in zip(student, teacher, dens, strict=True)]).mean()

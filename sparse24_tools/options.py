@@ -16,10 +16,12 @@ Text = str | Callable[[], str]
 
 
 def option(default: Any, help: Text, *, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, repeat: bool = False) -> Any:
     """A dataclass field with its command-line help (``help`` and ``choices`` may be callables,
-    evaluated when the parser is built, e.g. to list a registry)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+    evaluated when the parser is built, e.g. to list a registry). ``repeat``: a tuple field whose
+    flag takes one value and may be given several times (``--domain a=x --domain b=y``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar,
+                                                        "repeat": repeat})
 
 
 def _base_type(hint: Any) -> Any:
@@ -47,7 +49,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] 
                 shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
                 help_text += f" (default: {shown})"
             kw["type"] = str if kind is tuple else kind
-            if kind is tuple:
+            if kind is tuple and meta.get("repeat"):
+                kw["action"], kw["default"] = "append", list(f.default)  # argparse appends to a copy
+            elif kind is tuple:
                 kw["nargs"] = "*"
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         if choices is not None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .architectures import architecture_of
 from .distill_data import BatchOrder
@@ -25,6 +24,7 @@ from .distill_loss import normalized_mse
 from .model_walk import capture_layer0_inputs, decoder_layers, layer_forward
 from .recover_budget import EXPORT_SECONDS, MIN_STEPS, BudgetError, fit_point, memory_gib, refuse
 from .recover_options import RecoverError
+from .recover_progress import TrainingProgress
 from .recover_run import RecoveryRun, lr_at, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
     arch = architecture_of(student.config)
     n_layers = len(layers_s)
     per_step = opts.batch_size * opts.seqlen
-    steps = opts.tokens // per_step
+    steps = opts.planned_tokens() // per_step
     start, steps_done = 0, 0
     if run.state is not None:
         start, steps, steps_done = (int(run.state[k]) for k in ("layer", "steps_per_layer", "steps_done"))
@@ -71,8 +71,9 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
         raise refuse(opts.max_minutes, f"{run.budget_left():.0f}s are left after loading, the hidden states and the "
                      "first evaluation", 0, "steps per layer")
     fitting = run.state is None and opts.max_minutes is not None
-    pbar = tqdm(range(n_layers), desc="recover (blocks)", unit="layer", disable=not opts.progress)
-    for i in pbar:
+    progress = TrainingProgress(run, "recover (blocks)", steps * n_layers * per_step, steps_done * per_step)
+    layer_seconds: list[float] = []  # each trained layer: its teacher forward, training, student forward
+    for i in range(n_layers):
         t_layer = time.perf_counter()
         ls, lt, kwargs, name = layers_s[i], layers_t[i], layer_kwargs[i], arch.layer_prefix(i)
         with run.train_precision():
@@ -124,19 +125,23 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
             last = value
             if step == 1 or step == steps or step % max(1, steps // 20) == 0:
                 run.curve.append({"layer": i, "step": step, "loss": value, "lr": lr})
-            pbar.set_postfix(layer=i, step=f"{step}/{steps}", loss=f"{value:.4f}")
+            progress.advance(per_step, layer=i, step=f"{step}/{steps}", loss=value)
             step_times.append(time.perf_counter() - t0)
             if fitting and (point := fit_point(step_times)):
-                seconds, first = point
+                seconds, first_fit = point  # (not `first`: the first loss, logged below)
                 steps = _fit_budget_blocks(run, i, n_layers, step, steps, seconds,
-                                           time.perf_counter() - t_layer - sum(step_times), refuse_below=first)
-                fitting = first
+                                           time.perf_counter() - t_layer - sum(step_times), refuse_below=first_fit)
+                progress.replan(n_layers * steps * per_step)
+                fitting = first_fit
         if run.stopped_by_budget:
             log.warning("time budget reached in layer %d (step %d of %d)", i, step, steps)
         log.info("%s: normalized MSE %.5f -> %.5f in %d steps", name, first or 0, last or 0, step)
         run.set_quant(True)
         with run.train_precision():
             xs = _propagate(ls, xs, kwargs, opts.batch_size)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        layer_seconds.append(round(time.perf_counter() - t_layer, 3))
         xt = yt
         tokens_equiv = steps_done * per_step // n_layers
         if opts.eval_every and (i + 1) % opts.eval_every == 0 and i + 1 < n_layers:
@@ -144,8 +149,10 @@ def train_blocks(run: RecoveryRun) -> dict[str, Any]:
         run.save_state({"layer": i + 1, "steps_per_layer": steps, "steps_done": steps_done})
         if run.stopped_by_budget:
             break
+    progress.close()
     return {"mode": "blocks", "steps": steps_done, "steps_per_layer": steps, "tokens": steps_done * per_step // n_layers,
-            "tokens_per_layer": steps * per_step, "pool_sequences": n_pool, "layers": n_layers}
+            "tokens_per_layer": steps * per_step, "pool_sequences": n_pool, "layers": n_layers,
+            "layer_seconds": layer_seconds}
 
 
 def _fit_budget_blocks(run: RecoveryRun, layer: int, n_layers: int, step: int, steps: int,

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .distill_data import BatchOrder
 from .distill_loss import chunked_kl, squarehead_loss
@@ -27,6 +26,7 @@ from .recover_budget import (
     steps_that_fit,
 )
 from .recover_options import RecoverError
+from .recover_progress import TrainingProgress
 from .recover_run import RecoveryRun, lr_at, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,17 @@ class _LayerOutputs:
             h.remove()
 
 
-def _head(model: nn.Module) -> torch.Tensor:
-    return model.get_output_embeddings().weight
+def _hidden_and_head(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final (normed) hidden states [B, T, H] and the output layer's weight [V, H], through the
+    model's own forward (under FSDP it gathers the root: embeddings, final norm, output layer)
+    asked for no logits: the chunked KL computes them a vocabulary slice at a time."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        hook.remove()
+    return captured[0], model.get_output_embeddings().weight
 
 
 @dataclass
@@ -76,21 +85,23 @@ class _Distill:
         self.layers = (_LayerOutputs(run.student.model), _LayerOutputs(run.teacher)) if squarehead else ()
 
     def __call__(self, ids: torch.Tensor) -> _Losses:
-        opts, student, teacher = self.run.opts, self.run.student.model, self.run.teacher
+        opts, student, teacher, par = self.run.opts, self.run.student.model, self.run.teacher, self.run.parallel
         for h in self.layers:
             h.recording = True
         try:
             with self.run.train_precision():
                 with torch.no_grad():
-                    th = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-                sh = student.model(input_ids=ids, use_cache=False).last_hidden_state
+                    th, head_t = _hidden_and_head(teacher, ids)
+                sh, head_s = _hidden_and_head(student, ids)
                 kl, agree = chunked_kl(sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1]),
-                                       _head(student), _head(teacher), opts.vocab_chunk)
+                                       head_s, head_t, opts.vocab_chunk)
                 kl_mean = kl.mean()
                 loss = opts.kl_weight * kl_mean
                 sq = None
                 if self.layers:
-                    sq = squarehead_loss(self.layers[0].take(), self.layers[1].take())
+                    # several processes: each layer's ||t||^2 of the whole batch (see squarehead_loss)
+                    sq = squarehead_loss(self.layers[0].take(), self.layers[1].take(),
+                                         par.mean_tensor if par.sharded else None)
                     loss = loss + opts.squarehead_weight * sq
         finally:
             for h in self.layers:
@@ -109,6 +120,7 @@ def _forecast(run: RecoveryRun, distill: _Distill, params: list[nn.Parameter], f
     step, before the first evaluation spends it."""
     opts = run.opts
     p = probe(lambda: distill(run.pool[first[:1]].to(run.device)).loss.backward(), params, run.device)
+    p.seconds = run.parallel.agree(p.seconds)  # the budget is decided alike in every process
     log_forecast(p, opts.batch_size, total, opts.max_minutes, run.device)
     if opts.max_minutes is None:
         return
@@ -125,11 +137,12 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
     """KL (+ SquareHead) distillation of the whole student; returns steps and tokens done."""
     opts, dev = run.opts, run.device
     per_step = opts.batch_size * opts.seqlen
-    total = opts.tokens // per_step
+    total = opts.planned_tokens() // per_step
     start = 0
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+    par = run.parallel
     if run.state is not None:
-        opt.load_state_dict(run.state["optimizer"])
+        run.restore_optimizer(opt)
         start, total = int(run.state["step"]), int(run.state["total_steps"])
     order = BatchOrder(run.pool.shape[0], opts.batch_size, opts.seed)
     distill = _Distill(run)
@@ -139,7 +152,7 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
         run.evaluate(0, 0)
     step_times: list[float] = []
     fitting = run.state is None and opts.max_minutes is not None
-    pbar = tqdm(total=total, initial=start, desc="recover (global)", unit="step", disable=not opts.progress)
+    progress = TrainingProgress(run, "recover (global)", total * per_step, start * per_step)
     step = start
     try:
         while step < total:
@@ -152,40 +165,41 @@ def train_global(run: RecoveryRun, params: list[nn.Parameter]) -> dict[str, Any]
             lr = lr_at(step, total, opts.lr, opts.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = distill(run.pool[idx].to(dev))
+            out = distill(run.pool[par.local(idx)].to(dev))
             if not torch.isfinite(out.loss):
                 raise RecoverError(f"loss is {out.loss.item()} at step {step}; lower --lr")
             out.loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip) if opts.grad_clip > 0 else None
+            gnorm = par.clip_grad_norm(params, opts.grad_clip) if opts.grad_clip > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.reapply_masks()
             run.count_tokens(idx)
             step += 1
-            row = {"step": step, "tokens": step * per_step, "loss": out.loss.item(), "kl": out.kl.item(),
-                   "top1_agreement": float(out.agree.float().mean()), "lr": lr}
+            values = par.mean([out.loss.item(), out.kl.item(), float(out.agree.float().mean())]
+                              + ([out.squarehead.item()] if out.squarehead is not None else []))
+            row = {"step": step, "tokens": step * per_step, "loss": values[0], "kl": values[1],
+                   "top1_agreement": values[2], "lr": lr}
             if out.squarehead is not None:
-                row["squarehead"] = out.squarehead.item()
+                row["squarehead"] = values[3]
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
             run.curve.append(row)
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", lr=f"{lr:.2e}")
-            step_times.append(time.perf_counter() - t0)
+            progress.advance(per_step, loss=row["loss"], kl=row["kl"], lr=f"{lr:.2e}")
+            step_times.append(par.agree(time.perf_counter() - t0))
             if len(step_times) == 1:
                 log_measured(step_times[0], dev)
             if fitting and (point := fit_point(step_times)):
                 seconds, first = point
                 total = _fit_budget(run, step, total, seconds, refuse_below=first)
-                pbar.total = total
+                progress.replan(total * per_step)
                 fitting = first
             if opts.eval_every and step % opts.eval_every == 0 and step < total:
                 run.set_quant(True)
                 run.evaluate(step, step * per_step)
             if step % opts.save_every == 0 or step == total:
-                run.save_state({"step": step, "total_steps": total, "optimizer": opt.state_dict()})
+                run.save_state({"step": step, "total_steps": total}, optimizer=opt)
     finally:
-        pbar.close()
+        progress.close()
         distill.close()
     return {"mode": "global", "steps": step, "planned_steps": total, "tokens": step * per_step,
             "epochs": round(step * opts.batch_size / run.pool.shape[0], 3)}

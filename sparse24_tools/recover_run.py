@@ -1,6 +1,8 @@
 """The state of one recovery run, shared by both training loops (``recover_global``,
-``recover_blocks``): options, models and data, time budget, precision, evaluation, the saved
-training state, and the learning-rate schedule."""
+``recover_blocks``): options, models and data, time budget, precision, evaluation (of the
+--eval-text and of the --domain texts), the saved training state, the learning-rate schedule, and
+what differs when the run is spread over several processes (:class:`OneProcess`; FSDP:
+``recover_fsdp.Sharded``)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,42 @@ STATE_FILE = "state.pt"
 STATE_FORMAT = 1
 
 
+class OneProcess:
+    """Training in this process alone: the hooks the training loop calls where a run spread over
+    several processes differs (``recover_fsdp.Sharded``)."""
+
+    sharded = False
+    rank, world = 0, 1
+
+    def local(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's share of a step's sequences."""
+        return idx
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Averaged over the processes (values for the curve)."""
+        return values
+
+    def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def agree(self, value: float) -> float:
+        """Rank 0's value: what is decided on the clock is decided alike in every process."""
+        return value
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every process's items, concatenated."""
+        return items
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class RecoveryRun:
     """Everything one recovery needs; the mode functions fill ``curve`` and ``evals``."""
@@ -41,6 +79,10 @@ class RecoveryRun:
     state_dir: Path
     state: dict[str, Any] | None  # the saved state when resuming
     seconds_before: float = 0.0  # time spent by the interrupted run(s)
+    parallel: OneProcess = field(default_factory=OneProcess)
+    domain_windows: dict[str, torch.Tensor] = field(default_factory=dict)  # --domain name -> windows
+    domain_evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> domain -> evaluation
+    reserved_seconds: float = 0.0  # kept back from the budget for the final evaluation of the domains
     curve: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     tokens_calib: int = 0
@@ -56,7 +98,7 @@ class RecoveryRun:
     def budget_left(self) -> float:
         if self.opts.max_minutes is None:
             return math.inf
-        return self.opts.max_minutes * 60 - self.elapsed()
+        return self.parallel.agree(self.opts.max_minutes * 60 - self.elapsed() - self.reserved_seconds)
 
     def eval_seconds(self) -> float:
         """The mean time of the evaluations so far (0 before any)."""
@@ -86,7 +128,7 @@ class RecoveryRun:
             return None
         t0 = time.perf_counter()
         res = evaluate_pair(self.student.model, self.teacher, self.eval_windows, self.device)
-        self.seconds_eval += time.perf_counter() - t0
+        self.seconds_eval += self.parallel.agree(time.perf_counter() - t0)
         if self.teacher_eval is None:
             self.teacher_eval = {"perplexity": res.pop("teacher_perplexity")}
         else:
@@ -97,37 +139,82 @@ class RecoveryRun:
                  tokens, res["perplexity"], self.teacher_eval["perplexity"], res["top1_agreement"], res["kl"])
         return row
 
+    def evaluate_domains(self, stage: str) -> None:
+        """Evaluate on every --domain text (``stage``: "one_shot" before training, "recovered" after)."""
+        t0 = time.perf_counter()
+        evals = self.domain_evals.setdefault(stage, {})
+        for name, windows in self.domain_windows.items():
+            res = evaluate_pair(self.student.model, self.teacher, windows, self.device)
+            evals[name] = res
+            log.info("domain %s (%s): perplexity %.3f (teacher %.3f), top-1 agreement %.4f", name, stage,
+                     res["perplexity"], res["teacher_perplexity"], res["top1_agreement"])
+        if stage == "one_shot":  # the final evaluation of the domains will take as long: keep it back
+            self.reserved_seconds = self.parallel.agree(time.perf_counter() - t0)
+
     # -- state ---------------------------------------------------------------------------------
-    def save_state(self, extra: dict[str, Any]) -> None:
-        """Write the training state atomically (a temporary file renamed over the old one)."""
+    def save_state(self, extra: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Write the training state atomically (a temporary file renamed over the old one; with
+        several processes the parameters and optimizer state go sharded beside it)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": STATE_FORMAT, "key": self.opts.resume_key(),
             "student": str(self.student.path), "generated": self.pool[self.n_calib :].clone(),
-            "params": {n: p.detach().cpu().clone() for n, p in self.student.model.named_parameters()
-                       if p.requires_grad},
             "curve": self.curve, "evals": self.evals, "teacher_eval": self.teacher_eval,
+            "domain_evals": self.domain_evals, "reserved_seconds": self.reserved_seconds,
             "tokens_calib": self.tokens_calib, "tokens_generated": self.tokens_generated,
             "seconds": self.elapsed(), "seconds_eval": self.seconds_eval, **extra,
         }
-        tmp = self.state_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
-        torch.save(doc, tmp)
-        os.replace(tmp, self.state_dir / STATE_FILE)
+
+        def write(sharded: str | None) -> None:
+            tmp = self.state_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
+            torch.save({**doc, "sharded": sharded}, tmp)
+            os.replace(tmp, self.state_dir / STATE_FILE)
+
+        if self.parallel.sharded:
+            assert optimizer is not None, "a sharded state needs its optimizer"
+            self.parallel.save_state(self.state_dir, int(extra.get("step", 0)), self.student.model, optimizer, write)
+            return
+        doc["params"] = {n: p.detach().cpu().clone() for n, p in self.student.model.named_parameters()
+                         if p.requires_grad}
+        if optimizer is not None:
+            doc["optimizer"] = optimizer.state_dict()
+        write(None)
+
+    def _sharded_folder(self) -> Path | None:
+        assert self.state is not None
+        name = self.state.get("sharded")
+        if bool(name) != self.parallel.sharded:
+            raise RecoverError(f"--resume: {self.state_dir} was saved by a run {'with' if name else 'without'} "
+                               f"--fsdp; resume it the same way")
+        return self.state_dir / name if name else None
 
     def restore_params(self) -> None:
         assert self.state is not None
-        params = dict(self.student.model.named_parameters())
-        with torch.no_grad():
-            for n, t in self.state["params"].items():
-                if n not in params:
-                    raise RecoverError(f"saved state {self.state_dir}: parameter {n} is not in the student")
-                params[n].copy_(t.to(params[n].device))
+        folder = self._sharded_folder()
+        if folder is not None:
+            self.parallel.load_params(folder, self.student.model)
+        else:
+            params = dict(self.student.model.named_parameters())
+            with torch.no_grad():
+                for n, t in self.state["params"].items():
+                    if n not in params:
+                        raise RecoverError(f"saved state {self.state_dir}: parameter {n} is not in the student")
+                    params[n].copy_(t.to(params[n].device))
+        self.domain_evals = dict(self.state.get("domain_evals", {}))
+        self.reserved_seconds = float(self.state.get("reserved_seconds", 0.0))
         self.curve = list(self.state["curve"])
         self.evals = list(self.state["evals"])
         self.teacher_eval = self.state["teacher_eval"]
         self.tokens_calib = self.state["tokens_calib"]
         self.tokens_generated = self.state["tokens_generated"]
         self.seconds_eval = self.state["seconds_eval"]
+
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        folder = self._sharded_folder()
+        if folder is not None:
+            self.parallel.load_optimizer(folder, self.student.model, optimizer)
+        else:
+            optimizer.load_state_dict(self.state["optimizer"])
 
     def count_tokens(self, idx: torch.Tensor) -> None:
         calib = int((idx < self.n_calib).sum())

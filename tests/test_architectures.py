@@ -111,7 +111,8 @@ def test_compress_eval_and_recovery_run_through_the_adapter(tiny, tmp_path):
         return
     rec = recover(folder, tmp_path / "student", tmp_path / "recovered", calib,
                   RecoverOptions(mode="blocks", tokens=2 * 2 * 32, seqlen=32, batch_size=2, block_pool_tokens=256,
-                                 train_extra=("norms",), device="cpu", progress=False))
+                                 generate_tokens=0, max_minutes=None, train_extra=("norms",), device="cpu",
+                                 progress=False))
     assert rec["train"]["layers"] == 2 and rec["linears"]["mask_unchanged"]
     recovered = ckpt.read_checkpoint(tmp_path / "recovered").linears
     assert all(torch.equal(recovered[p].mask, q.mask) for p, q in linears.items())

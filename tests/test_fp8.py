@@ -438,8 +438,8 @@ def test_recovery_of_an_fp8_student_keeps_the_mask_and_the_grid(compressed, tmp_
     root, calib, ev = compressed
     student, out = root / "fp8", tmp_path / "recovered"
     opts = RecoverOptions(tokens=12 * 4 * 64, seqlen=64, batch_size=4, lr=1e-3, eval_every=6, eval_windows=4,
-                          eval_seqlen=64, eval_text=str(ev), generate_tokens=0, save_every=1000, device="cpu",
-                          progress=False)
+                          eval_seqlen=64, eval_text=str(ev), generate_tokens=0, save_every=1000, max_minutes=None,
+                          device="cpu", progress=False)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

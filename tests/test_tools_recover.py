@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,11 @@ from vllm_sparse24.format import unpack_bitmask  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 _WORDS = ("the sparse model keeps two of every four weights and quantizes each row to int8 while "
           "the quick brown fox jumps over the lazy dog near the river in the old city").split()
-# 40 steps of 8 x 64 tokens; lr 1e-3 is what a tiny random model needs to move in 40 steps
+# 40 steps of 8 x 64 tokens; lr 1e-3 is what a tiny random model needs to move in 40 steps; no time
+# budget (the steps are the test's), KL only unless a test says otherwise
 BASE = {"tokens": 40 * 8 * 64, "seqlen": 64, "batch_size": 8, "lr": 1e-3, "eval_every": 10,
-        "eval_windows": 8, "eval_seqlen": 64, "generate_tokens": 600, "gen_prompt_len": 16,
-        "save_every": 10, "device": "cpu", "progress": False}
+        "eval_windows": 8, "eval_seqlen": 64, "generate_tokens": 600, "gen_prompt_len": 16, "gen_batch_size": 8,
+        "loss": "kl", "max_minutes": None, "save_every": 10, "device": "cpu", "progress": False}
 # float32 recover evaluation vs float32 offline eval of the written checkpoint (same arithmetic,
 # other batch grouping): observed ~1e-7 relative
 PPL_RTOL = 1e-4
@@ -74,6 +77,9 @@ def tiny(tmp_path_factory):
     _save_dense(root / "dense", hidden=128, intermediate=256, layers=2)
     calib = _text(root / "calib.txt", 4000, 1)
     ev = _text(root / "eval.txt", 3000, 2)
+    # two more texts to evaluate on ("domains"): other words, so the models rank them differently
+    (root / "code.txt").write_text("\n".join(f"def f{i}(x):\n    return x * {i} + len(str(x))" for i in range(300)))
+    _text(root / "other.txt", 3000, 3)
     student = root / "student"
     compress(root / "dense", student, CompressOptions(method="magnitude", calib=calib, nsamples=6, seqlen=64,
                                                       batch_size=3, dense_layers=(r"model\.layers\.1\.mlp\.down_proj",),
@@ -98,8 +104,9 @@ def global_run(tiny):
     main(["recover", "--teacher", str(root / "dense"), "--student", str(student), "--out", str(out),
           "--calib", str(calib), "--eval-text", str(ev), "--tokens", str(BASE["tokens"]), "--seqlen", "64",
           "--batch-size", "8", "--lr", "1e-3", "--eval-every", "10", "--eval-windows", "8", "--eval-seqlen", "64",
-          "--generate-tokens", "600", "--gen-prompt-len", "16", "--device", "cpu", "--threads", "1",
-          "--no-progress"])
+          "--generate-tokens", "600", "--gen-prompt-len", "16", "--gen-batch-size", "8", "--device", "cpu",
+          "--threads", "1", "--max-minutes", "0", "--domain", f"code={root / 'code.txt'}",
+          "--domain", f"other={root / 'other.txt'}", "--no-progress"])
     return out, json.loads((out / "recover_report.json").read_text())
 
 
@@ -146,7 +153,7 @@ def test_global_recovery_keeps_the_mask_and_exports_the_trained_int8_values(tiny
     model, tok = load_for_eval(student)
     ppl0 = perplexity(model, tok, ev, seqlen=64, windows=8, progress=False)["perplexity"]
     assert ppl0 == pytest.approx(rep["evals"][0]["perplexity"], rel=PPL_RTOL)
-    for f in ("recover_report.json", "recover_perplexity.png", "compress_report.json", "tokenizer.json"):
+    for f in ("recover_report.json", "recover_curves.png", "compress_report.json", "tokenizer.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "compress_report.json").read_text())["recovered"]["train"]["steps"] == 40
     assert not (root / "recovered.recover-state").exists()
@@ -166,6 +173,27 @@ def test_global_recovery_reduces_the_loss_and_reports_its_data(global_run):
     assert t["tokens"] == 20480 == t["tokens_from_calib_windows"] + t["tokens_from_generated_sequences"]
     assert t["tokens_from_generated_sequences"] > 0
     assert rep["seconds"]["train"] > 0 and rep["teacher_eval"]["perplexity"] > 0
+
+
+def test_every_text_is_reported_dense_one_shot_and_recovered(tiny, global_run):
+    root, _, ev, student = tiny
+    out, rep = global_run
+    domains = rep["domains"]
+    assert set(domains) == {"eval-text", "code", "other"}
+    assert domains["eval-text"]["one_shot"] == rep["evals"][0]["perplexity"]
+    assert domains["eval-text"]["recovered"] == rep["final_eval"]["perplexity"]
+    # each number is what offline eval computes on that text: dense teacher, one-shot student, written output
+    models = {key: load_for_eval(path) for key, path in
+              (("dense", root / "dense"), ("one_shot", student), ("recovered", out))}
+    for name, text in (("eval-text", ev), ("code", root / "code.txt"), ("other", root / "other.txt")):
+        d = domains[name]
+        assert d["text"] == str(text)
+        for key, (model, tok) in models.items():
+            ppl = perplexity(model, tok, text, seqlen=64, windows=8, progress=False)["perplexity"]
+            assert d[key] == pytest.approx(ppl, rel=PPL_RTOL), (name, key)
+        assert d["recovered_vs_dense"] == pytest.approx(d["recovered"] / d["dense"], abs=1e-4)
+    # text like the training text but not trained on: the recovery carries over
+    assert domains["other"]["recovered"] < domains["other"]["one_shot"]
 
 
 def _tie_margin(model, ids: list[int]) -> float:
@@ -209,11 +237,14 @@ def test_recovered_checkpoint_runs_in_the_plugin_like_offline_eval(global_run, t
     assert diff < LOGPROB_ATOL, f"plugin vs offline eval: max |logprob diff| {diff}"
 
 
-def test_blocks_mode_fits_every_layer(tiny, tmp_path):
+def test_blocks_mode_fits_every_layer_and_shows_its_progress(tiny, tmp_path, capsys):
     root, calib, ev, student = tiny
     opts = RecoverOptions(**{**BASE, "mode": "blocks", "tokens": 30 * 4 * 64, "batch_size": 4, "lr": 2e-3,
-                             "eval_every": 1, "block_pool_tokens": 40 * 64, "eval_text": str(ev)})
+                             "eval_every": 1, "block_pool_tokens": 40 * 64, "eval_text": str(ev), "progress": True})
     rep = recover(root / "dense", student, tmp_path / "blocks", calib, opts)
+    # the progress line: tokens of those planned, tokens/s and the time left, the last evaluation
+    line = capsys.readouterr().err.split("recover (blocks)")[-1].split("\r")[0]
+    assert re.search(r"15\.4k/15\.4k \[[0-9:]+<00:00, +[0-9.]+k?tok/s, .*eval=ppl [0-9.]+@3\.84k", line), line
     _assert_same_masks_on_grid(student, tmp_path / "blocks")
     for layer in (0, 1):
         curve = [r["loss"] for r in rep["loss_curve"] if r["layer"] == layer]
@@ -366,7 +397,7 @@ def test_a_run_stopped_by_its_budget_worse_than_its_input_writes_nothing(tiny, t
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_inputs_name_the_file(tiny, tmp_path):
+def test_bad_inputs_name_the_file(tiny, tmp_path, monkeypatch):
     root, calib, ev, student = tiny
     opts = RecoverOptions(**{**BASE, "generate_tokens": 0})
     dense = root / "dense"
@@ -405,6 +436,19 @@ def test_bad_inputs_name_the_file(tiny, tmp_path):
         recover(dense, student, tmp_path / "a", empty, opts)
     with pytest.raises(InputError, match="--eval-text .*empty.txt: empty"):
         recover(dense, student, tmp_path / "a", calib, RecoverOptions(**{**opts.__dict__, "eval_text": str(empty)}))
+    missing = tmp_path / "missing.py"
+    import sparse24_tools.recover as rec
+
+    def no_loading(*_a, **_kw):
+        raise AssertionError("loaded a model before checking the inputs")
+
+    with monkeypatch.context() as m, pytest.raises(InputError, match=r"--domain code .*missing.py: no such file"):
+        m.setattr(rec, "load_student", no_loading)
+        recover(dense, student, tmp_path / "a", calib, RecoverOptions(**{**opts.__dict__, "domain": (f"code={missing}",)}))
+    for bad, why in (("code", "expected NAME=PATH"), ("eval-text=x.txt", "reserved for --eval-text"),
+                     (f"a={ev}", "given twice")):
+        with pytest.raises(RecoverError, match=why):
+            RecoverOptions(domain=(bad, f"a={ev}") if why == "given twice" else (bad,)).validate()
     with pytest.raises(RecoverError, match="less than one batch"):
         recover(dense, student, tmp_path / "a", calib, RecoverOptions(**{**opts.__dict__, "tokens": 100}))
     (tmp_path / "exists").mkdir()
@@ -430,7 +474,8 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     common = ["--teacher", str(root / "dense"), "--calib", str(calib), "--eval-text", str(ev),
-              "--out", str(tmp_path), "--smoke", "--minutes", "2", "--device", "cpu"]
+              "--domain", f"other={root / 'other.txt'}", "--out", str(tmp_path), "--smoke", "--minutes", "2",
+              "--device", "cpu"]
     # in two invocations: the second reuses the all-sparse student and keeps the first's runs
     bench.main([*common, "--students", "all-sparse"])
     first = (tmp_path / "students" / "all-sparse" / "model.safetensors").stat().st_mtime_ns
@@ -442,9 +487,19 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     assert path.with_suffix(".png").exists()
     assert [(r["mode"], r["dense_layers"]) for r in saved["runs"]] == [
         ("global", []), ("blocks", []), ("global", "auto:10"), ("blocks", "auto:10")]
+    smoke = {"seqlen", "batch_size", "tokens", "generate_tokens", "gen_batch_size", "block_pool_tokens",
+             "eval_windows", "eval_seqlen", "eval_every"}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RecoverOptions()).items()}
     for r in saved["runs"]:
         assert r["tokens"] > 0 and r["ppl_after"] > 0 and r["minutes"] <= 2
         assert r["curve"][0]["tokens"] == 0 and r["curve"][-1]["tokens"] == r["tokens"]
+        # every text: dense, one-shot, recovered (the eval text's are the run's before / after)
+        assert set(r["domains"]) == {"eval-text", "other"} and r["domains"]["eval-text"]["recovered"] == r["ppl_after"]
+        assert all(d["dense"] > 0 and d["one_shot"] > 0 and d["recovered"] > 0 for d in r["domains"].values())
+        # the run is `vllm-sparse24 recover` with its defaults: only the texts, budget and smoke sizes differ
+        assert r["recover_command"].startswith("vllm-sparse24 recover --teacher ")
+        given = {k for k, v in r["options"].items() if v != defaults[k]}
+        assert given - smoke == {"eval_text", "domain", "max_minutes", "device"} | ({"mode"} if r["mode"] == "blocks" else set())
     assert saved["runs"][0]["ppl_before"] == saved["runs"][1]["ppl_before"]
     for student in ("all-sparse", "auto10"):
         kinds = ckpt.validate_checkpoint(tmp_path / "students" / student, ckpt.load_scheme(tmp_path / "students" / student))
@@ -455,10 +510,15 @@ def test_recovery_benchmark_script_smoke_on_the_tiny_model(tiny, tmp_path):
     assert ckpt.load_scheme(fp8_student).quant == "fp8"
     saved = json.loads(path.read_text())
     assert saved["runs"] == doc["runs"] and [r["scheme"] for r in saved["runs"]] == ["int8"] * 4
-    assert set(saved["one_shot"]) == {"int8", "fp8"} and saved["one_shot"]["fp8"]["all-sparse"] > 0
-    assert saved["table"]["fp8"] == {"all-sparse": {"one_shot": saved["one_shot"]["fp8"]["all-sparse"]}}
+    fp8 = saved["one_shot"]["fp8"]["all-sparse"]
+    assert set(saved["one_shot"]) == {"int8", "fp8"} and set(fp8) == {"eval-text", "other"} and fp8["other"] > 0
+    assert saved["table"]["fp8"]["all-sparse"]["one_shot"] == fp8["eval-text"]
+    assert saved["table"]["fp8"]["all-sparse"]["texts"]["other"] == {"dense": saved["dense"]["other"],
+                                                                     "one_shot": fp8["other"]}
     assert saved["table"]["int8"]["all-sparse"]["one_shot"] == saved["runs"][0]["ppl_before"]
-    assert set(saved["table"]["int8"]["auto10"]) == {"one_shot", "global", "blocks"}
+    assert set(saved["table"]["int8"]["auto10"]) == {"one_shot", "global", "blocks", "texts"}
+    assert set(saved["table"]["int8"]["auto10"]["texts"]["other"]) == {"dense", "one_shot", "global", "blocks"}
+    assert len(bench.markdown_table(saved).splitlines()) == 2 + 3 * 2  # header + (3 students x 2 texts)
 
     # runs made side by side (one --out each) merge into one JSON + PNG, keyed by scheme, student, mode
     other = json.loads(path.read_text())

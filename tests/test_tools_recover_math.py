@@ -61,6 +61,33 @@ def test_squarehead_and_normalized_mse():
         squarehead_loss(s[:2], t)
 
 
+def test_squarehead_split_over_processes_is_the_whole_batch():
+    """Each of two processes holds half the batch and divides by the mean of the halves' ||t||^2
+    (``reduce``, as under FSDP): the mean of their losses and of their gradients (what FSDP's
+    averaging gives) is the whole batch's loss and gradient."""
+    g = torch.Generator().manual_seed(1)
+    t = [torch.randn(4, 5, 8, generator=g) * (i + 1) for i in range(3)]
+    s = [(x + 0.3 * torch.randn(x.shape, generator=g)).requires_grad_() for x in t]
+    whole = squarehead_loss(s, t)
+    (want,) = torch.autograd.grad(whole, [s[1]])
+    halves = [slice(0, 2), slice(2, 4)]
+    dens = [torch.stack([x[h].pow(2).sum() for x in t]) for h in halves]
+    mean_dens = (dens[0] + dens[1]) / 2
+    seen = []
+
+    def mean_over_halves(d: torch.Tensor) -> torch.Tensor:  # what the all-reduce gives each process
+        seen.append(d)
+        return mean_dens
+
+    losses = [squarehead_loss([x[h] for x in s], [x[h] for x in t], reduce=mean_over_halves) for h in halves]
+    assert all(torch.equal(a, b) for a, b in zip(seen, dens, strict=True))
+    split = (losses[0] + losses[1]) / 2
+    (got,) = torch.autograd.grad(split, [s[1]])
+    # float32 sums in another order: a few ulps
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_ste_fake_quant_equals_the_plugin_arithmetic_with_identity_gradient():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(6, 64, generator=g) * torch.logspace(-2, 2, 6)[:, None]).requires_grad_()

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Accuracy recovery of SmolLM2-135M (benchmarks/recovery_smollm2.py) on a GPU host without network:
-# one process per (student, mode) run, spread round-robin over the host's GPUs, each with its own
-# output folder; then one merged results JSON + PNG in $OUT. vLLM is not needed.
+# Recovery experiments on a GPU host without network (vLLM is not needed):
 #   TEACHER=SmolLM2-135M-Instruct.Q4_1.gguf DATA=folder-with-wiki_calib.txt-and-wiki_eval.txt \
-#     bash benchmarks/offline_host/recovery.sh
+#   DOMAINS=folder-with-code.txt-and-dialogue.txt bash benchmarks/offline_host/recovery.sh
+# DOMAINS is what `python benchmarks/domain_texts.py --out DIR` writes (on a machine with PyPI).
+# PARTS (default: all four, in this order):
+#   students       the one-shot students (SparseGPT-joint: all linears 2:4, --dense-layers auto:10),
+#                  evaluated with the dense teacher on every text (benchmarks/recovery_smollm2.py --modes)
+#   recipe         each RUNS item recovered by `vllm-sparse24 recover` with its defaults (the README
+#                  command, --max-minutes 10), one process per GPU at a time, evaluated on every text
+#   fsdp           the all-2:4 student recovered across 2 GPUs (torchrun, recover --fsdp); needs 2 GPUs
+#   blocks-memory  blocks mode at the Llama-3-8B layer shape, 2 and 4 layers of random weights, one GPU:
+#                  peak memory and time per layer (benchmarks/recovery_blocks_memory.py)
+# then one merged results JSON + PNG + markdown table of every recipe / fsdp run in $OUT.
 # Environment:
-#   RUNS            "student:mode ..." (default: all-sparse and auto10, each in global and blocks mode)
-#   MINUTES_GLOBAL  training minutes of a global-distillation run (default 7)
-#   MINUTES_BLOCKS  training minutes of a blocks run (default 4)
-#   WORK            where students and recovered checkpoints stay (default /tmp/sparse24-recovery)
-#   WHEELS_DIR      wheels installed first, ahead of the host's packages (default .whl): gguf for a
-#                   .gguf teacher, and compressed-tensors with its pydantic stack where missing
-#   EXTRA_ARGS      more recovery_smollm2.py arguments for every run
+#   RUNS        "student:mode ..." for recipe (default "all-sparse:global auto10:global"; blocks: student:blocks)
+#   MINUTES     --minutes of every recovery run (default: recover's own, 10)
+#   WORK        where students and recovered checkpoints stay (default /tmp/sparse24-recovery)
+#   OUT         logs, merged results, the blocks-memory JSON (default /tmp/sparse24-out)
+#   WHEELS_DIR  wheels installed first, ahead of the host's packages (default .whl): gguf for a .gguf
+#               teacher, and compressed-tensors with its pydantic stack where missing
+#   EXTRA_ARGS  more recovery_smollm2.py arguments for every run (e.g. --recover-args '--gen-batch-size 1024')
+# Time on one H100/H200: students ~5 min; each recipe run ~12 min (10 of recovery, compression reused,
+# evaluations); fsdp ~12 min; blocks-memory ~5 min.
 set -u -o pipefail
 OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT"
 WORK=${WORK:-/tmp/sparse24-recovery}; mkdir -p "$WORK"
-RUNS=${RUNS:-all-sparse:global auto10:global all-sparse:blocks auto10:blocks}
+PARTS=${PARTS:-students recipe fsdp blocks-memory}
+RUNS=${RUNS:-all-sparse:global auto10:global}
 : "${TEACHER:?TEACHER=teacher .gguf file or HF folder}" "${DATA:?DATA=folder with wiki_calib.txt and wiki_eval.txt}"
+: "${DOMAINS:?DOMAINS=folder with code.txt and dialogue.txt (python benchmarks/domain_texts.py --out DIR)}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 wheels=${WHEELS_DIR:-.whl}
 if ls "$wheels"/*.whl >/dev/null 2>&1; then
@@ -28,22 +40,53 @@ else
 fi
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())") || exit 1
 [ "$ngpu" -ge 1 ] || { echo "no CUDA GPU"; exit 1; }
-threads=$(( $(nproc) / $(echo $RUNS | wc -w) )); [ "$threads" -ge 1 ] || threads=1
-echo "== $ngpu GPU(s), runs: $RUNS, $threads CPU threads each"
-i=0; pids=()
-for run in $RUNS; do
-  student=${run%%:*} mode=${run##*:}
-  minutes=${MINUTES_GLOBAL:-7}; [ "$mode" = blocks ] && minutes=${MINUTES_BLOCKS:-4}
-  CUDA_VISIBLE_DEVICES=$(( i % ngpu )) python3 benchmarks/recovery_smollm2.py --teacher "$TEACHER" \
-    --calib "$DATA/wiki_calib.txt" --eval-text "$DATA/wiki_eval.txt" --out "$WORK/$student-$mode" \
-    --students "$student" --modes "$mode" --minutes "$minutes" --threads "$threads" ${EXTRA_ARGS:-} \
-    >"$OUT/recovery-$student-$mode.log" 2>&1 &
-  pids+=($!); i=$((i + 1))
-done
+threads=$(( $(nproc) / ngpu )); [ "$threads" -ge 1 ] || threads=1
+bench() {  # recovery_smollm2.py with the texts, the budget and the extra arguments of every run
+  python3 benchmarks/recovery_smollm2.py --teacher "$TEACHER" --calib "$DATA/wiki_calib.txt" \
+    --eval-text "$DATA/wiki_eval.txt" --domain "code=$DOMAINS/code.txt" --domain "dialogue=$DOMAINS/dialogue.txt" \
+    --threads "$threads" ${MINUTES:+--minutes "$MINUTES"} ${EXTRA_ARGS:-} "$@"
+}
+run_dir() {  # a run's own --out, sharing the students made by the students part
+  mkdir -p "$WORK/$1" "$WORK/base/students" && ln -sfn "$WORK/base/students" "$WORK/$1/students"
+}
+echo "== $ngpu GPU(s), parts: $PARTS"
 rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=1; done
-for run in $RUNS; do
-  echo "== ${run}: $(grep -E 'perplexity .* -> |Error|error:' "$OUT/recovery-${run%%:*}-${run##*:}.log" | tail -2)"
+for part in $PARTS; do
+  case $part in
+    students)
+      echo "== students"
+      CUDA_VISIBLE_DEVICES=0 bench --out "$WORK/base" --modes >"$OUT/recovery-students.log" 2>&1 || rc=1
+      tail -12 "$OUT/recovery-students.log" ;;
+    recipe)
+      i=0; declare -A busy=()
+      for run in $RUNS; do
+        student=${run%%:*} mode=${run##*:} gpu=$(( i % ngpu ))
+        [ -n "${busy[$gpu]:-}" ] && { wait "${busy[$gpu]}" || rc=1; }  # one run per GPU at a time
+        run_dir "$student-$mode"
+        echo "== recipe $student $mode on GPU $gpu"
+        CUDA_VISIBLE_DEVICES=$gpu bench --out "$WORK/$student-$mode" --students "$student" --modes "$mode" \
+          >"$OUT/recovery-$student-$mode.log" 2>&1 &
+        busy[$gpu]=$!; i=$((i + 1))
+      done
+      for p in "${busy[@]}"; do wait "$p" || rc=1; done
+      for run in $RUNS; do
+        echo "== ${run}: $(grep -E 'perplexity .* -> |Error|error:' "$OUT/recovery-${run%%:*}-${run##*:}.log" | tail -2)"
+      done ;;
+    fsdp)
+      if [ "$ngpu" -lt 2 ]; then echo "== fsdp: skipped, $ngpu GPU"; continue; fi
+      run_dir all-sparse-global-x2
+      echo "== fsdp: all-sparse global across 2 GPUs"
+      CUDA_VISIBLE_DEVICES=0,1 bench --out "$WORK/all-sparse-global-x2" --students all-sparse --modes global \
+        --processes 2 >"$OUT/recovery-all-sparse-global-x2.log" 2>&1 || rc=1
+      grep -E 'perplexity .* -> |Error|error:' "$OUT/recovery-all-sparse-global-x2.log" | tail -2 ;;
+    blocks-memory)
+      echo "== blocks-memory: Llama-3-8B layer shape, 2 and 4 layers"
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/recovery_blocks_memory.py --shape llama3-8b --layers 2 4 \
+        --out "$OUT" >"$OUT/recovery-blocks-memory.log" 2>&1 || rc=1
+      tail -25 "$OUT/recovery-blocks-memory.log" ;;
+    *) echo "unknown part $part"; rc=1 ;;
+  esac
 done
-python3 benchmarks/recovery_smollm2.py --out "$OUT" --merge "$WORK"/*/recovery-smollm2-*.json || rc=1
+jsons=$(ls "$WORK"/*/recovery-smollm2-*.json 2>/dev/null)
+[ -n "$jsons" ] && { python3 benchmarks/recovery_smollm2.py --out "$OUT" --merge $jsons || rc=1; }
 exit $rc
