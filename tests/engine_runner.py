@@ -1,9 +1,12 @@
 """Start a vLLM engine on a checkpoint, write prompt logprobs + a greedy completion as JSON.
 
-Run as a script (vLLM spawns its workers, so the engine must not start at import time):
+Run as a script (vLLM may spawn its workers, so the engine must not start at import time):
     python tests/engine_runner.py MODEL_DIR OUT.json --ids 1,2,3 [--quantization sparse24]
-        [--break unpack|kernel]
-``--break`` runs the engine in-process and injects a fault, to show the logprob check fails.
+        [--break unpack|kernel] [--compiled]
+By default the engine runs as the README's CPU commands run it (eager, no torch.compile) and in this
+process: a load and a few tokens then take ~25 s instead of ~2 min. ``--compiled`` runs vLLM's
+default (engine core and worker processes, the model under torch.compile), the path a GPU serves.
+``--break`` injects a fault, to show the logprob check fails.
 """
 
 from __future__ import annotations
@@ -46,13 +49,18 @@ def main() -> None:
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--break", dest="fault", default=None, choices=["unpack", "kernel"])
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--compiled", action="store_true", help="vLLM's default processes and torch.compile")
     args = ap.parse_args()
-    if args.fault:
+    if args.compiled and args.fault:
+        ap.error("--break injects its fault into this process: it runs without --compiled")
+    extra = {}
+    if not args.compiled:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        extra = {"distributed_executor_backend": "uni", "enforce_eager": True}
+    if args.fault:
         _inject(args.fault)
     from vllm import LLM, SamplingParams
 
-    extra = {"distributed_executor_backend": "uni"} if args.fault else {}
     llm = LLM(
         args.model, quantization=args.quantization, dtype="float32", max_model_len=512,
         gpu_memory_utilization=0.3, seed=0, **extra,

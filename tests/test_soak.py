@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 def test_soak_and_burst(tiny, tmp_path):
     args = soak.parse_args(["--model", str(tiny.sparse24_dir), "--out", str(tmp_path), "--tag", "ci",
-                            "--duration", "60", "--warmup", "10", "--clients", "64", "--burst", "256",
+                            "--duration", "30", "--warmup", "10", "--clients", "64", "--burst", "256",
                             "--max-num-seqs", "16", "--request-timeout", "120",
                             "--server-log", str(tmp_path / "server.log")])
     res = soak.run(args)

@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 LOGPROB_ATOL = 1e-3
 
 RUNNER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     if __name__ == "__main__":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # as tests/engine_runner.py: eager, in this process
         from vllm import LLM, SamplingParams
         model, out, ids = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3].split(",")]
         llm = LLM(model, quantization="sparse24", dtype="float32", max_model_len=512,
-                  gpu_memory_utilization=0.3, seed=0)
+                  gpu_memory_utilization=0.3, seed=0, enforce_eager=True, distributed_executor_backend="uni")
         res = llm.generate({"prompt_token_ids": ids},
                            SamplingParams(max_tokens=8, prompt_logprobs=0, temperature=0.0))[0]
         lps = [res.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
