@@ -1,5 +1,5 @@
 """The OpenAI server under abuse (benchmarks/soak.py, short CI version, 127.0.0.1 only): 64
-streaming clients for a minute, a third of them closing the connection mid-stream, then a
+streaming clients for 30 s, a third of them closing the connection mid-stream, then a
 burst of 256 requests against 16 running sequences. Every request that was not cancelled
 completes in full, the server goes idle (cancelled requests aborted), answers the same
 greedy text as before, and its RSS comes back within the tolerance soak.py documents."""
