@@ -17,16 +17,17 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from .checkpoint import validate_checkpoint
 from .linear_method import Sparse24LinearMethod
 from .lm_head_method import Sparse24LMHeadMethod
-from .schema import QUANT_METHOD, SCHEME_ARGS, Sparse24ConfigError, Sparse24Scheme
+from .schema import EIGHT_BIT_SCHEMES, QUANT_METHOD, Sparse24ConfigError, Sparse24Scheme
 
-# the scheme (int8 / fp8) that an unquantized 2:4 checkpoint is quantized to at load
+# the scheme (int8 / fp8) that an unquantized 2:4 checkpoint is quantized to at load (w4a8 needs
+# the compressor's group scales, so it is not offered here)
 LOAD_SCHEME_ENV = "VLLM_SPARSE24_LOAD_SCHEME"
 
 
 def load_scheme_from_env() -> str:
     value = os.environ.get(LOAD_SCHEME_ENV) or "int8"
-    if value not in SCHEME_ARGS:
-        raise Sparse24ConfigError(f"{LOAD_SCHEME_ENV}={value!r}: choose one of {sorted(SCHEME_ARGS)}")
+    if value not in EIGHT_BIT_SCHEMES:
+        raise Sparse24ConfigError(f"{LOAD_SCHEME_ENV}={value!r}: choose one of {sorted(EIGHT_BIT_SCHEMES)}")
     return value
 
 

@@ -8,12 +8,22 @@ A 2:4 weight W [N, K] (K a multiple of 8) is stored as
 
 Values of any dtype: int8, or float8_e4m3fn (the fp8 scheme). 8-bit floats are moved as their
 bytes (uint8 views), which every device supports, and a value counts as zero when it is +0 or -0.
+
+The w4a8 scheme stores the same kept values as int4, two to a byte (``pack_int4_24``):
+  * ``values`` uint8 [N, K/4]: byte b of a row holds kept values 2b (low nibble) and 2b + 1 (high
+    nibble), i.e. the kept pair of the group of 4 at columns 4b..4b+3, the lower column's value in
+    the low nibble; two's complement nibbles in [-7, 7] (0x8 is refused);
+  * the same ``bitmask``;
+  * ``group_scale`` uint8 [N, ceil(K/128)]: g in [1, 18] for columns 128j..128j+127 (bitmask bytes
+    16j..16j+15, values bytes 32j..32j+31); int8 code = int4 value x g.
 """
 
 from __future__ import annotations
 
 import torch
 from compressed_tensors.utils import pack_bitmasks
+
+from .quant import GROUP_SCALE_MAX, GROUP_SIZE, INT4_MAX, expand_group_scale, group_count
 
 GROUP = 4
 KEEP = 2
@@ -193,3 +203,81 @@ def pack_24_with_mask(
     values = _take(weight, mask, n)
     bitmask = pack_bitmasks(mask.cpu()).to(weight.device)
     return values, bitmask
+
+
+# -- w4a8: int4 kept values, two to a byte, and the group scales --------------------------------
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """int8 [N, M] (M even, each in [-8, 7]) -> uint8 [N, M/2]: values 2b and 2b + 1 in the low and
+    high nibble of byte b, two's complement."""
+    nibbles = (values.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, B] -> int8 [N, 2B], the inverse of :func:`pack_nibbles` (sign-extended)."""
+    both = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int16)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+def check_group_scale(group_scale: torch.Tensor, n: int, k: int, name: str) -> None:
+    """Raise :class:`Sparse24FormatError` naming ``name``, the first bad row and its columns unless
+    ``group_scale`` is uint8 [N, ceil(K/128)] with every entry in [1, 18]."""
+    want = (n, group_count(k))
+    if group_scale.dtype != torch.uint8 or tuple(group_scale.shape) != want:
+        raise Sparse24FormatError(
+            f"{name}: expected uint8 group scales {list(want)} (one per row and {GROUP_SIZE} columns of K={k}), "
+            f"got {group_scale.dtype} {list(group_scale.shape)}"
+        )
+    bad = ((group_scale < 1) | (group_scale > GROUP_SCALE_MAX)).nonzero()
+    if bad.numel():
+        r, j = int(bad[0, 0]), int(bad[0, 1])
+        raise Sparse24FormatError(
+            f"{name}: row {r}, columns {j * GROUP_SIZE}..{min((j + 1) * GROUP_SIZE, k) - 1} have group scale "
+            f"{int(group_scale[r, j])}; expected 1..{GROUP_SCALE_MAX} (int4 value x group scale must be an int8 "
+            f"code within +-{INT4_MAX * GROUP_SCALE_MAX}); {bad.shape[0]} such groups in all"
+        )
+
+
+def pack_int4_24(values: torch.Tensor, mask: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 values [N, K] (int8 in [-7, 7], 0 outside ``mask``) and the kept positions (bool [N, K],
+    exactly 2 of every 4) -> (values uint8 [N, K/4], bitmask uint8 [N, K/8])."""
+    outside = (values < -INT4_MAX) | (values > INT4_MAX)
+    if bool(outside.any()):
+        r, c = (int(v) for v in outside.nonzero()[0])
+        raise Sparse24FormatError(f"{name}: int4 value {int(values[r, c])} at row {r}, column {c} is outside "
+                                  f"[-{INT4_MAX}, {INT4_MAX}]")
+    kept, bitmask = pack_24_with_mask(values.to(torch.int8), mask, name)
+    return pack_nibbles(kept), bitmask
+
+
+def unpack_int4_24(packed: torch.Tensor, bitmask: torch.Tensor, k: int | None = None,
+                   name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_int4_24`: (values uint8 [N, K/4], bitmask [N, K/8]) -> (int4 values
+    int8 [N, K], 0 outside the mask; the mask bool [N, K]). Checks the shapes, that every group of 4
+    keeps exactly 2 values and that no nibble is 0x8 (-8)."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise Sparse24FormatError(f"{name}: int4 values must be uint8 [N, K/4], got {packed.dtype} "
+                                  f"{list(packed.shape)}")
+    n, quarter_k = packed.shape
+    k = 4 * quarter_k if k is None else k
+    if 4 * quarter_k != k:
+        raise Sparse24FormatError(f"{name}: int4 values {list(packed.shape)} for K={k}; expected [N, K/4] "
+                                  "(two int4 values per byte, two kept of every 4)")
+    kept = unpack_nibbles(packed)
+    minus8 = (kept == -8).nonzero()
+    if minus8.numel():
+        r, j = int(minus8[0, 0]), int(minus8[0, 1])
+        raise Sparse24FormatError(
+            f"{name}: row {r}, byte {j // 2} ({'high' if j % 2 else 'low'} nibble, columns {4 * (j // 2)}.."
+            f"{4 * (j // 2) + 3}) holds 0x8 (-8); int4 values are in [-{INT4_MAX}, {INT4_MAX}]; "
+            f"{minus8.shape[0]} such nibbles in all"
+        )
+    return unpack_24_with_mask(kept, bitmask, k, name)
+
+
+def int4_to_int8(values: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] = int4 values [N, K] x their group's scale (exact: |v x g| <= 126)."""
+    g = expand_group_scale(group_scale, values.shape[1]).to(torch.int16)
+    return (values.to(torch.int16) * g).to(torch.int8)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import regex
 from compressed_tensors.quantization import QuantizationArgs
 
-from .quant import GRIDS, Grid
+from .quant import GROUP_SIZE, SCHEME_GRIDS, WEIGHT_GRIDS, Grid, Int4GroupGrid
 
 QUANT_METHOD = "sparse24"
 FORMAT_VERSION = 1
@@ -41,11 +41,19 @@ INPUT_ARGS: dict[str, Any] = {
 }
 FP8_WEIGHT_ARGS: dict[str, Any] = {**WEIGHT_ARGS, "type": "float"}
 FP8_INPUT_ARGS: dict[str, Any] = {**INPUT_ARGS, "type": "float"}
-# scheme name (vllm_sparse24.quant.GRIDS) -> (weights args, input_activations args)
+# w4a8: the 2:4 layers' weights are int4 with a uint8 scale per group of 128 along K on top of the
+# float32 per-channel weight_scale (two levels, which QuantizationArgs cannot say: docs/format.md);
+# dense layers and activations are int8 as in the int8 scheme
+W4A8_WEIGHT_ARGS: dict[str, Any] = {**WEIGHT_ARGS, "num_bits": 4, "strategy": "group", "group_size": GROUP_SIZE}
+# scheme name (vllm_sparse24.quant.SCHEME_GRIDS) -> (weights args, input_activations args)
 SCHEME_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "int8": (WEIGHT_ARGS, INPUT_ARGS),
     "fp8": (FP8_WEIGHT_ARGS, FP8_INPUT_ARGS),
+    "w4a8": (W4A8_WEIGHT_ARGS, INPUT_ARGS),
 }
+# the schemes whose weights are one 8-bit code per weight: compressed-tensors checkpoints, and float
+# 2:4 weights quantized at load, take one of these
+EIGHT_BIT_SCHEMES = ("int8", "fp8")
 _KEYS = {
     "quant_method", "format_version", "sparsity_structure", "weights", "input_activations",
     "ignore", "dense_layers", "quantize_lm_head",
@@ -74,29 +82,37 @@ def _parse_quant_args(args: Mapping[str, Any] | None, what: str) -> Quantization
         raise Sparse24ConfigError(f"quantization_config['{what}'] is not valid QuantizationArgs: {e}") from e
 
 
-def scheme_of_args(args: Mapping[str, Any] | None, what: str) -> str:
-    """The scheme ("int8" / "fp8") that ``args`` ask for, by their type (int / float)."""
-    got = _parse_quant_args(args, what).type
-    got = getattr(got, "value", got)
-    for name, (weights, _) in SCHEME_ARGS.items():
-        if weights["type"] == got:
+def scheme_of_args(args: Mapping[str, Any] | None, what: str, schemes: Iterable[str] = EIGHT_BIT_SCHEMES,
+                   *, activations: bool = False) -> str:
+    """The scheme of ``schemes`` that ``args`` ask for: by the type (int / float) and, of weights,
+    num_bits (8, or 4: w4a8); ``activations``: input_activations args (8-bit in every scheme)."""
+    parsed = _parse_quant_args(args, what)
+    got = getattr(parsed.type, "value", parsed.type)
+    for name in schemes:
+        want = SCHEME_ARGS[name][1 if activations else 0]
+        if want["type"] == got and want["num_bits"] == parsed.num_bits:
             return name
+    offered = {(SCHEME_ARGS[n][1 if activations else 0]["type"], SCHEME_ARGS[n][1 if activations else 0]["num_bits"]): n
+               for n in reversed(tuple(schemes))}
     raise Sparse24ConfigError(
-        f"quantization_config['{what}']: type={got!r} is not supported; sparse24 runs "
-        + " or ".join(f"type={w['type']!r} ({name})" for name, (w, _) in SCHEME_ARGS.items())
+        f"quantization_config['{what}']: num_bits={parsed.num_bits} is not supported with type={got!r}; sparse24 runs "
+        + " or ".join(f"type={t!r} num_bits={b} ({n})" for (t, b), n in reversed(offered.items()))
     )
 
 
-def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any], what: str) -> None:
-    """Validate with compressed-tensors' schema, then require the one scheme we run."""
+def check_quant_args(args: Mapping[str, Any] | None, expected: Mapping[str, Any], what: str,
+                     scheme: str | None = None) -> None:
+    """Validate with compressed-tensors' schema, then require the one scheme we run (``scheme``:
+    its name, for the message)."""
     parsed = _parse_quant_args(args, what)
     for key, want in expected.items():
         got = getattr(parsed, key)
         got = getattr(got, "value", got)
         if got != want:
+            whose = f"{what} of the {scheme} scheme (num_bits={expected['num_bits']})" if scheme else what
             raise Sparse24ConfigError(
                 f"quantization_config['{what}']: {key}={got!r} is not supported; "
-                f"sparse24 runs {key}={want!r} ({what} must be {dict(expected)})"
+                f"sparse24 runs {key}={want!r} ({whose} must be {dict(expected)})"
             )
 
 
@@ -146,8 +162,8 @@ class Sparse24Scheme:
     sparse_ignore: tuple[str, ...] = ()
     # a compressed-tensors checkpoint, or one without quantization_config (read only)
     legacy: bool = False
-    # "int8" or "fp8" (vllm_sparse24.quant.GRIDS): the grid of every quantized layer's weights
-    # and activations; one checkpoint holds one scheme
+    # "int8", "fp8" or "w4a8" (vllm_sparse24.quant.SCHEME_GRIDS): the grid of every quantized layer's
+    # activations and weights (w4a8: int4 2:4 weights, dense layers int8); one checkpoint holds one scheme
     quant: str = "int8"
     layout: Layout = "sparse24"
     # False: the checkpoint holds float weights, quantized on ``quant``'s grid at load
@@ -157,6 +173,9 @@ class Sparse24Scheme:
     def __post_init__(self) -> None:
         if self.quant not in SCHEME_ARGS:
             raise Sparse24ConfigError(f"unknown quantization scheme {self.quant!r}; choose from {sorted(SCHEME_ARGS)}")
+        if self.legacy and self.quant not in EIGHT_BIT_SCHEMES:
+            raise Sparse24ConfigError(f"scheme {self.quant!r} has no compressed-tensors layout; choose from "
+                                      f"{EIGHT_BIT_SCHEMES}")
         if self.weight_strategy not in WEIGHT_STRATEGIES:
             raise Sparse24ConfigError(f"unknown weight strategy {self.weight_strategy!r}; choose from {WEIGHT_STRATEGIES}")
         if self.quantize_lm_head and _match(LM_HEAD, self.ignore):
@@ -167,7 +186,18 @@ class Sparse24Scheme:
 
     @property
     def grid(self) -> Grid:
-        return GRIDS[self.quant]
+        """The 8-bit grid of the activations, the dense layers and the GEMM (w4a8: int8)."""
+        return SCHEME_GRIDS[self.quant]
+
+    @property
+    def sparse_weight_grid(self) -> Grid | Int4GroupGrid:
+        """The grid of the 2:4 layers' weights: ``grid``, or w4a8's two-level int4 grid."""
+        return WEIGHT_GRIDS[self.quant]
+
+    @property
+    def int4(self) -> bool:
+        """Whether the 2:4 layers store int4 values with group scales (w4a8)."""
+        return isinstance(self.sparse_weight_grid, Int4GroupGrid)
 
     def layer_kind(self, name: str) -> LayerKind:
         if name == LM_HEAD and self.quantize_lm_head:  # never 2:4: it runs the dense W8A8 path
@@ -206,17 +236,17 @@ class Sparse24Scheme:
             raise Sparse24ConfigError(
                 f"quantization_config.sparsity_structure={structure!r}; only {SPARSITY_STRUCTURE!r} is supported"
             )
-        quant = scheme_of_args(cfg.get("weights"), "weights")
-        act_quant = scheme_of_args(cfg.get("input_activations"), "input_activations")
-        if act_quant != quant:
+        quant = scheme_of_args(cfg.get("weights"), "weights", SCHEME_ARGS)
+        act_quant = scheme_of_args(cfg.get("input_activations"), "input_activations", activations=True)
+        if SCHEME_GRIDS[act_quant] != SCHEME_GRIDS[quant]:
             raise Sparse24ConfigError(
                 f"quantization_config mixes schemes: weights are {quant} (type "
                 f"{SCHEME_ARGS[quant][0]['type']!r}) but input_activations are {act_quant} (type "
-                f"{SCHEME_ARGS[act_quant][1]['type']!r}); sparse24 runs int8 weights with int8 "
-                "activations or fp8 weights with fp8 activations"
+                f"{SCHEME_ARGS[act_quant][1]['type']!r}); sparse24 runs int8 or int4 (w4a8) weights with int8 "
+                "activations, or fp8 weights with fp8 activations"
             )
         weights, inputs = SCHEME_ARGS[quant]
-        check_quant_args(cfg.get("weights"), weights, "weights")
+        check_quant_args(cfg.get("weights"), weights, "weights", quant)
         check_quant_args(cfg.get("input_activations"), inputs, "input_activations")
         ignore = _str_list(cfg.get("ignore", ["lm_head"]), "ignore")
         dense = _str_list(cfg.get("dense_layers", []), "dense_layers")

@@ -8,6 +8,7 @@ from .names import (
     SCALE,
     SCALE_DTYPES,
     SPARSE,
+    SPARSE_INT4,
     WEIGHT,
     CheckpointError,
     SparseNames,
@@ -18,7 +19,7 @@ from .validate import read_headers, validate_checkpoint
 from .write import layer_tensors, save_safetensors_shards, write_checkpoint, write_config
 
 __all__ = [
-    "LEGACY_SPARSE", "SCALE", "SCALE_DTYPES", "SPARSE", "WEIGHT", "CheckpointError", "CheckpointTensors", "QuantizedLinear",
+    "LEGACY_SPARSE", "SCALE", "SCALE_DTYPES", "SPARSE", "SPARSE_INT4", "WEIGHT", "CheckpointError", "CheckpointTensors", "QuantizedLinear",
     "SparseNames", "atomic_output_dir", "layer_tensors", "load_scheme", "read_checkpoint", "read_headers",
     "save_safetensors_shards", "sparse_names", "validate_checkpoint", "write_checkpoint", "write_config",
 ]

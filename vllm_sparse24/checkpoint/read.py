@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..format import Sparse24FormatError, unpack_24_with_mask
+from ..format import (
+    Sparse24FormatError,
+    check_group_scale,
+    int4_to_int8,
+    unpack_24_with_mask,
+    unpack_int4_24,
+)
 from ..schema import LayerKind, Sparse24ConfigError, Sparse24Scheme
 from .names import SCALE, WEIGHT, CheckpointError, sparse_names
 from .validate import validate_checkpoint
@@ -21,9 +27,11 @@ from .validate import validate_checkpoint
 @dataclass
 class QuantizedLinear:
     kind: LayerKind  # "sparse" or "dense"
-    codes: torch.Tensor  # [N, K] of the scheme's dtype; 0 outside the mask of a 2:4 layer
+    # [N, K] of the scheme's 8-bit dtype; 0 outside the mask of a 2:4 layer (w4a8: int4 value x group scale)
+    codes: torch.Tensor
     scale: torch.Tensor  # float32 [N, 1]
     mask: torch.Tensor | None = None  # 2:4 layers: bool [N, K] as the bitmask stores it
+    group_scale: torch.Tensor | None = None  # w4a8 2:4 layers: uint8 [N, ceil(K/128)]
 
     def dequantized(self) -> torch.Tensor:
         """float32 [N, K]: what the plugin multiplies the activations with."""
@@ -83,20 +91,29 @@ def read_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme | None = N
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
                 where[key] = f.name
-    names = sparse_names(scheme.layout == "bitmask")
+    names = sparse_names(scheme.layout == "bitmask", scheme.int4)
     linears: dict[str, QuantizedLinear] = {}
     for prefix, kind in sorted(kinds.items()):
         scale = tensors.pop(f"{prefix}.{SCALE}").float().reshape(-1, 1)
         if kind == "dense":
             linears[prefix] = QuantizedLinear("dense", tensors.pop(f"{prefix}.{WEIGHT}"), scale)
             continue
-        mask_key = f"{prefix}.{names.bitmask}"
+        mask_key, packed_key = f"{prefix}.{names.bitmask}", f"{prefix}.{names.packed}"
+        group_scale = None
         try:
-            codes, mask = unpack_24_with_mask(tensors.pop(f"{prefix}.{names.packed}"), tensors.pop(mask_key),
-                                              name=f"{folder / where[mask_key]}: {mask_key}")
+            if names.group_scale:
+                values, mask = unpack_int4_24(tensors.pop(packed_key), tensors.pop(mask_key),
+                                              name=f"{folder / where[packed_key]}: {packed_key} + {names.bitmask}")
+                group_key = f"{prefix}.{names.group_scale}"
+                group_scale = tensors.pop(group_key)
+                check_group_scale(group_scale, *values.shape, name=f"{folder / where[group_key]}: {group_key}")
+                codes = int4_to_int8(values, group_scale)
+            else:
+                codes, mask = unpack_24_with_mask(tensors.pop(packed_key), tensors.pop(mask_key),
+                                                  name=f"{folder / where[mask_key]}: {mask_key}")
         except Sparse24FormatError as e:
             raise CheckpointError(str(e)) from e
         if names.shape:
             tensors.pop(f"{prefix}.{names.shape}")
-        linears[prefix] = QuantizedLinear("sparse", codes, scale, mask)
+        linears[prefix] = QuantizedLinear("sparse", codes, scale, mask, group_scale)
     return CheckpointTensors(scheme, linears, tensors)

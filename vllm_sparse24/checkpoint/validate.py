@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..quant import GRIDS
+from ..quant import GRIDS, GROUP_SIZE, group_count
 from ..schema import K_MULTIPLE, LM_HEAD, Sparse24Scheme
 from .names import DENSE_SUFFIXES, SCALE, SCALE_DTYPES, WEIGHT, CheckpointError, sparse_names
 
@@ -127,11 +127,15 @@ _DTYPES = {
 }
 
 
+def _files_of(headers, prefix: str) -> str:
+    """'; the other tensors of PREFIX are in FILES' (or '' when it has none)."""
+    files = sorted({f for key, (f, _, _) in headers.items() if key.rpartition(".")[0] == prefix})
+    return f"; the other tensors of {prefix} are in {', '.join(files)}" if files else ""
+
+
 def _expect(headers, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None) -> None:
     if name not in headers:
-        prefix = name.rpartition(".")[0]
-        files = sorted({f for key, (f, _, _) in headers.items() if key.rpartition(".")[0] == prefix})
-        where = f"; the other tensors of {prefix} are in {', '.join(files)}" if files else ""
+        where = _files_of(headers, name.rpartition(".")[0])
         raise CheckpointError(f"missing tensor {name!r} (expected dtype {dtypes[0]}, shape {shape}){where}")
     fname, dtype, got = headers[name]
     if dtype not in dtypes:
@@ -173,8 +177,10 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
     headers = read_headers(folder)
     shapes = expected_linear_shapes(folder)
     bitmask_layout = scheme.layout == "bitmask"
-    names = sparse_names(bitmask_layout)
+    names = sparse_names(bitmask_layout, scheme.int4)
     packed_key, mask_key = names.packed, names.bitmask
+    # kept values per stored element of packed_key: w4a8 packs two int4 values into a byte
+    per_element = 2 if scheme.int4 else 1
     code_dtype = scheme.grid.dtype
     code_dtypes = {g.dtype: name for name, g in GRIDS.items()}
     # the dtype of the stored weights: the scheme's codes, or float when quantized at load
@@ -230,15 +236,29 @@ def validate_checkpoint(folder: str | os.PathLike, scheme: Sparse24Scheme) -> di
                 f"makes it {kind} (check ignore / dense_layers)"
             )
         pk = f"{prefix}.{packed_key}"
-        _expect(headers, pk, value_dtypes, None)
-        n, half_k = headers[pk][2] if len(headers[pk][2]) == 2 else (None, None)
+        if scheme.int4 and pk in headers and headers[pk][1] != torch.uint8:
+            raise CheckpointError(
+                f"{headers[pk][0]}: tensor {pk!r} has dtype {headers[pk][1]}, expected torch.uint8 (the w4a8 scheme "
+                "stores two int4 values per byte; an 8-bit checkpoint says its scheme in quantization_config.weights)"
+            )
+        _expect(headers, pk, (torch.uint8,) if scheme.int4 else value_dtypes, None)
+        n, stored_k = headers[pk][2] if len(headers[pk][2]) == 2 else (None, None)
+        per = 2 * per_element  # dense columns per stored element
         if n is None:
-            raise CheckpointError(f"{headers[pk][0]}: tensor {pk!r} must be 2-D [N, K/2], got {list(headers[pk][2])}")
-        k = 2 * half_k
+            raise CheckpointError(f"{headers[pk][0]}: tensor {pk!r} must be 2-D [N, K/{per}], got {list(headers[pk][2])}")
+        k = per * stored_k
         expect_sparse_k(prefix, k)
-        expect_nk(prefix, pk, n, k, 2)
+        expect_nk(prefix, pk, n, k, per)
         _expect(headers, f"{prefix}.{mask_key}", (torch.uint8,), (n, k // 8))
         expect_scale(prefix, n)
+        if names.group_scale:
+            gk = f"{prefix}.{names.group_scale}"
+            if gk not in headers:
+                raise CheckpointError(
+                    f"missing tensor {gk!r} (expected dtype torch.uint8, shape {[n, group_count(k)]}: the w4a8 "
+                    f"scale of every row and group of {GROUP_SIZE} columns){_files_of(headers, prefix)}"
+                )
+            _expect(headers, gk, (torch.uint8,), (n, group_count(k)))
         if names.shape:
             _expect(headers, f"{prefix}.{names.shape}", (torch.int64, torch.int32), None)
         stray = f"{prefix}.{WEIGHT}"
