@@ -1,4 +1,5 @@
-"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers, int8 or fp8 (e4m3).
+"""vLLM linear method for sparse24 (2:4 + W8A8) and dense W8A8 layers, int8 or fp8 (e4m3), and the
+w4a8 scheme's 2:4 layers (int4 values x uint8 group scale; its dense layers are int8).
 
 A layer is finished (checked, unpacked, quantized where the checkpoint holds float weights, and
 handed to the kernel) as soon as its last checkpoint tensor is loaded, so loading holds the source
@@ -9,6 +10,7 @@ every layer at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
@@ -28,11 +30,30 @@ from vllm.model_executor.parameter import (
 from . import format as fmt
 from .checkpoint import SCALE, WEIGHT, sparse_names
 from .kernels import LinearLayer, choose_kernel
-from .quant import quantize_weight_per_channel
+from .kernels.base import Int4Weight24
+from .quant import GROUP_SIZE, group_count, quantize_weight_per_channel
 from .schema import K_MULTIPLE, Sparse24Scheme
 
 # vLLM's shard ids of fused q/k/v layers -> index into packed_modules_mapping["qkv_proj"]
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+# a child of vLLM's logger: vLLM gives handlers to the "vllm" tree only, so this prints at INFO in
+# every engine process where a logger of our own package would not
+log = logging.getLogger("vllm.sparse24")
+_REPORTED: set[tuple] = set()  # (kind, N, K, kernel) whose resident size was printed
+
+
+def report_resident(layer_name: str, what: str, n: int, k: int, kernel: str, tensors: dict[str, torch.Tensor]) -> float:
+    """Print once per layer kind, shape and kernel the resident bytes per weight of a layer (all
+    its resident tensors: values, metadata, scales); returns them."""
+    nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    per_weight = sum(nbytes.values()) / (n * k)
+    key = (what, n, k, kernel)
+    if key not in _REPORTED:
+        _REPORTED.add(key)
+        parts = ", ".join(f"{name} {b / (n * k):.3f}" for name, b in nbytes.items())
+        log.info("sparse24: %s [%d, %d] (%s, kernel %s): resident %.3f bytes per weight (%s)",
+                 layer_name, n, k, what, kernel, per_weight, parts)
+    return per_weight
 
 
 @register_weight_loader_v2_supported_method
@@ -54,11 +75,14 @@ class Sparse24LinearMethod(LinearMethodBase):
         self.shard_names = tuple(shard_names)
         self.sparse = kind == "sparse"
         self.grid = scheme.grid
+        # a w4a8 2:4 layer: int4 values (two per byte) + group scales in the checkpoint
+        self.int4 = self.sparse and scheme.int4
         # where the weights of this layer come from: sparse24 / compressed-tensors bitmask / dense
         self.layout = self.scheme.layout if self.sparse else "dense"
         # the parameters take the checkpoint's tensor names
-        self.names = sparse_names(self.layout == "bitmask")
+        self.names = sparse_names(self.layout == "bitmask", self.int4)
         self.kernel = None
+        self._int4_weight: Int4Weight24 | None = None  # w4a8: the checked int4 weight, until prepared
         self.resident_names: list[str] = []
         self.finished = False
         self._seen: dict[str, set] = {}  # checkpoint parameter -> the shard ids loaded into it
@@ -91,6 +115,12 @@ class Sparse24LinearMethod(LinearMethodBase):
                 f"sparse24 needs a multiple of {K_MULTIPLE}. Use a smaller tensor-parallel size "
                 "or keep this layer dense (dense_layers)"
             )
+        if self.int4 and k != input_size and k % GROUP_SIZE:
+            raise fmt.Sparse24FormatError(
+                f"{self.layer_name}: K per tensor-parallel rank is {k} (K={input_size}, tp={input_size // k}); "
+                f"a w4a8 layer split along K needs a multiple of {GROUP_SIZE} per rank (whole groups of its "
+                "group scales). Use a smaller tensor-parallel size"
+            )
         # float weights (quantized at load) wait on the meta device for their first shard
         values_dtype, values_device = (
             (self.grid.dtype, None) if self.scheme.quantized else (params_dtype, "meta")
@@ -100,6 +130,18 @@ class Sparse24LinearMethod(LinearMethodBase):
             params[WEIGHT] = ModelWeightParameter(
                 data=torch.empty(n, k, dtype=values_dtype, device=values_device),
                 input_dim=1, output_dim=0, weight_loader=loader,
+            )
+        elif self.int4:  # two int4 values per byte: 4 dense columns per byte
+            params[self.names.packed] = PackedvLLMParameter(
+                data=torch.empty(n, k // 4, dtype=torch.uint8),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=4, weight_loader=loader,
+            )
+            params[self.names.bitmask] = PackedvLLMParameter(
+                data=torch.empty(n, k // 8, dtype=torch.uint8),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=loader,
+            )
+            params[self.names.group_scale] = ModelWeightParameter(
+                data=torch.empty(n, group_count(k), dtype=torch.uint8), input_dim=1, output_dim=0, weight_loader=loader,
             )
         else:
             params[self.names.packed] = PackedvLLMParameter(
@@ -176,6 +218,7 @@ class Sparse24LinearMethod(LinearMethodBase):
         self._finish(layer)  # weights put in place without loaders (e.g. vLLM's dummy weights)
 
     def _finish(self, layer: torch.nn.Module) -> None:
+        self._int4_weight = None
         codes, scale = self._codes_and_scale(layer)
         for name in self._seen:  # free now: vLLM's loader still holds the parameters
             param = getattr(layer, name)
@@ -198,7 +241,11 @@ class Sparse24LinearMethod(LinearMethodBase):
                         f"K={layer.sparse24_full_k}"
                     )
             values = getattr(layer, self.names.packed).data
-            weight = fmt.unpack_24(values, getattr(layer, self.names.bitmask).data, k, name=self.layer_name)
+            bitmask = getattr(layer, self.names.bitmask).data
+            if self.int4:
+                weight = self._int4_codes(values, bitmask, getattr(layer, self.names.group_scale).data, k)
+            else:
+                weight = fmt.unpack_24(values, bitmask, k, name=self.layer_name)
         if not self.scheme.quantized:
             return quantize_weight_per_channel(weight, self.grid)
         scale = getattr(layer, SCALE).data.to(torch.float32)
@@ -209,12 +256,25 @@ class Sparse24LinearMethod(LinearMethodBase):
             raise fmt.Sparse24FormatError(f"{self.layer_name}.{SCALE}: has negative, inf or NaN entries")
         return weight, scale
 
+    def _int4_codes(self, values: torch.Tensor, bitmask: torch.Tensor, group_scale: torch.Tensor,
+                    k: int) -> torch.Tensor:
+        """w4a8: checks the int4 values (2:4, no -8) and the group scales (1..18), keeps them for a
+        kernel that holds them resident, and returns the int8 codes (int4 value x group scale)."""
+        int4, _ = fmt.unpack_int4_24(values, bitmask, k, name=self.layer_name)
+        fmt.check_group_scale(group_scale, values.shape[0], k, f"{self.layer_name}.{self.names.group_scale}")
+        self._int4_weight = Int4Weight24(values, bitmask, group_scale)
+        return fmt.int4_to_int8(int4, group_scale)
+
     def _prepare_kernel(self, layer: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
         n, k = layer.output_size_per_partition, layer.input_size_per_partition
-        spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device)
+        spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device,
+                           int4=self.int4)
         self.kernel = choose_kernel(spec)(spec)
         try:
-            resident = self.kernel.prepare(weight, scale)
+            if self.int4 and self.kernel.int4_resident:
+                resident = self.kernel.prepare_int4(self._int4_weight, scale)
+            else:
+                resident = self.kernel.prepare(weight, scale)
         except torch.OutOfMemoryError as e:
             need = n * k * (5 / 8 if self.sparse else 1) / 2**20
             raise torch.OutOfMemoryError(
@@ -224,6 +284,9 @@ class Sparse24LinearMethod(LinearMethodBase):
                 "gpu_memory_utilization does not help here: free the GPU (other processes) or shard the model "
                 f"over more GPUs (tensor_parallel_size). ({e})"
             ) from e
+        self._int4_weight = None
+        what = ("w4a8 2:4" if self.int4 else f"{self.grid.name} 2:4") if self.sparse else f"{self.grid.name} dense"
+        report_resident(self.layer_name, what, n, k, self.kernel.name, resident)
         self.resident_names = list(resident)
         for name, t in resident.items():
             layer.register_parameter(f"s24_{name}", torch.nn.Parameter(t, requires_grad=False))

@@ -6,13 +6,17 @@ resident form (``prepare``) and runs ``y = dequant(quant_per_token(x) @ W^T) + b
 activations quantized per token on the same grid. Which kernel serves a layer is chosen in
 dispatch.py from what each kernel says about itself: ``is_supported`` (this machine) and
 ``can_implement`` (this layer). Kernels import no vLLM.
+
+A w4a8 2:4 layer (int4 values x uint8 group scale, ``LinearLayer.int4``) reaches a kernel in one of
+two forms: a kernel with ``int4_resident`` keeps the packed int4 values (``prepare_int4``); any
+other takes its int8 codes (int4 value x group scale, exact) through ``prepare`` like an int8 layer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -32,8 +36,17 @@ class LinearLayer:
     k: int  # input features (per tensor-parallel rank)
     sparse: bool  # 2:4 sparse, or dense W8A8
     act_dtype: torch.dtype  # the model dtype: activations in, output out
-    grid: Grid = INT8  # the checkpoint's scheme: int8 or fp8 codes
+    grid: Grid = INT8  # the checkpoint's scheme: int8 or fp8 codes (w4a8: int8)
     device: torch.device = torch.device("cpu")
+    int4: bool = False  # a w4a8 2:4 layer: int4 values with group scales in the checkpoint
+
+
+class Int4Weight24(NamedTuple):
+    """A w4a8 2:4 weight as the checkpoint stores it (docs/format.md), checked at load."""
+
+    values: torch.Tensor  # uint8 [N, K/4]: the kept int4 values, two per byte (low nibble first)
+    bitmask: torch.Tensor  # uint8 [N, K/8]: the kept positions, little bit order
+    group_scale: torch.Tensor  # uint8 [N, ceil(K/128)]: int8 code = int4 value x group scale
 
 
 class W8A8LinearKernel(ABC):
@@ -42,6 +55,8 @@ class W8A8LinearKernel(ABC):
     backend: ClassVar[str]
     # True for the float32 reference: correct everywhere, far slower than the CUDA kernels on a GPU
     reference: ClassVar[bool] = False
+    # True: keeps a w4a8 layer's int4 values resident (prepare_int4); False: takes its int8 codes (prepare)
+    int4_resident: ClassVar[bool] = False
 
     def __init__(self, layer: LinearLayer) -> None:
         self.layer = layer
@@ -62,6 +77,10 @@ class W8A8LinearKernel(ABC):
     def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """weight: codes [N, K] of ``self.grid`` (2:4 when sparse), weight_scale: float32 [N, 1] ->
         the tensors to keep resident (the caller frees the inputs)."""
+
+    def prepare_int4(self, weight: Int4Weight24, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A w4a8 2:4 weight (kernels with ``int4_resident``) -> the tensors to keep resident."""
+        raise NotImplementedError(f"{self.name} takes int8 codes, not int4 values")
 
     @abstractmethod
     def apply(

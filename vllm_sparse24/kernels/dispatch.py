@@ -5,9 +5,14 @@ Which GEMM config serves which token count inside the CUDA 2:4 kernel is data of
 
 * CUDA: ``CutlassSparse24Kernel`` (2:4 layers, the sparse24 library: Hopper, bf16 / fp16 models,
   the scheme's GEMM configs), ``CutlassScaledMMKernel`` (dense W8A8 layers: vLLM's
-  cutlass_scaled_mm), then ``TorchW8A8Kernel``, the float32 reference, for layers no CUDA kernel
-  computes (float32 models, fp8 in fp16 models), with a warning that it is slow.
-* Any other device (CPU): ``TorchW8A8Kernel``.
+  cutlass_scaled_mm), then the float32 references (``TorchW4A8Kernel`` for w4a8 2:4 layers,
+  ``TorchW8A8Kernel`` for any other) for layers no CUDA kernel computes (float32 models, fp8 in
+  fp16 models), with a warning that it is slow. A w4a8 2:4 layer on the CUDA 2:4 kernel is unpacked
+  at load into the int8 2:4 layout (int4 value x group scale: the same int8 codes) and runs the
+  int8 GEMM table (``gemm_table.GEMM_INPUT``) until a kernel that streams the int4 values exists;
+  it then holds 0.625 bytes per weight instead of the checkpoint's ~0.39 (said once at load).
+* Any other device (CPU): ``TorchW4A8Kernel`` (w4a8 2:4 layers: the int4 values stay resident),
+  then ``TorchW8A8Kernel``.
 
 A CUDA kernel that can implement a layer but does not run on this machine (another GPU
 generation, the library not built) is an error naming the reason, not a silent fall back to the
@@ -26,17 +31,18 @@ import torch
 
 from .base import LinearLayer, UnsupportedDeviceError, W8A8LinearKernel
 from .cuda.dense_linear import CutlassScaledMMKernel
+from .cuda.gemm_table import GEMM_INPUT
 from .cuda.sparse24_linear import CutlassSparse24Kernel
-from .torch_ref import TorchW8A8Kernel
+from .torch_ref import TorchW4A8Kernel, TorchW8A8Kernel
 
 log = logging.getLogger(__name__)
 KERNEL_ENV = "VLLM_SPARSE24_KERNEL"
 
 # device type -> kernels, fastest first; devices not listed run the reference kernel
 KERNELS: dict[str, tuple[type[W8A8LinearKernel], ...]] = {
-    "cuda": (CutlassSparse24Kernel, CutlassScaledMMKernel, TorchW8A8Kernel),
+    "cuda": (CutlassSparse24Kernel, CutlassScaledMMKernel, TorchW4A8Kernel, TorchW8A8Kernel),
 }
-PORTABLE: tuple[type[W8A8LinearKernel], ...] = (TorchW8A8Kernel,)
+PORTABLE: tuple[type[W8A8LinearKernel], ...] = (TorchW4A8Kernel, TorchW8A8Kernel)
 BACKENDS = tuple(sorted({k.backend for kernels in (*KERNELS.values(), PORTABLE) for k in kernels}))
 
 
@@ -74,10 +80,20 @@ def choose_kernel(layer: LinearLayer) -> type[W8A8LinearKernel]:
             raise UnsupportedDeviceError(f"{layer.name}: {why}{hint}")
         if kernel.reference and device.type == "cuda":
             _warn_slow(f"{KERNEL_ENV}={forced}" if forced else "; ".join(refused))
+        if layer.int4 and not kernel.int4_resident:
+            _say_unpacked(kernel.name)
         return kernel
     chosen = f" ({KERNEL_ENV}={forced})" if forced else ""
     raise UnsupportedDeviceError(f"{layer.name}: no sparse24 kernel{chosen} runs this "
                                  f"{'2:4' if layer.sparse else 'dense'} layer: {'; '.join(refused)}")
+
+
+@functools.cache
+def _say_unpacked(kernel: str) -> None:
+    """Said once per kernel: w4a8 2:4 layers run there as int8 2:4 (unpacked at load)."""
+    log.warning("sparse24: w4a8 2:4 layers run on %s unpacked into the %s 2:4 layout at load (int4 value x "
+                "group scale: the same codes, 0.625 instead of ~0.39 bytes per weight resident); no kernel "
+                "streams the int4 values on this device yet", kernel, GEMM_INPUT["w4a8"])
 
 
 @functools.cache

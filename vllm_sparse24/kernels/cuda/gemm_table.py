@@ -91,6 +91,12 @@ GEMM_TABLE[("e4m3", "bf16")] = {cls: _e4m3_rows(rows) for cls, rows in GEMM_TABL
 
 DTYPE_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3", torch.bfloat16: "bf16", torch.float16: "f16"}
 
+# scheme -> the input dtype of the GEMM table rows that serve its 2:4 layers. w4a8 (int4 values x
+# uint8 group scale) is unpacked at load into the int8 2:4 layout and runs the int8 rows and the
+# int8 decode GEMM: its int8 codes are int4 value x group scale exactly. A decode GEMM that streams
+# the int4 values (0.375 bytes per weight + scales) would get rows of its own here.
+GEMM_INPUT = {"int8": "int8", "fp8": "e4m3", "w4a8": "int8"}
+
 
 def shape_class(n: int, k: int) -> str:
     return next(name for name, pred in SHAPE_CLASSES if pred(n, k))
