@@ -71,6 +71,9 @@ def compare(
     all_sparse: dict[str, float] | None = None  # sensitivities of the sparsegpt-joint run
     for run in runs:
         changes = table_of_runs[run]
+        if changes is not None and changes.get("export") == "dense-w8a8":
+            # its layers are 8-bit: the scheme's 8-bit grid (w4a8: int8, which compress --scheme w4a8 refuses)
+            changes = {**changes, "scheme": opts.grid.name}
         t0 = time.perf_counter()
         row: dict[str, Any] = {"run": run}
         if changes is None:

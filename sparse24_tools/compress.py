@@ -137,7 +137,7 @@ def compress(
                 continue
             weights = [(n, model.get_submodule(n).weight) for n in group]
             results.update((r.name, r) for r in compress_group(weights, None, kind=kinds[group[0]], grid=grid,
-                                                                opts=opts))
+                                                                opts=opts, weight_grid=opts.weight_grid))
         report["linears"] = {n: r.report() for n, r in results.items()}
         report["totals"] = _totals(results) | {"seconds": time.perf_counter() - t_start}
         results |= quantized_lm_head(model, plan, report)

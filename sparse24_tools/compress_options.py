@@ -9,7 +9,7 @@ from typing import Any
 from .options import option
 from .prune import METHODS
 
-SCHEMES = ("int8", "fp8")  # vllm_sparse24.quant.GRIDS
+SCHEMES = ("int8", "fp8", "w4a8")  # vllm_sparse24.quant.SCHEME_GRIDS
 EXPORTS = ("sparse24", "dense-w8a8")
 DTYPES = ("float32", "bfloat16", "float16")
 # Default calibration size (samples x tokens) per device. GPU: SparseGPT's 128 x 2048. CPU: a size
@@ -38,10 +38,13 @@ def calibration_size(device: str | None, nsamples: int | None = None, seqlen: in
 @dataclass
 class CompressOptions:
     method: str = option("sparsegpt", _method_help, choices=lambda: METHODS)
-    scheme: str = option("int8", "W8A8 quantization: int8 (int8 weights per channel, int8 activations per token) "
-                         "or fp8 (float8_e4m3fn weights per channel with scale absmax/448, e4m3 activations per "
-                         "token; runs on Hopper GPUs in bfloat16 models)", choices=SCHEMES)
-    joint: bool = option(True, "sparsegpt: round kept weights to the scheme's grid (int8 or e4m3) inside the OBS loop")
+    scheme: str = option("int8", "quantization: int8 (int8 weights per channel, int8 activations per token), "
+                         "fp8 (float8_e4m3fn weights per channel with scale absmax/448, e4m3 activations per "
+                         "token; runs on Hopper GPUs in bfloat16 models) or w4a8 (2:4 weights int4 with a float "
+                         "scale per channel and an integer scale per group of 128 along K, int8 activations per "
+                         "token; dense layers int8)", choices=SCHEMES)
+    joint: bool = option(True, "sparsegpt: round kept weights to the scheme's grid (int8, e4m3 or w4a8's int4) "
+                         "inside the OBS loop")
     export: str = option("sparse24", "sparse24: the plugin's 2:4 + W8A8 checkpoint; dense-w8a8: no pruning, a "
                          "compressed-tensors W8A8 checkpoint (int8, or fp8 with --scheme fp8) that stock vLLM loads "
                          "(for comparison)", choices=EXPORTS)
@@ -82,10 +85,17 @@ class CompressOptions:
 
     @property
     def grid(self) -> Any:
-        """The scheme's grid (``vllm_sparse24.quant.Grid``)."""
+        """The scheme's 8-bit grid (``vllm_sparse24.quant.Grid``): activations, dense layers (w4a8: int8)."""
         from vllm_sparse24.quant import grid_of
 
         return grid_of(self.scheme)
+
+    @property
+    def weight_grid(self) -> Any:
+        """The grid of the 2:4 layers' weights: ``grid``, or w4a8's ``Int4GroupGrid``."""
+        from vllm_sparse24.quant import weight_grid_of
+
+        return weight_grid_of(self.scheme)
 
     def validate(self) -> None:
         """CompressError naming the option and its choices for a value compress cannot use."""
@@ -93,6 +103,9 @@ class CompressOptions:
                                      ("--export", self.export, EXPORTS), ("--dtype", self.dtype, DTYPES)):
             if value not in choices:
                 raise CompressError(f"unknown {name} {value!r}; choose from {choices}")
+        if self.scheme not in ("int8", "fp8") and self.export != "sparse24":
+            raise CompressError(f"--export {self.export} writes 8-bit layers (compressed-tensors W8A8); --scheme "
+                                f"{self.scheme} is for the sparse24 export: choose --scheme int8 or fp8")
         if self.quantize_lm_head and self.export != "sparse24":
             raise CompressError(f"--quantize-lm-head writes the sparse24 format; --export {self.export} leaves "
                                 "lm_head float")

@@ -125,7 +125,7 @@ def compress_layer(
             finally:
                 h.remove()
             res = compress_group([(f, m.weight) for f, m in zip(full, mods, strict=True)], acc.h, kind=kind,
-                                 grid=grid, opts=opts)
+                                 grid=grid, opts=opts, weight_grid=opts.weight_grid)
             del acc
             for m, r in zip(mods, res, strict=True):
                 m.weight.data.copy_(r.dequantized().to(m.weight.device, m.weight.dtype))

@@ -49,7 +49,8 @@ def sparse24_tensors(
     skip = {f"{n}.weight" for n in results}
     tensors = _float_tensors(model, skip, dtype)
     for name, r in results.items():
-        tensors.update(ckpt.layer_tensors(name, r.q, r.scale, sparse=r.kind == "sparse", mask=r.mask))
+        tensors.update(ckpt.layer_tensors(name, r.q, r.scale, sparse=r.kind == "sparse", mask=r.mask,
+                                          group_scale=r.group_scale))
     return tensors
 
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from vllm_sparse24.format import is_24
+from vllm_sparse24.quant import Int4GroupGrid, group_count
 from vllm_sparse24.sparsity import magnitude_24
 
 from .compress_options import CompressOptions
-from .prune import METHODS, method_named
+from .prune import METHODS, Pruned, method_named, round_to_nearest
 from .quantize import INT8, Grid, dequantize, quantize_weight_per_channel
 from .stats import relative_output_error, relative_weight_error
 
@@ -37,6 +38,8 @@ class LinearResult:
     # sparse only: the kept positions to write (bool [N, K]); None = the non-zeros of q, padded
     # (sparse24_tools.recover passes the input checkpoint's mask so that it is kept bit for bit)
     mask: torch.Tensor | None = None
+    # w4a8 2:4 only: uint8 [N, ceil(K/128)], q being int4 value x group scale
+    group_scale: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.q, self.scale)
@@ -56,11 +59,13 @@ def compress_group(
     kind: str,
     grid: Grid = INT8,
     opts: CompressOptions | None = None,
+    weight_grid: Grid | Int4GroupGrid | None = None,
 ) -> list[LinearResult]:
     """Compress linears [N_i, K] sharing input statistics ``hessian`` [K, K] (= 2XX^T/n).
 
-    kind "sparse": 2:4 + per-channel quantization on ``grid`` (int8 or fp8) by the pruning method
-    ``opts.method`` (``sparse24_tools.prune``). kind "dense": per-channel round to nearest only.
+    kind "sparse": 2:4 + quantization on ``weight_grid`` (default ``grid``: int8 or fp8 per
+    channel; or w4a8's two-level int4 grid) by the pruning method ``opts.method``
+    (``sparse24_tools.prune``). kind "dense": per-channel round to nearest on ``grid`` only.
     Errors are ||WX - W'X|| / ||WX|| on the calibration inputs; "before" is the naive
     baseline (magnitude 2:4 + round-to-nearest on the grid) so the gain of the method is visible.
     ``hessian=None`` (no calibration data; methods that need no statistics and dense only): the
@@ -82,16 +87,27 @@ def compress_group(
     dev = weights[0][1].device if hessian is None else hessian.device
     w = torch.cat([t.detach().to(dev, torch.float32) for _, t in weights], 0)
     h = None if hessian is None else hessian.float()
-    naive_q, naive_s = quantize_weight_per_channel(w if kind == "dense" else magnitude_24(w, label), grid)
+    wgrid = grid if kind == "dense" or weight_grid is None else weight_grid
+    if kind == "dense":
+        naive_q, naive_s = quantize_weight_per_channel(w, grid)
+    else:
+        naive_q, naive_s = round_to_nearest(magnitude_24(w, label), wgrid)[:2]
+    group_scale = None
     if method is None:
         q, s, used = naive_q, naive_s, f"{grid.name}-rtn"
     else:
-        q, s, used = method.function()(w, h, grid, opts, label)
+        q, s, used, group_scale = Pruned(*method.function()(w, h, wgrid, opts, label))
         used = used or method.name
-        if q.dtype != grid.dtype or tuple(q.shape) != tuple(w.shape) or not is_24(q) or tuple(s.shape) != (w.shape[0], 1):
+        if q.dtype != wgrid.dtype or tuple(q.shape) != tuple(w.shape) or not is_24(q) or tuple(s.shape) != (w.shape[0], 1):
             raise ValueError(f"{label}: pruning method {method.name} returned {q.dtype} codes {tuple(q.shape)} "
-                             f"(2:4: {is_24(q)}) and scale {tuple(s.shape)}; expected 2:4 {grid.dtype} codes "
+                             f"(2:4: {is_24(q)}) and scale {tuple(s.shape)}; expected 2:4 {wgrid.dtype} codes "
                              f"{tuple(w.shape)} and a scale [{w.shape[0]}, 1]")
+        int4 = isinstance(wgrid, Int4GroupGrid)
+        want_groups = (w.shape[0], group_count(w.shape[1]))
+        if int4 != (group_scale is not None) or (int4 and tuple(group_scale.shape) != want_groups):
+            raise ValueError(f"{label}: pruning method {method.name} returned group scales "
+                             f"{None if group_scale is None else tuple(group_scale.shape)} on the {wgrid.name} grid; "
+                             f"expected {want_groups if int4 else None}")
     seconds = time.perf_counter() - t0
     naive = dequantize(naive_q, naive_s)
     final = dequantize(q, s)
@@ -111,5 +127,6 @@ def compress_group(
             err_before=error(ref, naive[sl]),
             err_after=error(ref, final[sl]),
             seconds=seconds * n / w.shape[0],
+            group_scale=None if group_scale is None else group_scale[sl].cpu(),
         ))
     return out

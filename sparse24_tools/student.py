@@ -67,6 +67,10 @@ def load_student(path: str | os.PathLike) -> Student:
     except ckpt.CheckpointError as e:
         raise RecoverError(f"student {p}: {e}") from e
     scheme, linears = tensors.scheme, tensors.linears
+    if scheme.int4:
+        raise RecoverError(f"student {p}: a w4a8 checkpoint (int4 2:4 weights with group scales); recover trains "
+                           "the 8-bit grids (int8, fp8) only: recover the int8 checkpoint of the same model, or "
+                           "serve this one as it is")
     kinds = {prefix: q.kind for prefix, q in linears.items()}
     if "sparse" not in kinds.values():
         raise RecoverError(f"student {p}: no 2:4 sparse linear (all {len(kinds)} quantized linears are dense)")

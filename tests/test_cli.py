@@ -149,6 +149,6 @@ def test_building_the_parsers_imports_no_torch():
 
 def test_the_scheme_choices_are_the_grids():
     from sparse24_tools.compress_options import SCHEMES
-    from vllm_sparse24.quant import GRIDS
+    from vllm_sparse24.quant import SCHEME_GRIDS
 
-    assert SCHEMES == tuple(GRIDS)
+    assert SCHEMES == tuple(SCHEME_GRIDS)

@@ -8,10 +8,13 @@ A method is a function ``prune(weight, hessian, grid, opts, name) -> Pruned``:
 * ``hessian``: float32 [K, K] = 2 X X^T / n over the group's calibration inputs (per-token
   fake-quantized, as the plugin feeds them), or None without calibration data; a method that
   needs input norms reads its diagonal;
-* ``grid``: the scheme's grid (``vllm_sparse24.quant``: int8 or fp8); ``opts``: the
-  ``CompressOptions``; ``name``: the layer, for error messages;
-* returns the 2:4 codes [N, K] on the grid and the per-row scale [N, 1] (and optionally the label
-  the report gives the result, e.g. "sparsegpt-joint").
+* ``grid``: the grid of the scheme's 2:4 weights (``vllm_sparse24.quant``: the int8 or fp8
+  ``Grid``, or w4a8's two-level ``Int4GroupGrid``); ``opts``: the ``CompressOptions``; ``name``:
+  the layer, for error messages;
+* returns the 2:4 codes [N, K] of the grid's dtype and the per-row scale [N, 1] (and optionally
+  the label the report gives the result, e.g. "sparsegpt-joint"); on the w4a8 grid also the group
+  scales uint8 [N, ceil(K/128)], the codes being int4 value x group scale. ``round_to_nearest``
+  rounds a pruned float weight on any of the grids.
 
 Each method declares the input statistics it needs (``Stats``): one that needs any needs
 calibration data.
@@ -33,9 +36,21 @@ class Stats(str, Enum):
 
 
 class Pruned(NamedTuple):
-    codes: Any  # torch.Tensor [N, K] of the grid's dtype, 2:4
+    codes: Any  # torch.Tensor [N, K] of the grid's dtype, 2:4 (w4a8: int8, int4 value x group scale)
     scale: Any  # torch.Tensor float32 [N, 1]
     label: str | None = None  # what the report calls the result (default: the method's name)
+    group_scale: Any = None  # w4a8 only: torch.Tensor uint8 [N, ceil(K/128)]
+
+
+def round_to_nearest(weight: Any, grid: Any, label: str | None = None) -> Pruned:
+    """A pruned float weight [N, K] rounded to nearest on ``grid``: per channel on an 8-bit grid, or
+    with the w4a8 grid's channel and group scales (``Int4GroupGrid.quantize``)."""
+    from vllm_sparse24.quant import Int4GroupGrid, quantize_weight_per_channel
+
+    if isinstance(grid, Int4GroupGrid):
+        codes, scale, group_scale = grid.quantize(weight)
+        return Pruned(codes, scale, label, group_scale)
+    return Pruned(*quantize_weight_per_channel(weight, grid), label)
 
 
 @dataclass(frozen=True)

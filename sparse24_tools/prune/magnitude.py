@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_sparse24.quant import Grid, quantize_weight_per_channel
+from vllm_sparse24.quant import Grid, Int4GroupGrid
 from vllm_sparse24.sparsity import magnitude_24
 
-from . import Pruned
+from . import Pruned, round_to_nearest
 
 if TYPE_CHECKING:
     from ..compress_options import CompressOptions
@@ -21,6 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["magnitude_24", "prune"]
 
 
-def prune(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, opts: CompressOptions,
+def prune(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid | Int4GroupGrid, opts: CompressOptions,
           name: str) -> Pruned:
-    return Pruned(*quantize_weight_per_channel(magnitude_24(weight, name), grid))
+    return round_to_nearest(magnitude_24(weight, name), grid)

@@ -16,6 +16,15 @@ absmax); weights that the updates push beyond the grid's end are clamped, and th
 compensated like any other.
 On int8 (255 levels) the gain over prune-then-round is within noise; on coarser grids it is
 clear (see tests/test_tools_prune.py).
+
+w4a8 (``grid`` an ``Int4GroupGrid``): the channel scale comes from the first pass as above
+(absmax / 126), and at the first column of every group of 128 that group's integer scale g is
+chosen on its current (already updated) weights, least squared error on the two-level grid, with the
+2 largest |w| of every 4 standing in for the mask the loop has not chosen yet; every kept weight
+then rounds to ``s * g * int4`` and its error is propagated. With block_size a multiple or a divisor
+of 128 (the default 128) a group's weights have all earlier updates when its g is chosen; otherwise
+the columns past the block lack the block's own updates at that moment (g is then chosen on a
+slightly stale view; the rounding itself is exact).
 """
 
 from __future__ import annotations
@@ -27,26 +36,56 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_sparse24.format import GROUP, KEEP
-from vllm_sparse24.sparsity import PruneError, check_prunable
+from vllm_sparse24.quant import GROUP_SIZE, Int4GroupGrid, group_count
+from vllm_sparse24.sparsity import PruneError, check_prunable, keep_top2_of_4
 
-from ..quantize import INT8, Grid, channel_scale, quantize_weight_per_channel, quantize_with_scale
-from . import Pruned
+from ..quantize import INT8, Grid, channel_scale, quantize_with_scale
+from . import Pruned, round_to_nearest
 
 if TYPE_CHECKING:
     from ..compress_options import CompressOptions
 
 
-def prune(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, opts: CompressOptions, name: str) -> Pruned:
+def prune(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid | Int4GroupGrid, opts: CompressOptions,
+          name: str) -> Pruned:
     """``opts.dampening`` and ``opts.block_size`` as below; ``opts.joint``: the grid inside the OBS
     loop, with the scale of a first pass without it (the OBS updates grow some weights past the
     dense row's absmax, which a dense-absmax scale would clip: measured, clipping makes joint
     slightly worse than prune-then-quantize); else prune, then round to nearest."""
     kw = {"dampening": opts.dampening, "block_size": opts.block_size, "name": name}
     if not opts.joint:
-        return Pruned(*quantize_weight_per_channel(sparsegpt_24(weight, hessian, **kw), grid), "sparsegpt")
-    scale = channel_scale(sparsegpt_24(weight, hessian, **kw), grid)
+        return round_to_nearest(sparsegpt_24(weight, hessian, **kw), grid, "sparsegpt")
+    first = sparsegpt_24(weight, hessian, **kw)
+    if isinstance(grid, Int4GroupGrid):
+        scale = grid.scale(first.abs().amax(dim=1, keepdim=True))
+        del first
+        int4 = _Int4Columns(grid, scale, weight.shape[1])
+        pruned = sparsegpt_24(weight, hessian, scale=scale, grid=int4, **kw)
+        group_scale = int4.group_scale.cpu()
+        return Pruned(grid.codes(pruned, scale, int4.group_scale), scale, "sparsegpt-joint", group_scale)
+    scale = channel_scale(first, grid)
     pruned = sparsegpt_24(weight, hessian, scale=scale, grid=grid, **kw)
     return Pruned(quantize_with_scale(pruned, scale, grid), scale, "sparsegpt-joint")
+
+
+class _Int4Columns:
+    """The w4a8 grid inside the OBS loop: a group's scale g is chosen at its first column
+    (``start_group``, on the group's current weights), then each kept weight of the group rounds to
+    ``s * g * int4`` (``round``)."""
+
+    def __init__(self, grid: Int4GroupGrid, scale: torch.Tensor, k: int) -> None:
+        self.grid, self.scale = grid, scale.float()
+        self.group_scale = torch.ones(scale.shape[0], group_count(k), dtype=torch.uint8, device=scale.device)
+
+    def start_group(self, group: int, current: torch.Tensor) -> None:
+        """``current`` [N, <= 128]: the group's weights now; the mask is not chosen yet, so the 2
+        largest |w| of every 4 stand in for it."""
+        likely_kept = current * keep_top2_of_4(current.abs())
+        self.group_scale[:, group] = self.grid.group_scales(likely_kept, self.scale)[:, 0]
+
+    def round(self, column: torch.Tensor, index: int) -> torch.Tensor:
+        g = self.group_scale[:, index // GROUP_SIZE]
+        return self.grid.round(column, self.scale[:, 0], g)
 
 
 def _inverse_cholesky(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:
@@ -74,13 +113,15 @@ def sparsegpt_24(
     dampening: float = 0.01,
     block_size: int = 128,
     scale: torch.Tensor | None = None,
-    grid: Grid = INT8,
+    grid: Grid | _Int4Columns = INT8,
     name: str = "weight",
 ) -> torch.Tensor:
     """2:4-prune ``weight`` [N, K] with OBS updates; returns float32 [N, K] on weight's device.
 
     ``hessian`` [K, K] = 2XX^T/n. With ``scale`` [N, 1] (joint mode) every non-zero of the
-    result lies on ``grid`` (int8: ``scale * {-127..127}``; fp8: ``scale`` times an e4m3 value).
+    result lies on ``grid`` (int8: ``scale * {-127..127}``; fp8: ``scale`` times an e4m3 value;
+    w4a8, an ``_Int4Columns`` of the same scale: ``scale * g * {-7..7}``, its group scales g chosen
+    in the loop).
     """
     check_prunable(weight, name)
     n, k = weight.shape
@@ -119,9 +160,10 @@ def _few_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, grid: Grid, k: int,
+def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, grid: Grid | _Int4Columns, k: int,
               block_size: int) -> None:
     srow = None if s is None else s[:, 0]
+    int4 = grid if isinstance(grid, _Int4Columns) and s is not None else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         count = i2 - i1
@@ -138,7 +180,13 @@ def _obs_loop(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, grid: Gr
                 keep[:, i : i + GROUP].scatter_(1, idx, True)
             col = w1[:, i]
             q = torch.where(keep[:, i], col, torch.zeros_like(col))
-            if srow is not None:
+            if int4 is not None:
+                c = i1 + i
+                if c % GROUP_SIZE == 0:  # the group's current weights: in this block, then past it
+                    end = min(c + GROUP_SIZE, k)
+                    int4.start_group(c // GROUP_SIZE, torch.cat((w1[:, i : i + end - c], w[:, i2:end]), dim=1))
+                q = int4.round(q, c)
+            elif srow is not None:
                 q = grid.round(q, srow)
             q1[:, i] = q
             e = (col - q) / u1[i, i]

@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_sparse24.quant import Grid, quantize_weight_per_channel
+from vllm_sparse24.quant import Grid, Int4GroupGrid
 from vllm_sparse24.sparsity import PruneError, check_prunable, keep_top2_of_4
 
-from . import Pruned
+from . import Pruned, round_to_nearest
 
 if TYPE_CHECKING:
     from ..compress_options import CompressOptions
 
 
-def prune(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, opts: CompressOptions, name: str) -> Pruned:
+def prune(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid | Int4GroupGrid, opts: CompressOptions, name: str) -> Pruned:
     """The input norms are the Hessian's diagonal (2/n times the sum of x_j^2: any positive multiple works)."""
-    return Pruned(*quantize_weight_per_channel(wanda_24(weight, torch.diagonal(hessian), name), grid))
+    return round_to_nearest(wanda_24(weight, torch.diagonal(hessian), name), grid)
 
 
 def wanda_24(weight: torch.Tensor, input_sq_norm: torch.Tensor, name: str = "weight") -> torch.Tensor:
