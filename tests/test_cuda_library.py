@@ -24,7 +24,7 @@ def test_config_rows_parse_in_order():
 
 def test_dispatch_table_names_only_compiled_configs():
     """Every config the table names is a row a default build compiles, and every such row is named
-    (a row only `kernels.py --search` tries is an S24_SEARCH_CONFIG row, compiled on request)."""
+    (a row only `gemm_bench.py --search` tries is an S24_SEARCH_CONFIG row, compiled on request)."""
     names = {n for _, n in build.config_rows(search_configs=False)}
     named = {choice.config for classes in GEMM_TABLE.values() for rows in classes.values() for _, choice in rows}
     assert named == names, (sorted(names - named), sorted(named - names))

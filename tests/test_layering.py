@@ -107,3 +107,17 @@ def test_no_import_cycles():
         graph["vllm_sparse24.kernels.dispatch"]
     assert {"sparse24_tools.recover_global", "sparse24_tools.recover_blocks"} <= graph["sparse24_tools.recover"]
     assert cycles(graph) == []
+
+
+def test_no_benchmark_script_shadows_a_package_transformers_probes():
+    """Scripts in benchmarks/ run with that folder first on sys.path; transformers imports optional
+    packages by name to probe for them (``import kernels``...), so a script of such a name would be
+    imported in their place, in the middle of whatever import was running."""
+    import re
+
+    import transformers.utils.import_utils as probes
+
+    probed = set(re.findall(r"""_is_package_available\(\s*["']([\w.]+)["']""", Path(probes.__file__).read_text()))
+    assert "kernels" in probed and "torch" in probed  # the pattern still finds transformers' probes
+    scripts = {p.stem for p in (ROOT / "benchmarks").rglob("*.py")}
+    assert not scripts & probed, sorted(scripts & probed)

@@ -2,7 +2,8 @@
 # The decode path on a GPU host in one run: the decode GEMM's GPU tests, its kernel benchmark against
 # the CUTLASS 2:4 configs and vLLM's fp8 GEMM, then end-to-end decode throughput of vLLM fp8 against
 # sparse24 (+ a step profile while time is left). Results in $OUT (default /tmp/sparse24-out):
-# tests.log, bench.log, k/kernels-*.json|png, t/throughput-*.json|md|png, t/profile-*.json.
+# tests.log, bench.log, k/kernels-*.json|png, t/throughput-*.json|md|png, t/profile-*.json
+# (t/errors.log: the end of the log when an engine failed).
 #   bash benchmarks/offline_host/decode.sh
 # Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
 #   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
@@ -25,12 +26,14 @@ if [[ $STEPS == *tests* ]]; then
     [[ ${ON_FAIL:-stop} == stop ]] && { grep -E "Error|error|assert|FAILED" "$OUT/tests.log" | head -30; exit 1; }
   fi
 fi
-[[ $STEPS == *bench* ]] && timeout 130 python3 benchmarks/kernels.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
+[[ $STEPS == *bench* ]] && timeout 130 python3 benchmarks/gemm_bench.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
   --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
 [[ $STEPS == *bench* ]] && grep -E "^llama" "$OUT/bench.log" | sed 's/sparse24_/s24_/g; s/_cutlass//g' | cut -c1-230
 tb=$(( $(left) - 10 ))
 [[ $STEPS == *e2e* ]] && VLLM_SPARSE24_DECODE_MAX_M=$decode timeout $((tb + 5)) python3 benchmarks/throughput.py --out "$OUT/t" --time-budget $tb \
   --engines "${ENGINES:-fp8,sparse24}" --workloads "${WORKLOADS:-decode_8x128x512,decode_1x128x512,decode_64x128x512}" \
   --repeats 2 --profile --profile-engines sparse24,fp8 --profile-workloads decode_8x128x64 2>&1 \
-  | grep --line-buffered -E "^(\[|ROW|PROFILE|  gap|\||FAILED|Traceback|[A-Za-z]*Error)" | cut -c1-260
+  | tee /tmp/sparse24-e2e.log | grep --line-buffered -E "^(\[|ROW|PROFILE|  gap|\||FAILED|Traceback|[A-Za-z]*Error)" | cut -c1-260
+# a failed engine's whole traceback comes back with the results
+grep -q Traceback /tmp/sparse24-e2e.log 2>/dev/null && tail -300 /tmp/sparse24-e2e.log >"$OUT/t/errors.log"
 echo "total $((SECONDS - START)) s (decode GEMM threshold in the engines: $decode)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests of the kernels, then the GEMM benchmark; results and logs in $OUT (default /tmp/sparse24-out).
-#   bash benchmarks/offline_host/kernels.sh [benchmarks/kernels.py args...]
+#   bash benchmarks/offline_host/kernels.sh [benchmarks/gemm_bench.py args...]
 # Environment: BUDGET_S (seconds for the whole script, default 540), SKIP_TESTS=1, SKIP_BENCH=1,
 #   TESTS (test files, default the two GPU kernel test files), MEMCHECK=1 (the decode GEMM's edge cases
 #   under compute-sanitizer's memcheck first).
@@ -23,7 +23,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   left=$(( BUDGET_S - (SECONDS - START) - 20 ))
-  timeout "$left" python3 benchmarks/kernels.py --out "$OUT" --budget-s $(( left - 60 )) "$@" 2>&1 \
+  timeout "$left" python3 benchmarks/gemm_bench.py --out "$OUT" --budget-s $(( left - 60 )) "$@" 2>&1 \
     | tee "$OUT/bench.log" | grep -E "^(llama|acceptance|decode|  |best|wrote|time budget|[0-9]+ rows)" | tail -160
 fi
 echo "gpu tests: $RESULT; total $((SECONDS - START)) s"

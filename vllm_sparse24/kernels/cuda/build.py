@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.bui
                     help="translation units compiled at once; each needs ~5 GB of memory (default: 2)")
     ap.add_argument("--search-configs", action="store_true",
                     help="also compile the configs.inc rows the dispatch table does not use (S24_SEARCH_CONFIG), "
-                         "the candidates of `benchmarks/kernels.py --search`")
+                         "the candidates of `benchmarks/gemm_bench.py --search`")
     ap.add_argument("--skip-without-toolkit", action="store_true",
                     help="exit 0 with a message, instead of failing, where nvcc >= 12.2 or the CUTLASS headers are "
                          "missing (the test command on a machine without the CUDA toolkit: the CPU tests run, the "

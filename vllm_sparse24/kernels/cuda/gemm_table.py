@@ -3,7 +3,7 @@ token count M on which layer shape, and the token count below which the few-toke
 (csrc/decode/) serves instead: the data of the 2:4 GEMM dispatch, next to the kernel that runs it.
 
 ``GEMM_TABLE`` maps (input dtype, output dtype) and a layer shape class to token-count buckets.
-Chosen by measurement on an H200 (``benchmarks/kernels.py --search``; the searched table and its
+Chosen by measurement on an H200 (``benchmarks/gemm_bench.py --search``; the searched table and its
 timings are in benchmarks/results/ and docs/kernels.md). The e4m3 rows are derived from the int8
 ones (same buckets, tiles and schedules), so a new int8 row gets its e4m3 twin from here.
 

@@ -6,10 +6,14 @@
 //   * Persistent grid, one CTA per SM, each CTA an equal share of the work units (stream-K): a unit
 //     is 64 rows (one metadata atom) x kStageBlocks 128-k blocks, numbered row tile major. A row
 //     tile whose units span several CTAs is finished by the last of them (fixup below).
-//   * Weight staged through a shared-memory ring by one producer warp with TMA bulk copies
-//     (cp.async.bulk, completing on an mbarrier): bytes in flight cost no registers, up to
-//     kMaxStages units per SM (~170 KB) are requested before any math, and the math of one stage
+//   * Weight staged through a shared-memory ring by one producer thread with TMA tensor copies
+//     (cp.async.bulk.tensor, completing on an mbarrier): bytes in flight cost no registers, up to
+//     kMaxStages units per SM (~190 KB) are requested before any math, and the math of one stage
 //     overlaps the loads of the next ones. Each stage also holds the activations of its k range.
+//     A unit is THREE copies (values box 64 rows x 256 bytes, metadata box 4 x 64 x 16 bytes,
+//     activations box 8 NT tokens x 512 bytes): the TMA unit's cost is per copy, and one 1-D bulk
+//     copy per row (256 bytes each) capped the kernel near 0.5 TB/s. Boxes past the tensor's
+//     edge (last row tile, K tail, tokens past m) are filled with zeros by the TMA unit.
 //   * Programmatic dependent launch: the weight does not depend on the previous kernel, so the
 //     producer requests the first stages before `griddepcontrol.wait`, and the activations (and
 //     every global write) only after it. Launched without the attribute the wait is a no-op.
@@ -28,9 +32,11 @@
 // caller's workspace (two slots per CTA and warp: the CTA's first and last tile), and the last warp
 // to arrive (an atomic ticket per tile and warp) adds the slots in CTA order (deterministic), applies
 // the epilogue and re-arms the ticket, so the workspace stays ready between calls and graph replays.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -53,11 +59,10 @@ constexpr int kMaxM = 64;                            // 8 token tiles of 8
 constexpr int kMaxStages = 8;
 constexpr int kMaxCtasPerSm = 2;                     // the workspace's partial slots allow this many
 constexpr int kMetaAtomBytes = kTileRows * 16;       // one k block of one row tile's metadata
-// Value row pitch in a stage: the block's 64 bytes per k block plus 64 bytes, so rows g and g + 1
-// fall on opposite halves of the 32 banks (conflict-free 16-byte reads by a quarter warp).
-constexpr int kValuePitch = kStageBlocks * kMetaBlockK / 2 + 64;
-// Activation row pitch: 16 bytes of padding shift token g + 1 by 4 banks (conflict-free).
-constexpr int kActPitch = kStageBlocks * kMetaBlockK + 16;
+// Row pitches in a stage are those of the TMA boxes (dense): 256 value bytes per weight row, 512
+// activation bytes per token.
+constexpr int kValuePitch = kStageBlocks * kMetaBlockK / 2;
+constexpr int kActPitch = kStageBlocks * kMetaBlockK;
 constexpr int kMaxTickets = 16384;                   // (row tiles x warps) of the largest layer
 constexpr int64_t kTicketBytes = kMaxTickets * 4;
 constexpr size_t kErrLen = 512;
@@ -80,8 +85,11 @@ struct Stage {
   static constexpr int kValues = 0;
   static constexpr int kMeta = kTileRows * kValuePitch;
   static constexpr int kAct = kMeta + kStageBlocks * kMetaAtomBytes;
-  static constexpr int kBytes = (kAct + 8 * NT * kActPitch + 127) / 128 * 128;
+  static constexpr int kActBytes = 8 * NT * kActPitch;
+  static constexpr int kLoadBytes = kAct + kActBytes;  // what one unit's three copies deliver
+  static constexpr int kBytes = (kLoadBytes + 127) / 128 * 128;
 };
+static_assert(Stage<1>::kMeta % 128 == 0 && Stage<1>::kAct % 128 == 0, "TMA destinations are 128-byte aligned");
 constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4;  // full + empty barriers, selector table
 
 // ---- PTX wrappers -----------------------------------------------------------------------------
@@ -114,17 +122,34 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                          uint64_t policy) {
+// TMA tensor copies: box at the given coordinates (innermost first) of the tensor map, completing
+// on the stage's mbarrier.
+__device__ __forceinline__ void tensor_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                               uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-      ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
+__device__ __forceinline__ void tensor_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                               uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4}], [%5], %6;"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void tensor_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                               uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
 }
 // Programmatic dependent launch: wait until the previous kernel in the stream has completed and its
 // memory is visible (a no-op when launched without the attribute).
@@ -179,17 +204,19 @@ S24_HD Partition make_partition(int n, int k, int sms) {
   return p;
 }
 
-struct Params {
-  const uint8_t* values;
-  const uint8_t* meta;
-  const uint8_t* x;
-  int64_t x_stride;  // bytes
+// The three operands as TMA tensor maps (bytes, innermost dimension first):
+//   values [n][k/2]                          box 256 x 64 rows         (one unit's values)
+//   meta   [k/128][meta_rows(n)][16]         box 16 x 64 rows x 4      (one unit's metadata atoms)
+//   x      [m][k/128][128], rows x_stride    box 128 x 4 x 8 NT tokens (one unit's activations)
+struct alignas(64) Params {
+  CUtensorMap values;
+  CUtensorMap meta;
+  CUtensorMap x;
   const float* x_scale;
   const float* w_scale;
   const void* bias;
   void* out;
   int m, n, k;
-  int64_t meta_rows;
   Partition part;
   int stages;
   int* tickets;    // [kMaxTickets], zero between calls
@@ -226,64 +253,42 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   }
   __syncthreads();
 
-  if (warp == kConsumerWarps) {  // ---- producer: one warp issues every bulk copy --------------------
+  if (warp == kConsumerWarps) {  // ---- producer: one thread issues every copy -----------------------
+    if (lane != 0) return;
     const uint64_t policy = evict_first_policy();
-    auto unit = [&](int i, int& rt, int& kb0, int& nkb) {
+    prefetch_map(&p.values), prefetch_map(&p.meta), prefetch_map(&p.x);
+    auto origin = [&](int i, int& rt, int& kb0) {
       const int u = u_begin + i;
       rt = u / part.units_per_tile;
       kb0 = (u - rt * part.units_per_tile) * kStageBlocks;
-      nkb = min(kStageBlocks, part.kblocks - kb0);
-    };
-    auto expect = [&](int i) {
-      int rt, kb0, nkb;
-      unit(i, rt, kb0, nkb);
-      const int rows = min(kTileRows, p.n - rt * kTileRows);
-      const uint32_t bytes = nkb * (rows * (kMetaBlockK / 2) + kMetaAtomBytes + p.m * kMetaBlockK);
-      if (lane == 0) mbar_expect_tx(full + i % p.stages, bytes);
-      __syncwarp();
     };
     auto load_weight = [&](int i) {
-      int rt, kb0, nkb;
-      unit(i, rt, kb0, nkb);
+      int rt, kb0;
+      origin(i, rt, kb0);
       uint8_t* st = stages + (i % p.stages) * S::kBytes;
-      const int rows = min(kTileRows, p.n - rt * kTileRows);
-      for (int r = lane; r < rows; r += 32)
-        bulk_load(st + S::kValues + r * kValuePitch,
-                  p.values + value_offset(rt * kTileRows + r, static_cast<int64_t>(kb0) * (kMetaBlockK / 2), p.k),
-                  nkb * (kMetaBlockK / 2), full + i % p.stages, policy);
-      for (int b = lane; b < nkb; b += 32)
-        bulk_load(st + S::kMeta + b * kMetaAtomBytes, p.meta + meta_offset(rt * kTileRows, (kb0 + b) * 16, p.meta_rows),
-                  kMetaAtomBytes, full + i % p.stages, policy);
+      uint64_t* bar = full + i % p.stages;
+      mbar_expect_tx(bar, S::kLoadBytes);
+      tensor_load_2d(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar, policy);
+      tensor_load_3d(st + S::kMeta, &p.meta, 0, rt * kTileRows, kb0, bar, policy);
     };
     auto load_act = [&](int i) {
-      int rt, kb0, nkb;
-      unit(i, rt, kb0, nkb);
-      uint8_t* st = stages + (i % p.stages) * S::kBytes;
-      for (int t = lane; t < p.m; t += 32)
-        bulk_load(st + S::kAct + t * kActPitch, p.x + t * p.x_stride + static_cast<int64_t>(kb0) * kMetaBlockK,
-                  nkb * kMetaBlockK, full + i % p.stages);
+      int rt, kb0;
+      origin(i, rt, kb0);
+      tensor_load_3d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, 0, kb0, 0, full + i % p.stages);
     };
     const int pre = min(count, p.stages);
-    for (int i = 0; i < pre; ++i) expect(i), load_weight(i);
+    for (int i = 0; i < pre; ++i) load_weight(i);
     wait_previous_grid();  // the activations are the previous kernel's output
     for (int i = 0; i < pre; ++i) load_act(i);
     for (int i = pre; i < count; ++i) {
       mbar_wait(empty + i % p.stages, ((i / p.stages) & 1) ^ 1);
-      expect(i), load_weight(i), load_act(i);
+      load_weight(i), load_act(i);
     }
     return;
   }
 
   // ---- consumers: warp w computes rows 16 w .. 16 w + 15 of each unit's 64 --------------------------
   for (int i = tid; i < 256; i += kConsumerWarps * 32) lut[i] = expand_selector(i);
-  // token rows past m are never loaded: zero them once in every stage (they then add nothing)
-  {
-    constexpr int kRowVecs = kActPitch / 16;
-    const int vecs = (8 * NT - p.m) * kRowVecs;
-    for (int s = 0; s < p.stages; ++s)
-      for (int v = tid; v < vecs; v += kConsumerWarps * 32)
-        reinterpret_cast<uint4*>(stages + s * S::kBytes + S::kAct + p.m * kActPitch)[v] = make_uint4(0, 0, 0, 0);
-  }
   consumer_sync();
   wait_previous_grid();  // before any global write (output, workspace)
 
@@ -471,6 +476,49 @@ int dispatch_tiles(Params& p, int stages, int ctas, bool pdl, cudaStream_t strea
 
 bool aligned(const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A uint8 tensor map: dims and boxes innermost first, strides (bytes) of dims 1.. .
+template <int R>
+int encode(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[R], const cuuint64_t (&strides)[R - 1],
+           const cuuint32_t (&box)[R], const char* what) {
+  const auto fn = encode_fn();
+  if (!fn) return fail(-10, "decode GEMM: the CUDA driver offers no cuTensorMapEncodeTiled (needs CUDA 12+)");
+  cuuint32_t ones[R];
+  for (int i = 0; i < R; ++i) ones[i] = 1;
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, R, const_cast<void*>(base), dims, strides, box, ones,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::snprintf(g_err, kErrLen, "decode GEMM: cannot describe the %s operand to the TMA unit (CUresult %d)", what,
+                  static_cast<int>(r));
+    return -10;
+  }
+  return 0;
+}
+
+int encode_operands(Params& p, const void* values, const void* meta, const void* x, int64_t x_stride) {
+  const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.k / kMetaBlockK, mr = meta_rows(p.n);
+  if (int rc = encode<2>(&p.values, values, {k / 2, n}, {k / 2}, {kStageBlocks * kMetaBlockK / 2, kTileRows},
+                         "values"))
+    return rc;
+  if (int rc = encode<3>(&p.meta, meta, {16, mr, kb}, {16, mr * 16}, {16, kTileRows, kStageBlocks}, "metadata"))
+    return rc;
+  return encode<3>(&p.x, x, {kMetaBlockK, kb, m}, {kMetaBlockK, static_cast<cuuint64_t>(x_stride)},
+                   {kMetaBlockK, kStageBlocks, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
+}
+
 int check_shape(int m, int n, int k) {
   if (m < 0 || m > kMaxM) return fail(-1, "decode GEMM: m=%lld tokens, the kernel serves 0 <= m <= %lld", m, kMaxM);
   if (n <= 0 || k <= 0 || k % kMetaBlockK)
@@ -528,9 +576,11 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
   if (!workspace || !aligned(workspace, 16) || workspace_bytes < workspace_need(sms))
     return fail(-1, "decode GEMM: needs a zeroed, 16-byte aligned workspace of %lld bytes (got %lld)",
                 workspace_need(sms), workspace_bytes);
-  Params p{static_cast<const uint8_t*>(values), static_cast<const uint8_t*>(meta), static_cast<const uint8_t*>(x),
-           x_row_stride, x_scale, w_scale, bias, out, m, n, k, meta_rows(n), make_partition(n, k, sms), 0,
-           static_cast<int*>(workspace), static_cast<char*>(workspace) + kTicketBytes};
+  Params p{};
+  p.x_scale = x_scale, p.w_scale = w_scale, p.bias = bias, p.out = out, p.m = m, p.n = n, p.k = k;
+  p.part = make_partition(n, k, sms);
+  p.tickets = static_cast<int*>(workspace), p.partials = static_cast<char*>(workspace) + kTicketBytes;
+  if (int rc = encode_operands(p, values, meta, x, x_row_stride)) return rc;
   const int stages = tuning ? tuning->stages : 0, ctas = tuning ? tuning->ctas : 0;
   const bool pdl = tuning ? tuning->pdl != 0 : true;
   if (in_dtype == S24_INT8)

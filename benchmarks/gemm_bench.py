@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
 """Linear-layer GEMM benchmark on a Hopper GPU: vLLM's dense kernels vs the sparse24 CUTLASS GEMM.
 
-    python benchmarks/kernels.py [--models llama3-8b,llama3-70b] [--ms 1,2,...] [--search] [--out DIR]
+    python benchmarks/gemm_bench.py [--models llama3-8b,llama3-70b] [--ms 1,2,...] [--search] [--out DIR]
 
 Impls (per layer shape and token count M; every GEMM takes operands already quantized, as both
 vLLM's fp8 path and ours get their activation quant fused into the previous op under torch.compile):
