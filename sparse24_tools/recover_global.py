@@ -224,8 +224,8 @@ def _fit_budget(run: RecoveryRun, step: int, total: int, step_seconds: float, re
     if refuse_below and fit < MIN_STEPS:
         raise refuse(run.opts.max_minutes, f"the first step took {step_seconds:.1f}s with "
                      f"{run.budget_left():.0f}s left", fit)
-    new = max(step + 1, MIN_STEPS, min(total, fit))
+    new = min(max(step + 1, MIN_STEPS, min(total, fit)), total)
     log.info("time budget %.1f min: %.2fs/step -> %d steps in all (warm-up %d), expected to end in %.1f min",
              run.opts.max_minutes, step_seconds, new, warmup_steps(new, run.opts.warmup),
              (run.elapsed() + (new - step) * step_seconds) / 60)
-    return min(new, total)
+    return new

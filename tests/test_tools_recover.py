@@ -329,9 +329,14 @@ def test_time_budget_fits_the_schedule(tiny, tmp_path, monkeypatch, caplog):
     train = rep["train"]
     assert MIN_STEPS <= train["steps"] == train["planned_steps"] < 100_000 and not train["stopped_by_time_budget"]
     lrs = [r["lr"] for r in rep["loss_curve"]]
-    warm = warmup_steps(train["steps"], 0.2)
-    assert lrs[warm - 1] == max(lrs) == pytest.approx(opts.lr) and lrs[-1] < 0.1 * opts.lr
-    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm], strict=False))
+    # the warm-up of each fitted plan: the first step's time fits one, the median of the next steps
+    # refits it (on a loaded machine the two differ, and the ramp follows the plan in force)
+    fitted = [int(w) for w in re.findall(r"steps in all \(warm-up (\d+)\)", caplog.text)]
+    assert fitted and fitted[-1] == warmup_steps(train["steps"], 0.2), (fitted, train)
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(opts.lr) and lrs[-1] < 0.1 * opts.lr
+    assert peak + 1 in fitted, (peak, fitted, lrs[:8])
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=False))
     assert rep["seconds"]["total_before_export"] < 0.4 * 60
     assert rep["final_eval"]["kl"] < rep["evals"][0]["kl"]
     logged = caplog.text
