@@ -73,8 +73,8 @@ def build_parser(prog: str = "python -m sparse24_tools") -> argparse.ArgumentPar
     g.add_argument("--title", default="2:4 + W8A8 perplexity", help="plot title")
     r = sub.add_parser(
         "recover", parents=[common], help="sparse24 checkpoint -> accuracy-recovered sparse24 checkpoint (distillation)",
-        description="Distill a 2:4 W8A8 student from its dense teacher with the 2:4 mask fixed and the "
-        "plugin's int8 or fp8 arithmetic (the student's scheme) in the forward (STE); writes the "
+        description="Distill a 2:4 W8A8 / W4A8 student from its dense teacher with the 2:4 mask fixed and the "
+        "plugin's int8, fp8 or w4a8 arithmetic (the student's scheme) in the forward (STE); writes the "
         "compressor's checkpoint format atomically, with recover_report.json and recover_curves.png inside it. "
         "With --fsdp, start it with torchrun (global mode across GPUs).",
 )

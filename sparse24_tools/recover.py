@@ -1,5 +1,5 @@
-"""``vllm-sparse24 recover``: accuracy recovery of a 2:4 W8A8 checkpoint by distillation from
-its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8 or fp8) in the forward.
+"""``vllm-sparse24 recover``: accuracy recovery of a 2:4 W8A8 / W4A8 checkpoint by distillation from
+its dense teacher, with the 2:4 mask fixed and the arithmetic of the plugin (int8, fp8 or w4a8) in the forward.
 
 Orchestration only: the options are in :mod:`sparse24_tools.recover_options`, the run's state and
 schedule in :mod:`sparse24_tools.recover_run`, the two training loops in
@@ -17,8 +17,9 @@ Modes:
 * ``blocks``: each decoder layer in turn is fitted to the dense layer's output (EBFT-style
   block-wise reconstruction): cheaper, no output-layer cost, one layer's memory.
 
-Every quantized linear trains its kept weights on the student's grid, int8 or fp8 (``QATLinear``); pruned weights
-stay 0 and the exported bitmask is the student's bit for bit. The result is written in the
+Every quantized linear trains its kept weights on the student's grid, int8 or fp8, or w4a8's int4 grid with the
+student's channel and group scales frozen (``QATLinear``); pruned weights stay 0 and the exported bitmask (and
+group scales) are the student's bit for bit. The result is written in the
 compressor's format (``sparse24_tools.export.write_sparse24``, atomically) with ``recover_report.json``
 (per evaluated text: dense, one-shot and recovered perplexity) and ``recover_curves.png`` beside it.
 The training state is saved every ``save_every`` steps (blocks: every layer) into
@@ -160,6 +161,7 @@ def _export_results(student: Student, mode: str) -> dict[str, LinearResult]:
         results[prefix] = LinearResult(
             name=prefix, kind=student.kinds[prefix], method=f"recover-{mode}", q=codes, scale=scale,
             err_before=float("nan"), err_after=float("nan"), seconds=0.0, mask=mask,
+            group_scale=q.export_group_scale(),
         )
     return results
 

@@ -1,7 +1,7 @@
 """``--mode blocks``: block-wise reconstruction (EBFT-style), the cheap alternative to global
 distillation. Model walking only; the loss is :func:`sparse24_tools.distill_loss.normalized_mse`.
 
-Decoder layer i of the student is trained (kept weights on the student's int8 or fp8 grid, mask fixed) so that,
+Decoder layer i of the student is trained (kept weights on the student's int8, fp8 or w4a8 grid, mask fixed) so that,
 fed the student's own layer-i inputs (the outputs of its already-recovered layers, computed in
 the plugin's arithmetic), it reproduces the dense teacher layer's outputs on the teacher's
 inputs, ||t - s||^2 / ||t||^2. Every layer trains on ``--tokens`` tokens drawn from a pool of at

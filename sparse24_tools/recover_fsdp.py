@@ -16,6 +16,7 @@ module supplies what differs when the work is spread (:class:`Sharded`, in place
 * **The 2:4 mask** becomes a frozen parameter sharded like its weight: inside FSDP's unshard the
   fake-quant sees the full weight and mask (the int8 grid is computed per full row), and after
   each optimizer step the mask multiplies the weight's local shard (two DTensors of one layout).
+  A w4a8 layer's frozen channel and group scales are buffers, whole in every process.
 * **Data**: a step's ``--batch-size`` sequences are split over the processes (process r takes
   r, r + W, ...). The KL is a mean over equal token counts and FSDP averages the gradients;
   SquareHead divides by the batch's ||t||^2 summed over the processes; so a step is the

@@ -61,7 +61,7 @@ class RecoverOptions:
                                   "share of --max-minutes")
     gen_temperature: float = option(1.0, "sampling temperature of the generated text")
     gen_top_p: float = option(1.0, "nucleus sampling (1: off)")
-    quant_from: float = option(0.0, "fraction of the steps trained in float before fake-quant (int8 or fp8) starts "
+    quant_from: float = option(0.0, "fraction of the steps trained in float before fake-quant (the student's grid: int8, fp8 or w4a8) starts "
                                "(0: throughout)")
     train_extra: tuple[str, ...] = option((), "also train these (frozen by default): norms, embeddings (and a tied "
                                           "output layer), ignored (unquantized linears such as lm_head)",

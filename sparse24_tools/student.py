@@ -1,6 +1,7 @@
 """Loading a sparse24 checkpoint back into a trainable float model (model walking and file
-reading only): int8 / fp8 values dequantized, every sparse linear's 2:4 mask read from its bitmask,
-and checks that a teacher and a student can be distilled into one another."""
+reading only): int8 / fp8 / w4a8 values dequantized, every sparse linear's 2:4 mask read from its
+bitmask (w4a8: and its group scales), and checks that a teacher and a student can be distilled into
+one another."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class Student:
     float_dtype: torch.dtype  # dtype of the checkpoint's float tensors (re-export uses it)
     compress_report: dict[str, Any] | None = None
     qat: dict[str, QATLinear] = field(default_factory=dict)  # filled by wrap_quantized
+    # w4a8 only: sparse prefix -> uint8 [N, ceil(K/128)] weight_group_scale, kept through training
+    group_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_student(path: str | os.PathLike) -> Student:
@@ -67,10 +70,6 @@ def load_student(path: str | os.PathLike) -> Student:
     except ckpt.CheckpointError as e:
         raise RecoverError(f"student {p}: {e}") from e
     scheme, linears = tensors.scheme, tensors.linears
-    if scheme.int4:
-        raise RecoverError(f"student {p}: a w4a8 checkpoint (int4 2:4 weights with group scales); recover trains "
-                           "the 8-bit grids (int8, fp8) only: recover the int8 checkpoint of the same model, or "
-                           "serve this one as it is")
     kinds = {prefix: q.kind for prefix, q in linears.items()}
     if "sparse" not in kinds.values():
         raise RecoverError(f"student {p}: no 2:4 sparse linear (all {len(kinds)} quantized linears are dense)")
@@ -81,6 +80,10 @@ def load_student(path: str | os.PathLike) -> Student:
     float_dtype = floats[-1] if floats else torch.float32
     masks = {prefix: q.mask for prefix, q in linears.items() if q.mask is not None}
     scales = {prefix: q.scale for prefix, q in linears.items()}
+    group_scales = {prefix: q.group_scale for prefix, q in linears.items() if q.group_scale is not None}
+    if scheme.int4 and set(group_scales) != set(masks):
+        missing = sorted(set(masks) - set(group_scales))[:3]
+        raise RecoverError(f"student {p}: a w4a8 checkpoint whose 2:4 linears {missing} have no weight_group_scale")
     tok = AutoTokenizer.from_pretrained(str(p))
     report = None
     if (p / "compress_report.json").exists():
@@ -90,7 +93,7 @@ def load_student(path: str | os.PathLike) -> Student:
             log.warning("%s: compress_report.json is not valid JSON; not carried over", p)
     log.info("student %s: %d sparse + %d dense %s linears", p,
              sum(k == "sparse" for k in kinds.values()), sum(k == "dense" for k in kinds.values()), scheme.quant)
-    return Student(p, model, tok, scheme, kinds, masks, scales, float_dtype, report)
+    return Student(p, model, tok, scheme, kinds, masks, scales, float_dtype, report, group_scales=group_scales)
 
 
 def check_compatible(teacher: nn.Module, teacher_tok: Any, teacher_path: str | os.PathLike,
@@ -117,7 +120,8 @@ def check_compatible(teacher: nn.Module, teacher_tok: Any, teacher_path: str | o
 
 
 def wrap_quantized(student: Student) -> dict[str, QATLinear]:
-    """Replace every quantized linear of the student by a :class:`QATLinear` (in place)."""
+    """Replace every quantized linear of the student by a :class:`QATLinear` (in place): on the
+    scheme's 8-bit grid, and a w4a8 student's 2:4 linears on the int4 grid of their own scales."""
     decoder_layers(student.model)
     out: dict[str, QATLinear] = {}
     for prefix, kind in student.kinds.items():
@@ -127,8 +131,9 @@ def wrap_quantized(student: Student) -> dict[str, QATLinear]:
         if not isinstance(lin, nn.Linear):
             raise RecoverError(f"student {student.path}: {prefix} is a {type(lin).__name__}, expected nn.Linear")
         mask = student.masks.get(prefix) if kind == "sparse" else None
+        group_scale = student.group_scales.get(prefix) if kind == "sparse" else None
         q = QATLinear(lin.weight, mask, lin.bias, prefix, scale_floor=student.scales[prefix],
-                      grid=student.scheme.grid)
+                      grid=student.scheme.grid, group_scale=group_scale)
         setattr(parent, child, q)
         out[prefix] = q
     student.qat = out

@@ -1,7 +1,8 @@
 """``recover --fsdp`` (PyTorch FSDP2) on the CPU with the gloo backend, on a tiny random Llama with
 tied embeddings (as SmolLM2): two processes started by torchrun give the loss curve and the output
-checkpoint of one process without FSDP, within float32 reduction-order tolerances; the sharded
-state (torch.distributed.checkpoint) resumes an interrupted run to the uninterrupted result."""
+checkpoint of one process without FSDP, within float32 reduction-order tolerances, for an int8 and a
+w4a8 student; the sharded state (torch.distributed.checkpoint) resumes an interrupted run to the
+uninterrupted result."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse24_tools.compress import compress  # noqa: E402
 from sparse24_tools.compress_options import CompressOptions  # noqa: E402
 from sparse24_tools.recover import RecoverError, RecoverOptions, recover  # noqa: E402
+from vllm_sparse24.format import unpack_nibbles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 _WORDS = "two of every four weights stay while the rest are zero and each row is rounded to int8".split()
@@ -37,6 +39,7 @@ OPTS = {"tokens": 6 * 4 * 32, "seqlen": 32, "batch_size": 4, "lr": 2e-3, "loss":
 FIRST_STEP_RTOL = 1e-5
 CURVE_RTOL = 5e-3
 CODES_OFF_BY_ONE_SHARE = 0.005
+STUDENTS = {"int8": "student", "w4a8": "student-w4a8"}  # scheme -> folder
 
 
 def _text(path: Path, n: int, seed: int) -> Path:
@@ -57,8 +60,9 @@ def tiny(tmp_path_factory):
     model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(root / "dense")
     calib, ev, other = _text(root / "calib.txt", 2000, 1), _text(root / "eval.txt", 800, 2), _text(root / "o.txt", 800, 3)
-    compress(root / "dense", root / "student", CompressOptions(method="magnitude", calib=calib, nsamples=4, seqlen=32,
-                                                               progress=False))
+    for scheme in ("int8", "w4a8"):
+        compress(root / "dense", root / STUDENTS[scheme], CompressOptions(method="magnitude", scheme=scheme, calib=calib,
+                                                                          nsamples=4, seqlen=32, progress=False))
     return root, calib, ev, other
 
 
@@ -85,14 +89,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tiny, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "w4a8"])
+def test_two_processes_match_one(tiny, tmp_path, scheme):
     root, calib, ev, other = tiny
+    student = root / STUDENTS[scheme]
     opts = _opts(root, ev, other)
     torch.set_num_threads(1)
-    one = recover(root / "dense", root / "student", tmp_path / "one", calib, opts)
+    one = recover(root / "dense", student, tmp_path / "one", calib, opts)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "sparse24_tools", "recover", "--teacher", str(root / "dense"), "--student", str(root / "student"),
+           "-m", "sparse24_tools", "recover", "--teacher", str(root / "dense"), "--student", str(student),
            "--out", str(tmp_path / "two"), "--calib", str(calib), "--fsdp", "--threads", "1", *_flags(opts)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -113,16 +119,21 @@ def test_two_processes_match_one(tiny, tmp_path):
     assert ta.keys() == tb.keys()
     off = total = 0
     for key in ta:
-        if key.endswith("weight_packed") or (ta[key].dtype == torch.int8):
+        if key.endswith("weight_packed") and ta[key].dtype == torch.uint8:  # w4a8: two int4 values a byte
+            diff = (unpack_nibbles(ta[key]).int() - unpack_nibbles(tb[key]).int()).abs()
+            assert int(diff.max()) <= 1, key
+            off += int((diff > 0).sum())
+            total += diff.numel()
+        elif key.endswith("weight_packed") or (ta[key].dtype == torch.int8):
             diff = (ta[key].int() - tb[key].int()).abs()
             assert int(diff.max()) <= 1, key
             off += int((diff > 0).sum())
             total += diff.numel()
-        elif key.endswith("bitmask"):
+        elif key.endswith(("bitmask", "weight_group_scale")):
             assert torch.equal(ta[key], tb[key]), key
         else:
             torch.testing.assert_close(tb[key], ta[key], rtol=CURVE_RTOL, atol=1e-7, msg=key)
-    assert off <= CODES_OFF_BY_ONE_SHARE * total, f"{off} of {total} int8 codes differ"
+    assert off <= CODES_OFF_BY_ONE_SHARE * total, f"{off} of {total} codes (int8 or int4) differ"
     assert not (tmp_path / "two.recover-state").exists()
 
 

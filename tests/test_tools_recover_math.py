@@ -1,5 +1,6 @@
 """Tensor math of ``offline recover``: chunked KL and its gradients, SquareHead, the
-straight-through int8 fake-quant, the fixed-mask linear and mask-preserving packing (fast, CPU)."""
+straight-through int8 and w4a8 (int4) fake-quant, the fixed-mask linear and mask-preserving
+packing (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,29 @@ import torch
 
 from sparse24_tools.distill_data import BatchOrder
 from sparse24_tools.distill_loss import chunked_kl, kl_reference, normalized_mse, squarehead_loss
-from sparse24_tools.qat import QATLinear, ste_fake_quant_per_token, ste_fake_quant_weight
+from sparse24_tools.qat import (
+    QATLinear,
+    ste_fake_quant_int4_weight,
+    ste_fake_quant_per_token,
+    ste_fake_quant_weight,
+)
 from sparse24_tools.recover_run import lr_at
-from vllm_sparse24.format import Sparse24FormatError, pack_24, pack_24_with_mask, unpack_24
-from vllm_sparse24.quant import fake_quant_per_token, quantize_weight_per_channel
+from vllm_sparse24 import checkpoint as ckpt
+from vllm_sparse24.format import (
+    Sparse24FormatError,
+    pack_24,
+    pack_24_with_mask,
+    unpack_24,
+    unpack_int4_24,
+)
+from vllm_sparse24.quant import (
+    GROUP_SIZE,
+    INT4_MAX,
+    W4A8,
+    expand_group_scale,
+    fake_quant_per_token,
+    quantize_weight_per_channel,
+)
 
 # float32 chunked computation vs a float64 full-logits reference
 KL_RTOL = 1e-4
@@ -130,6 +150,78 @@ def test_qat_linear_starts_on_the_students_grid():
         lin.weight[0, 0] = 200 * scale[0, 0]  # outgrows the grid: that row's scale widens
     q2, s2 = lin.export()
     assert int(q2[0].abs().max()) == 127 and s2[0, 0] > scale[0, 0] and torch.equal(s2[1:], scale[1:])
+
+
+def test_int4_ste_is_the_two_level_grid_in_float64_and_passes_gradients_inside_the_clamp_range():
+    g = torch.Generator().manual_seed(2)
+    n, k = 6, 300  # three groups along K, the last one partial
+    scale = (torch.rand(n, 1, generator=g, dtype=torch.float64) * 0.01 + 1e-3).float()
+    group_scale = torch.randint(1, 19, (n, -(-k // GROUP_SIZE)), generator=g, dtype=torch.uint8)
+    step = scale * expand_group_scale(group_scale, k).float()  # the grid's float32 product s x g
+    # integer + offset at least 0.1 from a rounding tie, integers past +-7 so the clamp is exercised
+    ints = torch.randint(-10, 11, (n, k), generator=g).double()
+    frac = (torch.rand(n, k, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    w = ((ints + frac) * step.double()).float().requires_grad_()
+    y = ste_fake_quant_int4_weight(w, scale, group_scale)
+    v64 = torch.round(w.detach().double() / step.double()).clamp(-INT4_MAX, INT4_MAX)
+    assert torch.equal(v64, ints.clamp(-INT4_MAX, INT4_MAX))
+    want = v64 * expand_group_scale(group_scale, k).double() * scale.double()
+    torch.testing.assert_close(y.double(), want, rtol=2**-23, atol=0)  # one float32 rounding of the product
+    codes = W4A8.codes(w.detach(), scale, group_scale)  # what the writer stores: int4 value x g
+    assert torch.equal(y.detach(), codes.float() * scale)
+    upstream = torch.randn(n, k, generator=g)
+    (y * upstream).sum().backward()
+    inside = ints.abs() <= INT4_MAX
+    assert 0 < int(inside.sum()) < n * k
+    assert torch.equal(w.grad[inside], upstream[inside])  # straight through
+    assert bool((w.grad[~inside] == 0).all())  # held by the clamp: no gradient
+
+
+def _w4a8_layer(n: int = 16, k: int = 256, seed: int = 0):
+    from sparse24_tools.prune.magnitude import magnitude_24
+
+    g = torch.Generator().manual_seed(seed)
+    w = magnitude_24(torch.randn(n, k, generator=g))
+    mask = w != 0
+    codes, scale, group_scale = W4A8.quantize(w)
+    return codes, scale, group_scale, mask
+
+
+def test_w4a8_qat_linear_starts_on_the_students_grid_and_exports_its_forward():
+    codes, scale, group_scale, mask = _w4a8_layer()
+    lin = QATLinear(codes.float() * scale, mask, None, "layer", scale_floor=scale, group_scale=group_scale)
+    q0, s0 = lin.export()
+    assert torch.equal(q0, codes) and torch.equal(s0, scale) and torch.equal(lin.export_group_scale(), group_scale)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    lin(x).pow(2).sum().backward()
+    assert bool((lin.weight.grad[~mask] == 0).all()) and bool((lin.weight.grad[mask] != 0).any())
+    with torch.no_grad():
+        # every kept value moves by one or two int4 steps, some past +-7 (held by the clamp)
+        lin.weight.add_(lin.weight.grad.sign() * scale * expand_group_scale(group_scale, 256).float() * 1.6)
+    lin.reapply_mask()
+    q, s = lin.export()
+    assert not torch.equal(q, codes) and torch.equal(s, scale)  # the scales are frozen
+    assert torch.equal(lin.export_group_scale(), group_scale)
+    assert torch.equal(lin.effective_weight().detach(), q.float() * s)
+    assert torch.equal(lin(x), torch.nn.functional.linear(fake_quant_per_token(x), q.float() * s))
+    # the one writer takes it as a w4a8 layer: the int4 values on the mask, the group scales as given
+    t = ckpt.layer_tensors("layer", q, s, sparse=True, mask=mask, group_scale=lin.export_group_scale())
+    v, m = unpack_int4_24(t["layer.weight_packed"], t["layer.weight_bitmask"], 256)
+    assert torch.equal(m, mask) and int(v.abs().max()) == INT4_MAX
+    assert torch.equal(v.to(torch.int16) * expand_group_scale(group_scale, 256).to(torch.int16), q.to(torch.int16))
+
+
+def test_w4a8_qat_linear_names_bad_group_scales():
+    codes, scale, group_scale, mask = _w4a8_layer()
+    w = codes.float() * scale
+    with pytest.raises(Sparse24FormatError, match=r"layer: group scales: expected uint8 group scales \[16, 2\]"):
+        QATLinear(w, mask, None, "layer", scale_floor=scale, group_scale=group_scale[:, :1])
+    bad = group_scale.clone()
+    bad[3, 1] = 19
+    with pytest.raises(Sparse24FormatError, match="layer: group scales: row 3, columns 128..255 have group scale 19"):
+        QATLinear(w, mask, None, "layer", scale_floor=scale, group_scale=bad)
+    with pytest.raises(ValueError, match="layer: w4a8 group scales need the layer's 2:4 mask"):
+        QATLinear(w, None, None, "layer", scale_floor=scale, group_scale=group_scale)
 
 
 def test_pack_with_mask_keeps_kept_zeros_where_pack_24_would_not():

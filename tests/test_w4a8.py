@@ -1,7 +1,8 @@
 """The w4a8 scheme on CPU (2:4 int4 weights with a float scale per channel and a uint8 scale per
 group of 128 along K; int8 activations per token): the two-level grid against float64, the exact
 int4 -> int8 step, the checkpoint format and its load errors, the reference kernel and its
-resident size, the compressor, and the tiny model through vLLM's CPU engine against ``offline eval``."""
+resident size, the compressor, recover on the int4 grid, and the tiny model through vLLM's CPU engine
+against ``offline eval``."""
 
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ def test_dense_w8a8_export_refuses_w4a8():
         CompressOptions(scheme="w4a8", export="dense-w8a8").validate()
 
 
-# -- compress, recover's refusal, and the CPU engine against offline eval ---------------------------
+# -- compress, recover, and the CPU engine against offline eval ------------------------------------
 
 # As tests/engine_runner.py: the engine in this process, eager, and here a KV cache of 2**26 bytes
 # (not 92% of the machine's memory); test_engine.py keeps vLLM's default processes and
@@ -395,12 +396,56 @@ def test_compress_cli_writes_the_w4a8_scheme(compressed):
             assert layer.group_scale is None and layer.codes.dtype == torch.int8, prefix
 
 
-def test_recover_refuses_a_w4a8_student(compressed):
-    from sparse24_tools.recover_options import RecoverError
-    from sparse24_tools.student import load_student
+# 30 steps of 4 x 64 tokens at the lr a tiny random model needs to move; no time budget
+RECOVER = {"tokens": 30 * 4 * 64, "seqlen": 64, "batch_size": 4, "lr": 1e-3, "eval_every": 10, "eval_windows": 4,
+           "eval_seqlen": 64, "generate_tokens": 192, "gen_prompt_len": 16, "gen_batch_size": 4, "loss": "kl",
+           "max_minutes": None, "device": "cpu", "progress": False}
+# float32 recover evaluation vs float32 offline eval of the written checkpoint (as test_tools_recover.py)
+PPL_RTOL = 1e-4
 
-    with pytest.raises(RecoverError, match="a w4a8 checkpoint .* recover trains the 8-bit grids"):
-        load_student(compressed)
+
+def test_recover_trains_a_w4a8_student_on_its_grid_and_writes_what_it_evaluated(compressed, tmp_path):
+    """``compressed`` for its dense teacher."""
+    from sparse24_tools.compress import compress
+    from sparse24_tools.evaluate import load_for_eval, perplexity
+    from sparse24_tools.recover import RecoverOptions, recover
+
+    words = "the sparse model keeps two of every four weights and the quick brown fox jumps".split()
+    g = torch.Generator().manual_seed(5)
+    calib, ev = tmp_path / "calib.txt", tmp_path / "eval.txt"  # the same words, other random orders
+    for path, n in ((calib, 3000), (ev, 1500)):
+        path.write_text(" ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist()))
+    # a magnitude-pruned student (round to nearest on the int4 grid): far enough from the teacher to
+    # leave the training something to recover in 30 steps
+    dense, student, out = compressed.parent / "dense", tmp_path / "student", tmp_path / "recovered"
+    compress(dense, student, CompressOptions(method="magnitude", scheme="w4a8", calib=calib, nsamples=4, seqlen=64,
+                                             dense_layers=(r"model\.layers\.1\.mlp\.down_proj",), progress=False))
+    rep = recover(dense, student, out, calib, RecoverOptions(**RECOVER, eval_text=str(ev)))
+    kl = [r["kl"] for r in rep["loss_curve"]]
+    assert len(kl) == 30 and sum(kl[-5:]) / 5 < 0.7 * kl[0], kl
+    # closer to the teacher on text it did not train on (a random tiny teacher: KL, not perplexity)
+    assert rep["evals"][-1]["kl"] < 0.8 * rep["evals"][0]["kl"], [e["kl"] for e in rep["evals"]]
+
+    before, after = ckpt.read_checkpoint(student), ckpt.read_checkpoint(out)  # validated on load
+    assert after.scheme.quant == "w4a8" and after.linears.keys() == before.linears.keys()
+    moved = 0
+    for prefix, b in before.linears.items():
+        a = after.linears[prefix]
+        assert a.kind == b.kind, prefix
+        if a.kind == "dense":  # int8 per channel as an int8 student's: its scale widens where a row outgrows it
+            assert a.group_scale is None and a.codes.dtype == torch.int8 and bool((a.scale >= b.scale).all()), prefix
+            continue
+        assert torch.equal(a.scale, b.scale), prefix  # the int4 grid's scales are frozen
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.group_scale, b.group_scale), prefix
+        assert on_two_level_grid(a.codes, a.group_scale) and not bool(a.codes[~a.mask].any()), prefix
+        moved += int((a.codes != b.codes).sum())
+    assert moved > 0
+    # what recover evaluated (its fake-quant forward) is what the written checkpoint computes, and
+    # training started from exactly the student
+    for folder, want in ((out, rep["final_eval"]["perplexity"]), (student, rep["evals"][0]["perplexity"])):
+        model, tok = load_for_eval(folder)
+        got = perplexity(model, tok, ev, seqlen=64, windows=4, progress=False)["perplexity"]
+        assert got == pytest.approx(want, rel=PPL_RTOL), folder
 
 
 @pytest.mark.engine

@@ -101,11 +101,19 @@ class Int4GroupGrid:
         """float32 channel scale s: absmax * float32(1/126) (as ``Grid.scale``, the same bits on every device)."""
         return (absmax.float() * (1.0 / (INT4_MAX * GROUP_SCALE_MAX))).clamp_min(_MIN_SCALE)
 
+    def _unclamped(self, w: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+        step = scale.float() * group_scale.float()
+        return torch.round(w.float() / step)
+
     def values(self, w: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
         """int4 values (as int8 in [-7, 7]) of ``w`` on the grid; ``scale`` and ``group_scale``
         broadcast against w (e.g. [N, 1] and the expanded [N, K], or one column's [N] each)."""
-        step = scale.float() * group_scale.float()
-        return torch.round(w.float() / step).clamp_(-INT4_MAX, INT4_MAX).to(torch.int8)
+        return self._unclamped(w, scale, group_scale).clamp_(-INT4_MAX, INT4_MAX).to(torch.int8)
+
+    def in_range(self, w: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+        """bool, True where ``w`` rounds to a value in [-7, 7] without the clamp: where the grid point
+        follows w (a straight-through gradient passes there and nowhere else)."""
+        return self._unclamped(w, scale, group_scale).abs() <= INT4_MAX
 
     def round(self, w: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
         """The nearest grid point in float32, computed as the plugin dequantizes: (g * v) * s."""
