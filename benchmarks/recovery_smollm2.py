@@ -1,13 +1,14 @@
-"""Accuracy recovery of SmolLM2-135M 2:4 + W8A8 on one GPU, end to end (no vLLM needed).
+"""Accuracy recovery of SmolLM2-135M 2:4 + W8A8 / W4A8 on one GPU, end to end (no vLLM needed).
 
     python benchmarks/recovery_smollm2.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \\
         --calib wiki_calib.txt --eval-text wiki_eval.txt --out results/recovery \\
-        [--domain code=code.txt --domain dialogue=dialogue.txt] [--scheme int8|fp8] [--processes 2]
+        [--domain code=code.txt --domain dialogue=dialogue.txt] [--scheme int8|fp8|w4a8] [--processes 2]
 
 1. the dense teacher's perplexity on ``--eval-text`` and every ``--domain`` text (``vllm-sparse24
    eval``'s code: the first ``--windows`` non-overlapping windows of 512 tokens);
 2. two one-shot students with the compressor (SparseGPT-joint) in ``--scheme`` (int8: int8
-   weights and activations; fp8: e4m3 weights and activations): all linears 2:4, and
+   weights and activations; fp8: e4m3 weights and activations; w4a8: int4 2:4 weights with channel
+   and group scales, int8 activations and dense layers): all linears 2:4, and
    ``--dense-layers auto:10`` (its sensitivities taken from the all-sparse run, as
    ``vllm-sparse24 compare`` does), each evaluated like step 1 (``one_shot`` in the JSON);
 3. each student recovered in each ``--modes`` by ``vllm-sparse24 recover`` with its defaults (the
@@ -28,8 +29,8 @@ the runs of an existing JSON of the same GPU and date are kept (a run of the sam
 mode and process count is replaced), so the experiment can be split over several invocations, e.g.
 one per ``--scheme`` or ``--students``/``--modes`` pair; ``--modes`` with no value measures the
 one-shot students only. int8 students and recovered checkpoints are in ``students/<student>`` and
-``recovered/<student>-<mode>``, fp8 ones in ``students/<student>-fp8`` and
-``recovered/<student>-fp8-<mode>`` (``-xN`` appended for N processes).
+``recovered/<student>-<mode>``, those of the other schemes in ``students/<student>-<scheme>`` and
+``recovered/<student>-<scheme>-<mode>`` (``-xN`` appended for N processes).
 
 ``--smoke`` shrinks everything (a few steps, a few windows) to check the script on a CPU; the
 numbers it prints then mean nothing. Needs the project installed (``pip install -e .``, vLLM not
@@ -60,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparse24_tools.__main__ import build_parser  # noqa: E402
 from sparse24_tools.compress import compress  # noqa: E402
-from sparse24_tools.compress_options import CompressOptions  # noqa: E402
+from sparse24_tools.compress_options import SCHEMES, CompressOptions  # noqa: E402
 from sparse24_tools.evaluate import load_for_eval, perplexity  # noqa: E402
 from sparse24_tools.model_walk import load_model  # noqa: E402
 from sparse24_tools.options import options_from  # noqa: E402
@@ -92,7 +93,7 @@ def _tag(student: str, scheme: str) -> str:
 
 def results_table(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """scheme -> student -> {"one_shot": perplexity, "<mode>": recovered perplexity, "texts": text ->
-    {"dense", "one_shot", "<mode>"}}: the int8 vs fp8 table, with and without recovery, on every
+    {"dense", "one_shot", "<mode>"}}: the table of every scheme, with and without recovery, on every
     evaluated text (a run over N processes is "<mode>-xN")."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     dense = doc.get("dense") or {EVAL_TEXT_DOMAIN: doc["dense_ppl"]}
@@ -242,8 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="*", default=["global", "blocks"], choices=["global", "blocks"],
                     help="recovery modes (none: the one-shot students only)")
     ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
-    ap.add_argument("--scheme", default="int8", choices=["int8", "fp8"],
-                    help="quantization of the students: int8 or fp8 (e4m3) weights and activations")
+    ap.add_argument("--scheme", default="int8", choices=list(SCHEMES),
+                    help="quantization of the students: int8 or fp8 (e4m3) weights and activations, or w4a8 "
+                         "(int4 2:4 weights with group scales, int8 activations)")
     ap.add_argument("--processes", type=int, default=1,
                     help="global mode across this many GPUs (torchrun, recover --fsdp); blocks runs use one")
     ap.add_argument("--recover-args", default="", help="more recover flags for every run (quoted), e.g. "

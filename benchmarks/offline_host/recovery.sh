@@ -13,6 +13,8 @@
 #                  peak memory and time per layer (benchmarks/recovery_blocks_memory.py)
 # then one merged results JSON + PNG + markdown table of every recipe / fsdp run in $OUT.
 # Environment:
+#   SCHEMES     the students' schemes, each through students and recipe (default "int8"; "int8 w4a8": int8 and
+#               w4a8 side by side, each recovered with the same options and budget)
 #   RUNS        "student:mode ..." for recipe (default "all-sparse:global auto10:global"; blocks: student:blocks)
 #   MINUTES     --minutes of every recovery run (default: recover's own, 10)
 #   WORK        where students and recovered checkpoints stay (default /tmp/sparse24-recovery)
@@ -27,6 +29,7 @@ OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT"
 WORK=${WORK:-/tmp/sparse24-recovery}; mkdir -p "$WORK"
 PARTS=${PARTS:-students recipe fsdp blocks-memory}
 RUNS=${RUNS:-all-sparse:global auto10:global}
+SCHEMES=${SCHEMES:-int8}
 : "${TEACHER:?TEACHER=teacher .gguf file or HF folder}" "${DATA:?DATA=folder with wiki_calib.txt and wiki_eval.txt}"
 : "${DOMAINS:?DOMAINS=folder with code.txt and dialogue.txt (python benchmarks/domain_texts.py --out DIR)}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -49,28 +52,39 @@ bench() {  # recovery_smollm2.py with the texts, the budget and the extra argume
 run_dir() {  # a run's own --out, sharing the students made by the students part
   mkdir -p "$WORK/$1" "$WORK/base/students" && ln -sfn "$WORK/base/students" "$WORK/$1/students"
 }
+tag() {  # a run's name: student, scheme (int8 runs keep the names of before the other schemes), mode
+  if [ "$2" = int8 ]; then echo "$1-$3"; else echo "$1-$2-$3"; fi
+}
 echo "== $ngpu GPU(s), parts: $PARTS"
 rc=0
 for part in $PARTS; do
   case $part in
     students)
-      echo "== students"
-      CUDA_VISIBLE_DEVICES=0 bench --out "$WORK/base" --modes >"$OUT/recovery-students.log" 2>&1 || rc=1
-      tail -12 "$OUT/recovery-students.log" ;;
+      for scheme in $SCHEMES; do
+        echo "== students ($scheme)"
+        log="$OUT/recovery-students$([ "$scheme" = int8 ] || echo "-$scheme").log"
+        CUDA_VISIBLE_DEVICES=0 bench --out "$WORK/base" --modes --scheme "$scheme" >"$log" 2>&1 || rc=1
+        tail -12 "$log"
+      done ;;
     recipe)
       i=0; declare -A busy=()
-      for run in $RUNS; do
-        student=${run%%:*} mode=${run##*:} gpu=$(( i % ngpu ))
-        [ -n "${busy[$gpu]:-}" ] && { wait "${busy[$gpu]}" || rc=1; }  # one run per GPU at a time
-        run_dir "$student-$mode"
-        echo "== recipe $student $mode on GPU $gpu"
-        CUDA_VISIBLE_DEVICES=$gpu bench --out "$WORK/$student-$mode" --students "$student" --modes "$mode" \
-          >"$OUT/recovery-$student-$mode.log" 2>&1 &
-        busy[$gpu]=$!; i=$((i + 1))
+      for scheme in $SCHEMES; do
+        for run in $RUNS; do
+          student=${run%%:*} mode=${run##*:} gpu=$(( i % ngpu )) name=$(tag "${run%%:*}" "$scheme" "${run##*:}")
+          [ -n "${busy[$gpu]:-}" ] && { wait "${busy[$gpu]}" || rc=1; }  # one run per GPU at a time
+          run_dir "$name"
+          echo "== recipe $student $scheme $mode on GPU $gpu"
+          CUDA_VISIBLE_DEVICES=$gpu bench --out "$WORK/$name" --students "$student" --modes "$mode" --scheme "$scheme" \
+            >"$OUT/recovery-$name.log" 2>&1 &
+          busy[$gpu]=$!; i=$((i + 1))
+        done
       done
       for p in "${busy[@]}"; do wait "$p" || rc=1; done
-      for run in $RUNS; do
-        echo "== ${run}: $(grep -E 'perplexity .* -> |Error|error:' "$OUT/recovery-${run%%:*}-${run##*:}.log" | tail -2)"
+      for scheme in $SCHEMES; do
+        for run in $RUNS; do
+          name=$(tag "${run%%:*}" "$scheme" "${run##*:}")
+          echo "== $name: $(grep -E 'perplexity .* -> |Error|error:' "$OUT/recovery-$name.log" | tail -2)"
+        done
       done ;;
     fsdp)
       if [ "$ngpu" -lt 2 ]; then echo "== fsdp: skipped, $ngpu GPU"; continue; fi
