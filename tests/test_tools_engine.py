@@ -6,31 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import LOGPROB_ATOL, run_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# float32 engine vs float32 transformers eval of the same dequantized weights
-LOGPROB_ATOL = 1e-3
-
-RUNNER = textwrap.dedent("""
-    import json, os, sys
-    if __name__ == "__main__":
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # as tests/engine_runner.py: eager, in this process
-        from vllm import LLM, SamplingParams
-        model, out, ids = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3].split(",")]
-        llm = LLM(model, quantization="sparse24", dtype="float32", max_model_len=512,
-                  gpu_memory_utilization=0.3, seed=0, enforce_eager=True, distributed_executor_backend="uni")
-        res = llm.generate({"prompt_token_ids": ids},
-                           SamplingParams(max_tokens=8, prompt_logprobs=0, temperature=0.0))[0]
-        lps = [res.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-        json.dump({"prompt_logprobs": lps, "completion_ids": list(res.outputs[0].token_ids)}, open(out, "w"))
-""")
 
 
 @pytest.mark.engine
@@ -53,13 +37,7 @@ def test_compressed_tiny_model_runs_in_the_plugin(tmp_path):
         check=True, cwd=REPO, timeout=600,
     )
     ids = list(range(2, 40))
-    script = tmp_path / "run_engine.py"
-    script.write_text(RUNNER)
-    result = tmp_path / "engine.json"
-    proc = subprocess.run([sys.executable, str(script), str(out), str(result), ",".join(map(str, ids))],
-                          cwd=tmp_path, timeout=900, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(result.read_text())
+    got, _ = run_engine(out, tmp_path / "engine.json", ids, "--quantization", "sparse24")
     assert len(got["completion_ids"]) > 0
 
     from sparse24_tools.evaluate import load_for_eval

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import LOGPROB_ATOL, run_engine  # noqa: E402
 
 from sparse24_tools.compress_options import CompressError, CompressOptions  # noqa: E402
 from sparse24_tools.prune import METHODS, round_to_nearest  # noqa: E402
@@ -42,7 +41,6 @@ from vllm_sparse24.sparsity import magnitude_24  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.layers.0.mlp.down_proj"
 # float32 engine vs float32 transformers eval of the same dequantized weights (the int8 scheme's bound)
-LOGPROB_ATOL = 1e-3
 
 
 def int4_of(codes: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
@@ -345,25 +343,6 @@ def test_dense_w8a8_export_refuses_w4a8():
 
 # -- compress, recover, and the CPU engine against offline eval ------------------------------------
 
-# As tests/engine_runner.py: the engine in this process, eager, and here a KV cache of 2**26 bytes
-# (not 92% of the machine's memory); test_engine.py keeps vLLM's default processes and
-# torch.compile for the int8 scheme, and the w4a8 op's trace under torch.compile is checked by
-# test_w4a8_custom_op_compiles_fullgraph.
-RUNNER = textwrap.dedent("""
-    import json, os, sys
-    if __name__ == "__main__":
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM, SamplingParams
-        model, out, ids = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3].split(",")]
-        llm = LLM(model, quantization="sparse24", dtype="float32", max_model_len=512, seed=0,
-                  distributed_executor_backend="uni", enforce_eager=True, kv_cache_memory_bytes=1 << 26)
-        res = llm.generate({"prompt_token_ids": ids},
-                           SamplingParams(max_tokens=8, prompt_logprobs=0, temperature=0.0))[0]
-        lps = [res.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-        json.dump({"prompt_logprobs": lps, "completion_ids": list(res.outputs[0].token_ids)}, open(out, "w"))
-""")
-
-
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """The tiny model through ``vllm-sparse24 compress --scheme w4a8`` (SparseGPT-joint)."""
@@ -451,18 +430,12 @@ def test_recover_trains_a_w4a8_student_on_its_grid_and_writes_what_it_evaluated(
 @pytest.mark.engine
 def test_w4a8_tiny_model_in_the_plugin_matches_offline_eval(compressed, tmp_path):
     ids = list(range(2, 40))
-    script = tmp_path / "run_engine.py"
-    script.write_text(RUNNER)
-    result = tmp_path / "engine.json"
-    proc = subprocess.run([sys.executable, str(script), str(compressed), str(result), ",".join(map(str, ids))],
-                          cwd=tmp_path, timeout=900, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(result.read_text())
+    got, proc = run_engine(compressed, tmp_path / "engine.json", ids, "--quantization", "sparse24")
     assert len(got["completion_ids"]) > 0
     # the resident size printed at load: int4 values, bitmask, group and channel scales, nothing else
     printed = dict(re.findall(r"sparse24: \S+ \[(\d+, \d+)\] \(w4a8 2:4, kernel torch_w4a8\): resident ([\d.]+) "
-                              r"bytes per weight", proc.stdout + proc.stderr))
-    assert printed, (proc.stdout + proc.stderr)[-3000:]
+                              r"bytes per weight", proc.stdout))
+    assert printed, proc.stdout[-3000:]
     for shape, per_weight in printed.items():
         k = int(shape.split(", ")[1])
         assert float(per_weight) == pytest.approx(0.25 + 0.125 + 1 / 128 + 4 / k, abs=1e-3), shape
