@@ -113,7 +113,7 @@ def signed_bytes(w: int) -> list[int]:
 
 # decode_gemm.cu's constants
 TILE_ROWS, WARPS, STAGE_BLOCKS = 64, 4, 4
-VALUE_PITCH, ACT_PITCH, ATOM = STAGE_BLOCKS * 64 + 64, STAGE_BLOCKS * 128 + 16, 64 * 16
+VALUE_PITCH, ACT_PITCH, ATOM = STAGE_BLOCKS * 64, STAGE_BLOCKS * 128, 64 * 16  # the TMA boxes' dense pitches
 
 
 def partition(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
@@ -126,7 +126,7 @@ def partition(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
 
 def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, sms: int,
                    selectors: list[int]) -> np.ndarray:
-    """decode_gemm.cu lane by lane: the producer's bulk copies into a stage buffer, the consumer
+    """decode_gemm.cu lane by lane: the producer's tensor copies into a stage buffer, the consumer
     warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
     epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees."""
     m = x.shape[0]
@@ -150,10 +150,11 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
         rt, ku = divmod(u, per_tile)
         kb0 = ku * STAGE_BLOCKS
         nkb = min(STAGE_BLOCKS, kblocks - kb0)
-        # the producer's copies into one stage (uncopied bytes hold garbage, here 0x5a)
-        stage_v = np.full(TILE_ROWS * VALUE_PITCH, 0x5A, dtype=np.uint8)
-        stage_m = np.full(STAGE_BLOCKS * ATOM, 0x5A, dtype=np.uint8)
-        stage_x = np.zeros(8 * nt * ACT_PITCH, dtype=np.uint8)  # token rows >= m: zeroed once
+        # the producer's three tensor copies into one stage: whole boxes, zero past the tensor's edges
+        # (rows past n, k blocks past K, tokens past m)
+        stage_v = np.zeros(TILE_ROWS * VALUE_PITCH, dtype=np.uint8)
+        stage_m = np.zeros(STAGE_BLOCKS * ATOM, dtype=np.uint8)
+        stage_x = np.zeros(8 * nt * ACT_PITCH, dtype=np.uint8)
         for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
             src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
             stage_v[r * VALUE_PITCH:r * VALUE_PITCH + nkb * 64] = vflat[src:src + nkb * 64]
