@@ -7,6 +7,10 @@ built ``--jobs`` at a time, plus the C ABI (api.cu) and the few-token decode GEM
 objects are cached under ``--build-dir`` by a hash of their sources and flags, so a rebuild after an
 edit recompiles only what changed. The library is linked into a
 temporary file and renamed into place, so a failed build never leaves a half-written library.
+
+``--decode-probe`` also builds ``libsparse24_decode_probe.so`` beside it: the decode GEMM alone,
+compiled with -DS24_DECODE_PROBE (per-CTA %globaltimer stamps, csrc/decode/decode_gemm.cu), for
+``benchmarks/decode_probe.py``. Off by default; the plugin never loads it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ log = logging.getLogger("vllm_sparse24.build")
 CSRC = Path(__file__).parent / "csrc"
 LIB_NAME = "libsparse24_sm90a.so"
 DEFAULT_LIB = Path(__file__).parent / "lib" / LIB_NAME
+PROBE_LIB_NAME = "libsparse24_decode_probe.so"
+
+
+def probe_library_path(lib: Path = DEFAULT_LIB) -> Path:
+    """Where ``--decode-probe`` puts the timing-probe build of the decode GEMM: beside ``lib``."""
+    return Path(lib).with_name(PROBE_LIB_NAME)
 MIN_NVCC = (12, 2)
 NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
@@ -100,9 +110,11 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2, search_configs: bool = False) -> Path:
+def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2, search_configs: bool = False,
+          decode_probe: bool = False) -> Path:
     """Compile the configs (the table's rows, or with ``search_configs`` every row) + the C ABI and the
-    decode GEMM, and link ``out``; returns its path."""
+    decode GEMM, and link ``out``; returns its path. ``decode_probe``: also link the decode GEMM's
+    timing-probe build into ``probe_library_path(out)``."""
     nvcc = find_nvcc()
     includes = find_cutlass()
     build_dir = Path(build_dir or Path(tempfile.gettempdir()) / "vllm_sparse24_build")
@@ -128,14 +140,21 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2,
     decode_src = b"".join(p.read_bytes() for p in sorted((CSRC / "decode").glob("*")) if p.is_file())
     decode_obj = build_dir / f"decode_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags)}.o"
     units.append(("decode", [nvcc, *flags, "-c", str(decode), "-o", str(decode_obj)], decode_obj))
+    probe_units = []
+    if decode_probe:
+        probe_flags = ["-DS24_DECODE_PROBE"]
+        probe_obj = build_dir / (
+            f"decode_probe_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags, *probe_flags)}.o")
+        probe_units.append(("decode-probe", [nvcc, *flags, *probe_flags, "-c", str(decode), "-o", str(probe_obj)],
+                            probe_obj))
     api = CSRC / "api.cu"
     api_flags = ["-DS24_WITH_SEARCH_CONFIGS"] if search_configs else []  # which rows the library holds
     api_obj = build_dir / f"api_{_digest(headers, table, api.read_bytes(), version, *key_flags, *api_flags)}.o"
     units.append(("api", [nvcc, *flags, *api_flags, "-c", str(api), "-o", str(api_obj)], api_obj))
 
-    todo = [u for u in units if not u[2].is_file()]
+    todo = [u for u in units + probe_units if not u[2].is_file()]
     log.info("nvcc %s, CUTLASS %s; %d of %d units to compile, %d at a time, objects in %s",
-             nvcc, includes[0], len(todo), len(units), jobs, build_dir)
+             nvcc, includes[0], len(todo), len(units) + len(probe_units), jobs, build_dir)
     t0 = time.time()
 
     def compile_unit(label: str, cmd: list[str], obj: Path) -> str:
@@ -154,16 +173,24 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2,
             bar.set_postfix_str(fut.result())
             bar.update()
     out = Path(out)
+    _link(nvcc, [u[2] for u in units], out)
+    log.info("built %s (%.1f MB) in %.0f s", out, out.stat().st_size / 1e6, time.time() - t0)
+    if probe_units:
+        probe = probe_library_path(out)
+        _link(nvcc, [u[2] for u in probe_units], probe)
+        log.info("built %s (%.1f MB), the decode GEMM's timing probe", probe, probe.stat().st_size / 1e6)
+    return out
+
+
+def _link(nvcc: str, objects: list[Path], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_lib = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    link = [nvcc, "-shared", "-gencode=arch=compute_90a,code=sm_90a", "-o", str(tmp_lib), *(str(u[2]) for u in units)]
+    link = [nvcc, "-shared", "-gencode=arch=compute_90a,code=sm_90a", "-o", str(tmp_lib), *map(str, objects)]
     proc = subprocess.run(link, capture_output=True, text=True)
     if proc.returncode:
         tmp_lib.unlink(missing_ok=True)
         raise BuildError(f"link failed:\n{' '.join(link)}\n{proc.stderr[-6000:]}")
     os.replace(tmp_lib, out)
-    log.info("built %s (%.1f MB) in %.0f s", out, out.stat().st_size / 1e6, time.time() - t0)
-    return out
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.build") -> int:
@@ -180,6 +207,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.bui
     ap.add_argument("--search-configs", action="store_true",
                     help="also compile the configs.inc rows the dispatch table does not use (S24_SEARCH_CONFIG), "
                          "the candidates of `benchmarks/gemm_bench.py --search`")
+    ap.add_argument("--decode-probe", action="store_true",
+                    help=f"also build {PROBE_LIB_NAME} beside the library: the decode GEMM with per-CTA "
+                         "%%globaltimer stamps, for benchmarks/decode_probe.py (the plugin never loads it)")
     ap.add_argument("--skip-without-toolkit", action="store_true",
                     help="exit 0 with a message, instead of failing, where nvcc >= 12.2 or the CUTLASS headers are "
                          "missing (the test command on a machine without the CUDA toolkit: the CPU tests run, the "
@@ -194,7 +224,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vllm_sparse24.bui
             print(f"skipping the CUDA library build: {e}", file=sys.stderr)
             return 0
     try:
-        build(args.out, args.build_dir, args.jobs, args.search_configs)
+        build(args.out, args.build_dir, args.jobs, args.search_configs, args.decode_probe)
     except BuildError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

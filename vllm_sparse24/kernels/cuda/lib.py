@@ -68,6 +68,13 @@ def lib() -> ctypes.CDLL:
     if not hasattr(so, "s24_decode_gemm"):
         raise Sparse24LibraryError(f"{path} predates the decode GEMM (no s24_decode_gemm): rebuild it with "
                                    "`python -m vllm_sparse24.build`")
+    declare_decode(so)
+    return so
+
+
+def declare_decode(so: ctypes.CDLL) -> None:
+    """Declare the decode GEMM's functions (csrc/decode/decode_gemm.h) on a loaded library: this
+    one, or the decode GEMM's timing-probe build (``python -m vllm_sparse24.build --decode-probe``)."""
     so.s24_decode_max_m.restype = _c_int
     so.s24_decode_last_error.restype = ctypes.c_char_p
     so.s24_decode_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
@@ -76,7 +83,6 @@ def lib() -> ctypes.CDLL:
                                    _c_int, _vp, _c_i64, ctypes.POINTER(DecodeTuning), _vp]
     for fn in (so.s24_decode_workspace_bytes, so.s24_decode_partition, so.s24_decode_gemm):
         fn.restype = _c_int
-    return so
 
 
 def check(rc: int, what: str) -> None:

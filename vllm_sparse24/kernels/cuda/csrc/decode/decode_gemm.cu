@@ -32,6 +32,13 @@
 // caller's workspace (two slots per CTA and warp: the CTA's first and last tile), and the last warp
 // to arrive (an atomic ticket per tile and warp) adds the slots in CTA order (deterministic), applies
 // the epilogue and re-arms the ticket, so the workspace stays ready between calls and graph replays.
+//
+// Timing probe (built only with -DS24_DECODE_PROBE, into its own library by `python -m
+// vllm_sparse24.build --decode-probe`): the kernel writes per-CTA %globaltimer stamps at the phase
+// boundaries named in kProbeSlotNames into a buffer set by s24_decode_probe_set, so a run can show
+// where a CTA spends its time before the first byte arrives and after the last. Without the macro
+// the stamps, the Params field and the probe entry points do not exist: the serving kernel is the
+// same code.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -66,6 +73,33 @@ constexpr int kActPitch = kStageBlocks * kMetaBlockK;
 constexpr int kMaxTickets = 16384;                   // (row tiles x warps) of the largest layer
 constexpr int64_t kTicketBytes = kMaxTickets * 4;
 constexpr size_t kErrLen = 512;
+
+#ifdef S24_DECODE_PROBE
+// One record of kProbeSlots uint64 per CTA: fixed events first, then per-unit stamps for the CTA's
+// first kProbeUnits units (more would only repeat the steady state). A slot never written stays as
+// the caller left it (zero): events a CTA does not reach (no split tile, fewer units) read 0.
+enum ProbeSlot : int {
+  kPrEntry, kPrInit, kPrSmid, kPrCount, kPrFinishCalls,
+  kPrProdStart, kPrProdPreIssued, kPrProdGdc, kPrProdLast, kPrProdExit,
+  kPrConsLut, kPrConsGdc, kPrFirstFull, kPrFirstMath, kPrLastFull, kPrLastMath,
+  kPrFinFirstIn, kPrFinFirstOut, kPrFinLastIn, kPrFinLastOut, kPrFixupSum,
+  kPrExit0, kPrExit1, kPrExit2, kPrExit3,
+  kPrFixed,
+};
+constexpr int kProbeUnits = 32;
+constexpr int kPrUnitIssue = 32, kPrUnitFull = kPrUnitIssue + kProbeUnits, kPrUnitMath = kPrUnitFull + kProbeUnits;
+constexpr int kProbeSlots = kPrUnitMath + kProbeUnits;
+static_assert(kPrFixed <= kPrUnitIssue, "fixed events overlap the per-unit stamps");
+// Names of the fixed slots, in order (benchmarks/decode_probe.py reads them from the library).
+const char* const kProbeSlotNames[kPrFixed] = {
+    "entry", "init", "smid", "count", "finish_calls",
+    "prod_start", "prod_pre_issued", "prod_gdc", "prod_last", "prod_exit",
+    "cons_lut", "cons_gdc", "first_full", "first_math", "last_full", "last_math",
+    "fin_first_in", "fin_first_out", "fin_last_in", "fin_last_out", "fixup_sum",
+    "exit0", "exit1", "exit2", "exit3",
+};
+uint64_t* g_probe = nullptr;  // the buffer the next launches stamp into (s24_decode_probe_set)
+#endif
 thread_local char g_err[kErrLen] = "";
 
 int fail(int code, const char* fmt, long long a = 0, long long b = 0, long long c = 0) {
@@ -221,7 +255,33 @@ struct alignas(64) Params {
   int stages;
   int* tickets;    // [kMaxTickets], zero between calls
   void* partials;  // [ctas][2][kConsumerWarps][kMaxM][kWarpRows] accumulator type
+#ifdef S24_DECODE_PROBE
+  uint64_t* probe;  // [ctas][kProbeSlots] stamps, or null (no stamps)
+#endif
 };
+
+#ifdef S24_DECODE_PROBE
+__device__ __forceinline__ uint64_t globaltimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+  return t;
+}
+__device__ __forceinline__ void probe_put(const Params& p, int slot, uint64_t v) {
+  if (p.probe) p.probe[static_cast<int64_t>(blockIdx.x) * kProbeSlots + slot] = v;
+}
+// "memory" clobbers keep the stamp between the operations it separates
+#define S24_STAMP(slot) probe_put(p, (slot), globaltimer())
+#define S24_STAMP_UNIT(base, i) \
+  do {                          \
+    if ((i) < kProbeUnits) S24_STAMP((base) + (i)); \
+  } while (0)
+#define S24_PUT(slot, v) probe_put(p, (slot), (v))
+__global__ void probe_mark_kernel(uint64_t* dst) { *dst = globaltimer(); }
+#else
+#define S24_STAMP(slot) ((void)0)
+#define S24_STAMP_UNIT(base, i) ((void)0)
+#define S24_PUT(slot, v) ((void)0)
+#endif
 
 // The GEMM's epilogue, with the same roundings as the CUTLASS visitor tree (gemm_config.cu):
 // float(acc) * w_scale rounded, then one fma with x_scale and the bias, then the output rounding.
@@ -247,11 +307,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const Partition& part = p.part;
   const int u_begin = part.begin(blockIdx.x), u_end = part.begin(blockIdx.x + 1), count = u_end - u_begin;
+#ifdef S24_DECODE_PROBE
+  if (tid == 0) {
+    S24_STAMP(kPrEntry);
+    uint32_t smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    S24_PUT(kPrSmid, smid);
+    S24_PUT(kPrCount, count);
+  }
+#endif
   if (tid == 0) {
     for (int s = 0; s < p.stages; ++s) mbar_init(full + s, 1), mbar_init(empty + s, kConsumerWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  if (tid == 0) S24_STAMP(kPrInit);
 
   if (warp == kConsumerWarps) {  // ---- producer: one thread issues every copy -----------------------
     if (lane != 0) return;
@@ -277,20 +347,31 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       tensor_load_3d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, 0, kb0, 0, full + i % p.stages);
     };
     const int pre = min(count, p.stages);
-    for (int i = 0; i < pre; ++i) load_weight(i);
+    S24_STAMP(kPrProdStart);
+    for (int i = 0; i < pre; ++i) {
+      load_weight(i);
+      S24_STAMP_UNIT(kPrUnitIssue, i);
+    }
+    S24_STAMP(kPrProdPreIssued);
     wait_previous_grid();  // the activations are the previous kernel's output
+    S24_STAMP(kPrProdGdc);
     for (int i = 0; i < pre; ++i) load_act(i);
     for (int i = pre; i < count; ++i) {
       mbar_wait(empty + i % p.stages, ((i / p.stages) & 1) ^ 1);
       load_weight(i), load_act(i);
+      S24_STAMP_UNIT(kPrUnitIssue, i);
     }
+    S24_STAMP(kPrProdLast);
+    S24_STAMP(kPrProdExit);
     return;
   }
 
   // ---- consumers: warp w computes rows 16 w .. 16 w + 15 of each unit's 64 --------------------------
   for (int i = tid; i < 256; i += kConsumerWarps * 32) lut[i] = expand_selector(i);
   consumer_sync();
+  if (tid == 0) S24_STAMP(kPrConsLut);
   wait_previous_grid();  // before any global write (output, workspace)
+  if (tid == 0) S24_STAMP(kPrConsGdc);
 
   const int g = lane / 4, t = lane % 4, wrow = warp * kWarpRows;
   // NT == 1: two accumulator sets (even / odd k blocks) halve the dependent mma chain
@@ -340,6 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     int* ticket = p.tickets + rt * kConsumerWarps + warp;
     if (lane == 0) last = atomicAdd(ticket, 1) == c_last - c_first;
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    if (tid == 0) S24_STAMP(kPrFixupSum);
     __threadfence();  // acquire: read the other CTAs' partials after seeing the full count
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -353,12 +435,22 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     if (lane == 0) *ticket = 0;  // re-armed for the next call (or graph replay)
   };
 
+#ifdef S24_DECODE_PROBE
+  int probe_fin = 0;  // finish calls so far
+#endif
   for (int i = 0; i < count; ++i) {
     const int u = u_begin + i;
     const int rt = u / part.units_per_tile, ku = u - rt * part.units_per_tile;
     const int kb0 = ku * kStageBlocks, nkb = min(kStageBlocks, part.kblocks - kb0);
     const uint8_t* st = stages + (i % p.stages) * S::kBytes;
     mbar_wait(full + i % p.stages, (i / p.stages) & 1);
+#ifdef S24_DECODE_PROBE
+    if (tid == 0) {
+      S24_STAMP_UNIT(kPrUnitFull, i);
+      if (i == 0) S24_STAMP(kPrFirstFull);
+      if (i == count - 1) S24_STAMP(kPrLastFull);
+    }
+#endif
     const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch + 16 * t;
     const uint8_t* mrow = st + S::kMeta + (wrow + g) * 16 + 4 * t;
     const uint8_t* xrow = st + S::kAct + g * kActPitch + 32 * t;
@@ -394,11 +486,32 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + i % p.stages);
+#ifdef S24_DECODE_PROBE
+    if (tid == 0) {
+      S24_STAMP_UNIT(kPrUnitMath, i);
+      if (i == 0) S24_STAMP(kPrFirstMath);
+      if (i == count - 1) S24_STAMP(kPrLastMath);
+    }
+#endif
     if (ku == part.units_per_tile - 1 || i == count - 1) {
+#ifdef S24_DECODE_PROBE
+      // the first call's stamps are written once, the last call's overwritten by every later one
+      if (tid == 0 && !probe_fin) S24_STAMP(kPrFinFirstIn);
+      if (tid == 0) S24_STAMP(kPrFinLastIn);
+#endif
       finish(rt, u - ku >= u_begin && ku == part.units_per_tile - 1);
+#ifdef S24_DECODE_PROBE
+      if (tid == 0 && !probe_fin) S24_STAMP(kPrFinFirstOut);
+      if (tid == 0) S24_STAMP(kPrFinLastOut);
+      ++probe_fin;
+#endif
       zero_acc();
     }
   }
+#ifdef S24_DECODE_PROBE
+  if (tid == 0) S24_PUT(kPrFinishCalls, probe_fin);
+  if (lane == 0) S24_STAMP(kPrExit0 + warp);
+#endif
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -577,6 +690,9 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
     return fail(-1, "decode GEMM: needs a zeroed, 16-byte aligned workspace of %lld bytes (got %lld)",
                 workspace_need(sms), workspace_bytes);
   Params p{};
+#ifdef S24_DECODE_PROBE
+  p.probe = g_probe;
+#endif
   p.x_scale = x_scale, p.w_scale = w_scale, p.bias = bias, p.out = out, p.m = m, p.n = n, p.k = k;
   p.part = make_partition(n, k, sms);
   p.tickets = static_cast<int*>(workspace), p.partials = static_cast<char*>(workspace) + kTicketBytes;
@@ -589,5 +705,25 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
   return out_dtype == S24_BF16 ? dispatch_tiles<__nv_fp8_e4m3, __nv_bfloat16>(p, stages, ctas, pdl, stream)
                                : dispatch_tiles<__nv_fp8_e4m3, __half>(p, stages, ctas, pdl, stream);
 }
+
+#ifdef S24_DECODE_PROBE
+// Probe build only (see the top of this file).
+int s24_decode_probe_slots() { return kProbeSlots; }
+int s24_decode_probe_units() { return kProbeUnits; }
+int s24_decode_probe_fixed() { return kPrFixed; }
+const char* s24_decode_probe_slot_name(int i) { return i >= 0 && i < kPrFixed ? kProbeSlotNames[i] : nullptr; }
+// Later launches stamp [ctas][s24_decode_probe_slots()] uint64 into buf (device memory; null: no
+// stamps). The pointer is a kernel parameter, so a CUDA graph keeps the one set at capture.
+void s24_decode_probe_set(void* buf) { g_probe = static_cast<uint64_t*>(buf); }
+
+// One thread writes %globaltimer to dst: launched before and after decode calls (plain stream
+// order) it stamps when the previous work ended and when the next kernel could start.
+int s24_decode_probe_mark(void* dst, cudaStream_t stream) {
+  probe_mark_kernel<<<1, 1, 0, stream>>>(static_cast<uint64_t*>(dst));
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fail(-10, "decode probe mark launch failed");
+  return 0;
+}
+#endif
 
 }  // extern "C"
