@@ -38,6 +38,9 @@ NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
     # sm_90a: wgmma.sp and setmaxnreg exist only on the arch-specific target
     "-gencode=arch=compute_90a,code=sm_90a",
+    # CUTLASS's sm90 kernels wait on the previous grid (griddepcontrol.wait) before their first global
+    # load, so a GEMM launched with programmatic dependent launch (S24GemmArgs.pdl) is correct
+    "-DCUTLASS_ENABLE_GDC_FOR_SM90",
 ]
 _ROW = re.compile(r"^(S24_CONFIG|S24_SEARCH_CONFIG)\(\s*(\d+)\s*,\s*(\w+)", re.M)
 

@@ -15,6 +15,7 @@ load time (``decode_max_m`` below); the CUTLASS configs serve every larger M.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -133,6 +134,24 @@ class GemmPlan:
     def buckets(self, largest_m: int) -> list[tuple[int, tuple[int, int, int]]]:
         """(largest M, call) of every bucket, the open one capped at ``largest_m`` (workspace sizing)."""
         return [(b if b is not None else largest_m, call) for b, call in zip([*self.bounds, None], self.calls, strict=True)]
+
+
+# ---- programmatic dependent launch of the CUTLASS GEMMs ----------------------------------------
+
+PDL_ENV = "VLLM_SPARSE24_PDL"
+
+
+@functools.cache
+def cutlass_pdl() -> bool:
+    """Whether the CUTLASS GEMMs launch with programmatic dependent launch (``VLLM_SPARSE24_PDL``,
+    read once per process: 1 (default) or 0). With it a GEMM's CTAs are resident and past their
+    prologue when the kernel before it (the activation quantization) ends, instead of starting after
+    it; the result is the same bit for bit."""
+    raw = os.environ.get(PDL_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={raw!r}: expected 1 (launch the CUTLASS GEMMs with programmatic "
+                         "dependent launch, the default) or 0")
+    return raw == "1"
 
 
 # ---- the decode GEMM's token-count threshold ---------------------------------------------------
