@@ -360,7 +360,7 @@ def test_cutlass_gemm_with_pdl_equals_a_plain_launch(n, k):
         assert rel_err(plain, reference(xq, xs, w, ws, bias)) < TOL[torch.bfloat16], m
         src = torch.zeros_like(xq)
 
-        def step():
+        def step(src=src, xq=xq, xs=xs):
             src.copy_(xq)  # the kernel right before the GEMM writes its activations
             return _cutlass_mm(src, xs, values, meta, ws, bias, plan, pdl=True)
 
