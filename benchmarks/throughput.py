@@ -15,8 +15,8 @@ per engine (speed does not depend on the values):
     ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
   * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
-  * ``sparse24_nopdl``: ``sparse24``'s checkpoint with ``VLLM_SPARSE24_PDL=0`` (its CUTLASS GEMMs
-    launched without programmatic dependent launch): the knob's end-to-end A/B in one run.
+  * ``sparse24_pdl``: ``sparse24``'s checkpoint with ``VLLM_SPARSE24_PDL=1`` (its CUTLASS GEMMs
+    launched with programmatic dependent launch): the knob's end-to-end A/B in one run.
   * the published 2:4 models' formats (docs/format.md), served by the plugin:
     ``sparse24_from_bf16``: the 2:4 weights in bf16 with the zeros in place and no quantization_config
     (as Sparse-Llama-3.1-8B-2of4), served with ``--quantization sparse24``, quantized to int8 at load;
@@ -54,11 +54,11 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_nopdl", "sparse24_fp8", "sparse24_lmq",
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_pdl", "sparse24_fp8", "sparse24_lmq",
            "sparse24_from_bf16", "ct24_fp8_dynamic")
 # engines that serve another engine's checkpoint under an environment of their own (an A/B of a
 # launch knob in one run): name -> (that engine, its environment)
-ENV_VARIANTS = {"sparse24_nopdl": ("sparse24", {"VLLM_SPARSE24_PDL": "0"})}
+ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"})}
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}

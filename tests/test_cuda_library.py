@@ -126,11 +126,11 @@ def test_decode_threshold_rule(monkeypatch):
 
 
 def test_cutlass_pdl_switch(monkeypatch):
-    """VLLM_SPARSE24_PDL: unset or 1 launches the CUTLASS GEMMs with programmatic dependent launch,
-    0 without; anything else is refused with the variable's name. Read once per process (cached)."""
+    """VLLM_SPARSE24_PDL: 1 launches the CUTLASS GEMMs with programmatic dependent launch, unset or 0
+    without; anything else is refused with the variable's name. Read once per process (cached)."""
     from vllm_sparse24.kernels.cuda.gemm_table import PDL_ENV, cutlass_pdl
 
-    for raw, want in ((None, True), ("1", True), ("0", False), (" 0 ", False)):
+    for raw, want in ((None, False), ("1", True), ("0", False), (" 1 ", True)):
         cutlass_pdl.cache_clear()
         if raw is None:
             monkeypatch.delenv(PDL_ENV, raising=False)
@@ -141,11 +141,11 @@ def test_cutlass_pdl_switch(monkeypatch):
     cutlass_pdl.cache_clear()
     with pytest.raises(ValueError, match=f"{PDL_ENV}='yes'"):
         cutlass_pdl()
-    monkeypatch.setenv(PDL_ENV, "0")
-    cutlass_pdl.cache_clear()
-    assert not cutlass_pdl()
     monkeypatch.setenv(PDL_ENV, "1")
-    assert not cutlass_pdl()  # cached: the first read decides for the process
+    cutlass_pdl.cache_clear()
+    assert cutlass_pdl()
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert cutlass_pdl()  # cached: the first read decides for the process
     cutlass_pdl.cache_clear()
 
 

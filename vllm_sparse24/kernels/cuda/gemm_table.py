@@ -144,13 +144,14 @@ PDL_ENV = "VLLM_SPARSE24_PDL"
 @functools.cache
 def cutlass_pdl() -> bool:
     """Whether the CUTLASS GEMMs launch with programmatic dependent launch (``VLLM_SPARSE24_PDL``,
-    read once per process: 1 (default) or 0). With it a GEMM's CTAs are resident and past their
-    prologue when the kernel before it (the activation quantization) ends, instead of starting after
-    it; the result is the same bit for bit."""
-    raw = os.environ.get(PDL_ENV, "1").strip()
+    read once per process: 0 (default) or 1); the result is the same bit for bit. Off by default: a
+    GEMM gains from it only after a kernel that signals its dependents early, and the activation
+    quantization before each GEMM (an Inductor kernel) does not, so end to end it measured no gain
+    (docs/kernels.md)."""
+    raw = os.environ.get(PDL_ENV, "0").strip()
     if raw not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV}={raw!r}: expected 1 (launch the CUTLASS GEMMs with programmatic "
-                         "dependent launch, the default) or 0")
+        raise ValueError(f"{PDL_ENV}={raw!r}: expected 0 (the default) or 1 (launch the CUTLASS GEMMs "
+                         "with programmatic dependent launch)")
     return raw == "1"
 
 
