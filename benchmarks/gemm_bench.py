@@ -11,6 +11,9 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
   sparse24      ours: 2:4 int8, both scales + bias fused, the kernel gemm_table.py picks for M (the
                 decode GEMM up to the plan's measured decode_max_m, a CUTLASS config above)
   sparse24_fp8  ours: 2:4 e4m3, the same
+  sparse24_pdl  ours: the CUTLASS config of sparse24's plan launched with programmatic dependent launch
+                (back to back: a call's CTAs get resident and through their prologue while the
+                previous call, which signals its dependents after its last mainloop, finishes)
   sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 64);
                 _nopdl: launched without programmatic dependent launch (back to back, PDL lets a call
                 start streaming its weight while the previous call finishes)
@@ -45,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vllm_sparse24.kernels.cuda import build, lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
+    _cutlass_mm,
     compress_24,
     decode_mm,
     make_plan,
@@ -171,6 +175,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
                              sh.c_sparse, sparse_bytes)
         impls["sparse24_fp8"] = (lambda i: sparse_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]),
                                  sh.c_sparse, sparse_bytes)
+        impls["sparse24_pdl"] = (lambda i: _cutlass_mm(xq8, xs, *sh.s8[i], sh.ws, sh.bias, plan_of(plans["int8"]),
+                                                       pdl=True), sh.c_sparse, sparse_bytes)
         if m <= lib.decode_max_m() and k % 128 == 0:
             for tag, tuning in DECODE_TUNINGS.items():
                 impls[f"sparse24_decode{tag}"] = (
@@ -199,7 +205,7 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
                             wsb.append(torch.empty(max(need, 1), dtype=torch.uint8, device=DEV))
                         rc = so.s24_gemm(cid, w_[i][0].data_ptr(), w_[i][1].data_ptr(), xq_.data_ptr(),
                                          xs_.data_ptr(), sh.ws.data_ptr(), sh.bias.data_ptr(), out.data_ptr(),
-                                         m, n, k, splits, swz, wsb[0].data_ptr(), wsb[0].numel(),
+                                         m, n, k, splits, swz, wsb[0].data_ptr(), wsb[0].numel(), 1,
                                          torch.cuda.current_stream().cuda_stream)
                         if rc:
                             lib.check(rc, name)
@@ -425,7 +431,8 @@ def summarize(res):
             continue
         thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
         parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"
-                 for i in ("sparse24", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_fp8_decode", "fp8_cutlass")
+                 for i in ("sparse24", "sparse24_pdl", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_fp8_decode",
+                           "fp8_cutlass")
                  if (model, layer, m, i) in cells]
         fp8 = cells.get((model, layer, m, "fp8_cutlass"))
         ratio = f"  time/fp8 {us / fp8:.2f}" if fp8 else ""

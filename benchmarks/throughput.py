@@ -15,6 +15,8 @@ per engine (speed does not depend on the values):
     ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
   * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
+  * ``sparse24_pdl``: ``sparse24``'s checkpoint with ``VLLM_SPARSE24_PDL=1`` (its CUTLASS GEMMs
+    launched with programmatic dependent launch): the knob's end-to-end A/B in one run.
   * the published 2:4 models' formats (docs/format.md), served by the plugin:
     ``sparse24_from_bf16``: the 2:4 weights in bf16 with the zeros in place and no quantization_config
     (as Sparse-Llama-3.1-8B-2of4), served with ``--quantization sparse24``, quantized to int8 at load;
@@ -52,8 +54,11 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_fp8", "sparse24_lmq", "sparse24_from_bf16",
-           "ct24_fp8_dynamic")
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_pdl", "sparse24_fp8", "sparse24_lmq",
+           "sparse24_from_bf16", "ct24_fp8_dynamic")
+# engines that serve another engine's checkpoint under an environment of their own (an A/B of a
+# launch knob in one run): name -> (that engine, its environment)
+ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"})}
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}
@@ -158,6 +163,7 @@ def _stub_model(cfg: dict, state: dict):
 def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) -> dict[str, float]:
     """Write bf16/ (for bf16 and fp8), w8a8_int8/, sparse24/, sparse24_fp8/ and sparse24_lmq/ under
     root (those the engines need); returns seconds."""
+    engines = [ENV_VARIANTS.get(e, (e,))[0] for e in engines]
     import torch
 
     from sparse24_tools.export import write_dense_w8a8
@@ -275,6 +281,8 @@ def make_engine(args, eng: str):
     # engine_facts runs functions of engine_probe.py in the workers (LLM.apply_model): vLLM pickles
     # them only when allowed, by reference, so the workers must be able to import that module
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    eng, env = ENV_VARIANTS.get(eng, (eng, {}))
+    os.environ.update(env)  # before the first layer call reads it
     here = str(Path(__file__).resolve().parent)
     if here not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)

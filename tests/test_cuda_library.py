@@ -125,6 +125,30 @@ def test_decode_threshold_rule(monkeypatch):
         decode_max_m(4096, 4096, torch.int8, 32, never)
 
 
+def test_cutlass_pdl_switch(monkeypatch):
+    """VLLM_SPARSE24_PDL: 1 launches the CUTLASS GEMMs with programmatic dependent launch, unset or 0
+    without; anything else is refused with the variable's name. Read once per process (cached)."""
+    from vllm_sparse24.kernels.cuda.gemm_table import PDL_ENV, cutlass_pdl
+
+    for raw, want in ((None, False), ("1", True), ("0", False), (" 1 ", True)):
+        cutlass_pdl.cache_clear()
+        if raw is None:
+            monkeypatch.delenv(PDL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(PDL_ENV, raw)
+        assert cutlass_pdl() is want, raw
+    monkeypatch.setenv(PDL_ENV, "yes")
+    cutlass_pdl.cache_clear()
+    with pytest.raises(ValueError, match=f"{PDL_ENV}='yes'"):
+        cutlass_pdl()
+    monkeypatch.setenv(PDL_ENV, "1")
+    cutlass_pdl.cache_clear()
+    assert cutlass_pdl()
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert cutlass_pdl()  # cached: the first read decides for the process
+    cutlass_pdl.cache_clear()
+
+
 def test_plan_uses_decode_up_to_its_threshold():
     plan = GemmPlan(4096, 4096, torch.int8, torch.bfloat16, {n: i for i, n in build.config_rows()})
     assert plan.decode_max_m == 0 and not plan.use_decode(1)

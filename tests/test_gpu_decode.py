@@ -340,3 +340,38 @@ def test_decode_layer_call_neither_syncs_nor_splits_the_graph(forced_threshold):
         assert "cudaGraphLaunch" in runtime and not {s for s in runtime if "Launch" in s and "Graph" not in s}, runtime
         kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
         assert any("decode_kernel" in s for s in kernels), kernels
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 4096), (1000, 2048)])
+def test_cutlass_gemm_with_pdl_equals_a_plain_launch(n, k):
+    """The CUTLASS configs launched with programmatic dependent launch (the default) read the
+    activations the kernel right before them wrote (their griddepcontrol.wait comes before the first
+    load) and give the same bits as a plain launch, at every token-count bucket of the table, eagerly
+    and replayed from a CUDA graph (where the launch attribute becomes a programmatic graph edge)."""
+    gen = torch.Generator().manual_seed(5 * n + k)
+    w = random_24(n, k, gen)
+    values, meta = compress_24(w)
+    ws = (torch.rand(n, generator=gen) * 1e-2 + 1e-4).to(DEV)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    plan = plan_of(make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV)))
+    for m in (1, 8, 16, 64, 200, 1024):
+        xq, xs = quantized(m, k, gen)
+        plain = _cutlass_mm(xq, xs, values, meta, ws, bias, plan, pdl=False)
+        assert rel_err(plain, reference(xq, xs, w, ws, bias)) < TOL[torch.bfloat16], m
+        src = torch.zeros_like(xq)
+
+        def step(src=src, xq=xq, xs=xs):
+            src.copy_(xq)  # the kernel right before the GEMM writes its activations
+            return _cutlass_mm(src, xs, values, meta, ws, bias, plan, pdl=True)
+
+        assert torch.equal(step(), plain), m
+        src.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for _ in range(3):
+            src.zero_()
+            out.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain), m

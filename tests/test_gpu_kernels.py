@@ -102,7 +102,7 @@ def test_every_config_matches_reference(name):
                 for b in (bias, None):
                     rc = so.s24_gemm(cid, values.data_ptr(), meta.data_ptr(), xq.data_ptr(), xs.data_ptr(),
                                      ws.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), m, n, k,
-                                     splits, 2, ws_buf.data_ptr(), ws_buf.numel(),
+                                     splits, 2, ws_buf.data_ptr(), ws_buf.numel(), 1,
                                      torch.cuda.current_stream().cuda_stream)
                     lib.check(rc, name)
                     ref = reference(xq.float(), xs, w.float(), ws, b)

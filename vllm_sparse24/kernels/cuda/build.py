@@ -48,7 +48,14 @@ NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
     # sm_90a: wgmma.sp and setmaxnreg exist only on the arch-specific target
     "-gencode=arch=compute_90a,code=sm_90a",
+    # CUTLASS's sm90 kernels wait on the previous grid (griddepcontrol.wait) before their first global
+    # load, so a GEMM launched with programmatic dependent launch (S24GemmArgs.pdl) is correct
+    "-DCUTLASS_ENABLE_GDC_FOR_SM90",
 ]
+# The stream-K scheduler of the CUTLASS 4.2 headers does not compile with CUTLASS_ENABLE_GDC_FOR_SM90
+# (its const is_last_tile binds a member to a non-const reference): those rows turn on only the
+# waits (CUTLASS_GDC_ENABLED) and leave out the early launch_dependents hint behind that macro.
+STREAM_K_GDC_FLAGS = ["-UCUTLASS_ENABLE_GDC_FOR_SM90", "-DCUTLASS_GDC_ENABLED"]
 _ROW = re.compile(r"^(S24_CONFIG|S24_SEARCH_CONFIG)\(\s*(\d+)\s*,\s*(\w+)", re.M)
 
 
@@ -132,8 +139,11 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2,
     src = CSRC / "gemm_config.cu"
     for cid, name in config_rows(search_configs):
         row = re.search(rf"^S24_(SEARCH_)?CONFIG\(\s*{cid}\s*,.*$", table, re.M).group(0)
-        obj = build_dir / f"cfg{cid:02d}_{name}_{_digest(headers, src.read_bytes(), row, version, *key_flags)}.o"
-        units.append((name, [nvcc, *flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)], obj))
+        row_flags = STREAM_K_GDC_FLAGS if row.rstrip().endswith("CoopSk)") else []
+        obj = build_dir / (f"cfg{cid:02d}_{name}_"
+                           f"{_digest(headers, src.read_bytes(), row, version, *key_flags, *row_flags)}.o")
+        units.append((name, [nvcc, *flags, *row_flags, f"-DS24_CONFIG_ID={cid}", "-c", str(src), "-o", str(obj)],
+                      obj))
     # the few-token decode GEMM (csrc/decode/): its own sources and the C ABI header only, so
     # editing it never invalidates the CUTLASS config objects (their digest reads csrc/*.h, *.cuh)
     decode = CSRC / "decode" / "decode_gemm.cu"

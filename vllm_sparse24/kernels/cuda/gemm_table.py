@@ -15,6 +15,7 @@ load time (``decode_max_m`` below); the CUTLASS configs serve every larger M.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -133,6 +134,25 @@ class GemmPlan:
     def buckets(self, largest_m: int) -> list[tuple[int, tuple[int, int, int]]]:
         """(largest M, call) of every bucket, the open one capped at ``largest_m`` (workspace sizing)."""
         return [(b if b is not None else largest_m, call) for b, call in zip([*self.bounds, None], self.calls, strict=True)]
+
+
+# ---- programmatic dependent launch of the CUTLASS GEMMs ----------------------------------------
+
+PDL_ENV = "VLLM_SPARSE24_PDL"
+
+
+@functools.cache
+def cutlass_pdl() -> bool:
+    """Whether the CUTLASS GEMMs launch with programmatic dependent launch (``VLLM_SPARSE24_PDL``,
+    read once per process: 0 (default) or 1); the result is the same bit for bit. Off by default: a
+    GEMM gains from it only after a kernel that signals its dependents early, and the activation
+    quantization before each GEMM (an Inductor kernel) does not, so end to end it measured no gain
+    (docs/kernels.md)."""
+    raw = os.environ.get(PDL_ENV, "0").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={raw!r}: expected 0 (the default) or 1 (launch the CUTLASS GEMMs "
+                         "with programmatic dependent launch)")
+    return raw == "1"
 
 
 # ---- the decode GEMM's token-count threshold ---------------------------------------------------

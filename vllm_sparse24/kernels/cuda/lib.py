@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .build import DEFAULT_LIB
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 # S24Dtype in csrc/sparse24.h
 INT8, E4M3, BF16, F16 = 0, 1, 2, 3
 
@@ -60,7 +60,7 @@ def lib() -> ctypes.CDLL:
     so.s24_compress.argtypes = [_c_int, _vp, _vp, _vp, _c_int, _c_int, _vp]
     so.s24_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
     so.s24_gemm.argtypes = [_c_int, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int, _c_int,
-                            _vp, _c_i64, _vp]
+                            _vp, _c_i64, _c_int, _vp]
     so.s24_quant_int8.argtypes = [_c_int, _vp, _c_i64, _c_int, _c_int, _vp, _vp, _vp]
     for fn in (so.s24_compressed_bytes, so.s24_compress, so.s24_workspace_bytes, so.s24_gemm, so.s24_quant_int8):
         fn.restype = _c_int

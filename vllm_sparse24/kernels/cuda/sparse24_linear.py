@@ -25,7 +25,7 @@ from ..base import LinearLayer, W8A8LinearKernel
 from . import lib
 from .act_quant import quantize_activations
 from .device import MODEL_DTYPES, hopper
-from .gemm_table import DTYPE_NAMES, GEMM_TABLE, GemmPlan, decode_max_m
+from .gemm_table import DTYPE_NAMES, GEMM_TABLE, GemmPlan, cutlass_pdl, decode_max_m
 
 _WEIGHT_DTYPES = {torch.int8: lib.INT8, torch.float8_e4m3fn: lib.E4M3}
 # Largest M a workspace is sized for in the open-ended bucket (persistent configs need none there).
@@ -138,7 +138,9 @@ def _prepare_operands(x_scale: torch.Tensor, bias: torch.Tensor | None,
 
 
 def _cutlass_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan) -> torch.Tensor:
+                w_scale: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan,
+                pdl: bool | None = None) -> torch.Tensor:
+    """The plan's CUTLASS config at this M; ``pdl`` overrides ``VLLM_SPARSE24_PDL`` (tests, benchmarks)."""
     m = xq.shape[0]
     out = torch.empty(m, plan.n, dtype=plan.out_dtype, device=xq.device)
     if m == 0:
@@ -152,6 +154,7 @@ def _cutlass_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, m
         cfg, values.data_ptr(), meta.data_ptr(), xq.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), m, plan.n, plan.k, splits, swizzle,
         None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        int(cutlass_pdl() if pdl is None else pdl),
         torch.cuda.current_stream().cuda_stream)
     if rc:
         lib.check(rc, f"sparse24 GEMM m={m} n={plan.n} k={plan.k}")

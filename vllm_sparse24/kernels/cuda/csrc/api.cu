@@ -15,7 +15,7 @@
 namespace sparse24 {
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 constexpr size_t kErrLen = 512;
 thread_local char g_err[kErrLen] = "";
 
@@ -202,11 +202,11 @@ int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* by
 
 int s24_gemm(int config, const void* values, const void* meta, const void* x, const float* x_scale,
              const float* w_scale, const void* bias, void* out, int m, int n, int k, int splits, int swizzle,
-             void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+             void* workspace, int64_t workspace_bytes, int pdl, cudaStream_t stream) {
   if (config < 0 || config >= kNumConfigs || !kRun[config])
     return fail(-1, "config id out of range, or a search-only config this library was built without");
   S24GemmArgs a{values, meta, x, x_scale, w_scale, bias, out, m, n, k, splits, swizzle,
-                workspace, static_cast<size_t>(workspace_bytes), stream, sm_count()};
+                workspace, static_cast<size_t>(workspace_bytes), stream, sm_count(), pdl};
   return kRun[config](&a, 0, g_err, kErrLen);
 }
 

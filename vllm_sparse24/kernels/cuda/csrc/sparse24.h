@@ -28,6 +28,11 @@ struct S24GemmArgs {
   size_t workspace_bytes;
   cudaStream_t stream;
   int sm_count;
+  // Launch with programmatic stream serialization: the GEMM's CTAs become resident and run their
+  // prologue while the previous kernel in the stream finishes; the kernel waits for that kernel's
+  // results (griddepcontrol.wait, compiled in with CUTLASS_ENABLE_GDC_FOR_SM90) before its first
+  // global load. 0: an ordinary launch.
+  int pdl;
 };
 
 namespace sparse24 {
@@ -50,7 +55,7 @@ int s24_compress(int dtype, const void* dense, void* values, void* meta, int n, 
 int s24_workspace_bytes(int config, int m, int n, int k, int splits, int64_t* bytes);
 int s24_gemm(int config, const void* values, const void* meta, const void* x, const float* x_scale,
              const float* w_scale, const void* bias, void* out, int m, int n, int k, int splits, int swizzle,
-             void* workspace, int64_t workspace_bytes, cudaStream_t stream);
+             void* workspace, int64_t workspace_bytes, int pdl, cudaStream_t stream);
 // Dynamic per-token int8 quantization, bit-identical to vllm_sparse24/quant.py:
 // scale = max(absmax * float(1/127), 1e-12), q = clamp(rint(x / scale), -127, 127).
 int s24_quant_int8(int in_dtype, const void* x, int64_t row_stride, int m, int k, int8_t* q, float* scale,

@@ -150,7 +150,7 @@ int run_gemm(S24GemmArgs* a, int query_workspace, char* err, size_t err_len) {
     std::snprintf(err, err_len, "CUTLASS initialize failed: %s", cutlass::cutlassGetStatusString(st));
     return -4;
   }
-  st = op.run(a->stream);
+  st = op.run(a->stream, nullptr, a->pdl != 0);
   if (st != cutlass::Status::kSuccess) {
     std::snprintf(err, err_len, "CUTLASS run failed: %s (%s)", cutlass::cutlassGetStatusString(st),
                   cudaGetErrorString(cudaGetLastError()));
