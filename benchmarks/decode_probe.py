@@ -153,7 +153,7 @@ def report(case: str, recs: list[np.ndarray], marks: tuple[int, int]) -> str:
         lines.append("    per-CTA phases (median/max us): " + ", ".join(
             f"{label.split(' (')[0]} {med:.2f}/{mx:.2f}" for label, (med, mx) in d.items()))
         u = unit_stream(rec)
-        lines.append("    units (median us) issue " + " ".join(f"{v:.2f}" for v in u["issue"])
+        lines.append("    units (median us) issued " + " ".join(f"{v:.2f}" for v in u["issue"])
                      + " | full " + " ".join(f"{v:.2f}" for v in u["full"])
                      + " | math " + " ".join(f"{v:.2f}" for v in u["math"])
                      + f" | full-to-full {u['full_interval'][0]:.3f}")
