@@ -251,23 +251,10 @@ class ProbeGemm:
 
 
 def graph_us(fn, reps: int = 20) -> float:
-    """Median per-call us of a CUDA graph of `reps` calls (5 replays)."""
-    import torch
+    """Median per-call us of a CUDA graph of `reps` calls (gemm_bench's timing)."""
+    from gemm_bench import graph_us as graph_us_of_calls
 
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(6):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times[1:])[2]
+    return graph_us_of_calls(lambda: [fn() for _ in range(reps)], reps)
 
 
 def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict) -> list[str]:
