@@ -3,11 +3,14 @@
 # the CUTLASS 2:4 configs and vLLM's fp8 GEMM, then end-to-end decode throughput of vLLM fp8 against
 # sparse24 (+ a step profile while time is left). Results in $OUT (default /tmp/sparse24-out):
 # tests.log, bench.log, k/kernels-*.json|png, t/throughput-*.json|md|png, t/profile-*.json
-# (t/errors.log: the end of the log when an engine failed).
+# (t/errors.log: the end of the log when an engine failed), and with the probe step probe.log and
+# probe.tgz (the decode GEMM's timing probe: report, PNG timelines, stamps; needs the library built
+# with --decode-probe).
 #   bash benchmarks/offline_host/decode.sh
 # Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
 #   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
-#   engines, default 64; 0 when its tests fail), STEPS (default "tests bench e2e"), ON_FAIL (stop:
+#   engines, default 64; 0 when its tests fail), STEPS (default "tests bench e2e"; "probe" adds the
+#   timing probe after the tests), ON_FAIL (stop:
 #   a failed decode test ends the run; go: the engines run without the decode GEMM).
 set -u -o pipefail
 OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT/k" "$OUT/t"
@@ -25,6 +28,11 @@ if [[ $STEPS == *tests* ]]; then
     decode=0; echo "decode GEMM tests did not pass: engines run without it"
     [[ ${ON_FAIL:-stop} == stop ]] && { grep -E "Error|error|assert|FAILED" "$OUT/tests.log" | head -30; exit 1; }
   fi
+fi
+if [[ $STEPS == *probe* ]]; then
+  timeout 120 python3 benchmarks/decode_probe.py --out "$OUT/probe" >"$OUT/probe.log" 2>&1
+  grep -E "^==|phases|per call" "$OUT/probe.log" | cut -c1-230
+  tar czf "$OUT/probe.tgz" -C "$OUT" probe && rm -rf "$OUT/probe"
 fi
 [[ $STEPS == *bench* ]] && timeout 130 python3 benchmarks/gemm_bench.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \
   --ms-70b "${MS_70B:-1,8}" 2>&1 | grep -E "^(llama|  |wrote)" >"$OUT/bench.log"
