@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vllm_sparse24.kernels.cuda import build, lib  # noqa: E402
-from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES  # noqa: E402
+from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES, cutlass_pdl  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     _cutlass_mm,
     compress_24,
@@ -205,7 +205,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
                             wsb.append(torch.empty(max(need, 1), dtype=torch.uint8, device=DEV))
                         rc = so.s24_gemm(cid, w_[i][0].data_ptr(), w_[i][1].data_ptr(), xq_.data_ptr(),
                                          xs_.data_ptr(), sh.ws.data_ptr(), sh.bias.data_ptr(), out.data_ptr(),
-                                         m, n, k, splits, swz, wsb[0].data_ptr(), wsb[0].numel(), 1,
+                                         m, n, k, splits, swz, wsb[0].data_ptr(), wsb[0].numel(),
+                                         int(cutlass_pdl()),  # launched as serving launches them
                                          torch.cuda.current_stream().cuda_stream)
                         if rc:
                             lib.check(rc, name)
