@@ -259,14 +259,13 @@ def graph_us(fn, reps: int = 20) -> float:
 
 def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict) -> list[str]:
     import torch
+    from gemm_bench import prune24
 
     from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, make_plan
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(n ^ k)
-    w = torch.randint(-127, 128, (n, k), generator=gen, device=dev, dtype=torch.int16).to(torch.int8)
-    drop = torch.rand(n, k // 4, 4, generator=gen, device=dev).topk(2, dim=-1).indices
-    w = w.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+    w = prune24(torch.randint(-127, 128, (n, k), generator=gen, device=dev, dtype=torch.int16).to(torch.int8))
     values, meta = compress_24(w)
     del w
     ws = torch.rand(n, generator=gen, device=dev) * 1e-2 + 1e-4

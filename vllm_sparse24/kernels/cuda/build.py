@@ -148,13 +148,13 @@ def build(out: Path = DEFAULT_LIB, build_dir: Path | None = None, jobs: int = 2,
     # editing it never invalidates the CUTLASS config objects (their digest reads csrc/*.h, *.cuh)
     decode = CSRC / "decode" / "decode_gemm.cu"
     decode_src = b"".join(p.read_bytes() for p in sorted((CSRC / "decode").glob("*")) if p.is_file())
-    decode_obj = build_dir / f"decode_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags)}.o"
+    decode_inputs = (decode_src, (CSRC / "sparse24.h").read_bytes(), version, *key_flags)
+    decode_obj = build_dir / f"decode_{_digest(*decode_inputs)}.o"
     units.append(("decode", [nvcc, *flags, "-c", str(decode), "-o", str(decode_obj)], decode_obj))
     probe_units = []
     if decode_probe:
         probe_flags = ["-DS24_DECODE_PROBE"]
-        probe_obj = build_dir / (
-            f"decode_probe_{_digest(decode_src, (CSRC / 'sparse24.h').read_bytes(), version, *key_flags, *probe_flags)}.o")
+        probe_obj = build_dir / f"decode_probe_{_digest(*decode_inputs, *probe_flags)}.o"
         probe_units.append(("decode-probe", [nvcc, *flags, *probe_flags, "-c", str(decode), "-o", str(probe_obj)],
                             probe_obj))
     api = CSRC / "api.cu"

@@ -276,11 +276,22 @@ __device__ __forceinline__ void probe_put(const Params& p, int slot, uint64_t v)
     if ((i) < kProbeUnits) S24_STAMP((base) + (i)); \
   } while (0)
 #define S24_PUT(slot, v) probe_put(p, (slot), (v))
+// thread 0's stamp of unit i into the per-unit slots at unit_base, and into first / last at the
+// CTA's first and last unit
+#define S24_STAMP_UNIT_EDGES(unit_base, first, last, i, count) \
+  do {                                                         \
+    if (tid == 0) {                                            \
+      S24_STAMP_UNIT((unit_base), (i));                        \
+      if ((i) == 0) S24_STAMP(first);                          \
+      if ((i) == (count) - 1) S24_STAMP(last);                 \
+    }                                                          \
+  } while (0)
 __global__ void probe_mark_kernel(uint64_t* dst) { *dst = globaltimer(); }
 #else
 #define S24_STAMP(slot) ((void)0)
 #define S24_STAMP_UNIT(base, i) ((void)0)
 #define S24_PUT(slot, v) ((void)0)
+#define S24_STAMP_UNIT_EDGES(unit_base, first, last, i, count) ((void)0)
 #endif
 
 // The GEMM's epilogue, with the same roundings as the CUTLASS visitor tree (gemm_config.cu):
@@ -444,13 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     const int kb0 = ku * kStageBlocks, nkb = min(kStageBlocks, part.kblocks - kb0);
     const uint8_t* st = stages + (i % p.stages) * S::kBytes;
     mbar_wait(full + i % p.stages, (i / p.stages) & 1);
-#ifdef S24_DECODE_PROBE
-    if (tid == 0) {
-      S24_STAMP_UNIT(kPrUnitFull, i);
-      if (i == 0) S24_STAMP(kPrFirstFull);
-      if (i == count - 1) S24_STAMP(kPrLastFull);
-    }
-#endif
+    S24_STAMP_UNIT_EDGES(kPrUnitFull, kPrFirstFull, kPrLastFull, i, count);
     const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch + 16 * t;
     const uint8_t* mrow = st + S::kMeta + (wrow + g) * 16 + 4 * t;
     const uint8_t* xrow = st + S::kAct + g * kActPitch + 32 * t;
@@ -486,13 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + i % p.stages);
-#ifdef S24_DECODE_PROBE
-    if (tid == 0) {
-      S24_STAMP_UNIT(kPrUnitMath, i);
-      if (i == 0) S24_STAMP(kPrFirstMath);
-      if (i == count - 1) S24_STAMP(kPrLastMath);
-    }
-#endif
+    S24_STAMP_UNIT_EDGES(kPrUnitMath, kPrFirstMath, kPrLastMath, i, count);
     if (ku == part.units_per_tile - 1 || i == count - 1) {
 #ifdef S24_DECODE_PROBE
       // the first call's stamps are written once, the last call's overwritten by every later one
