@@ -10,13 +10,19 @@
 //     (cp.async.bulk.tensor, completing on an mbarrier): bytes in flight cost no registers, up to
 //     kMaxStages units per SM (~190 KB) are requested before any math, and the math of one stage
 //     overlaps the loads of the next ones. Each stage also holds the activations of its k range.
-//     A unit is THREE copies (values box 64 rows x 256 bytes, metadata box 4 x 64 x 16 bytes,
-//     activations box 8 NT tokens x 512 bytes): the TMA unit's cost is per copy, and one 1-D bulk
-//     copy per row (256 bytes each) capped the kernel near 0.5 TB/s. Boxes past the tensor's
-//     edge (last row tile, K tail, tokens past m) are filled with zeros by the TMA unit.
+//     A unit is THREE copies: values (64 box rows of 256 bytes), metadata (4 box rows of 1 KB: the
+//     64-row atoms of consecutive k blocks are contiguous, so the map sees them as rows of 4-byte
+//     words) and activations (8 NT box rows of 512 bytes, one per token). The TMA unit spends a
+//     fixed time per box row, whatever its length or the bytes' source (HBM or L2): 16-byte box
+//     rows for the metadata (352 box rows a unit) held every SM to one unit per ~1 us; 76 box rows
+//     cost a fifth of that. Boxes past the tensor's edge (last row tile, K tail, tokens past m)
+//     are filled with zeros by the TMA unit.
 //   * Programmatic dependent launch: the weight does not depend on the previous kernel, so the
-//     producer requests the first stages before `griddepcontrol.wait`, and the activations (and
-//     every global write) only after it. Launched without the attribute the wait is a no-op.
+//     producer requests the first kEarlyUnits units' weight before `griddepcontrol.wait`, and the
+//     activations (and every global write) only after it. Only a few: the TMA unit serves copies in
+//     the order they were requested, so the first stage's activations wait behind every weight copy
+//     issued before them (8 early units delayed the first stage to ~7 us after entry, 4 to ~2.8).
+//     Launched without the attribute the wait is a no-op.
 //   * Four consumer warps, 16 rows each: a lane expands 4 kept values into 8 dense 8-bit weights
 //     with two PRMTs whose selectors come from a 256-entry table indexed by the metadata byte, then
 //     a DENSE mma.sync m16n8k32 (int8 -> int32, e4m3 -> float32) covers 8 tokens.
@@ -64,6 +70,7 @@ constexpr int kWarpRows = kTileRows / kConsumerWarps;
 constexpr int kStageBlocks = 4;                      // 128-k blocks per unit (= stage)
 constexpr int kMaxM = 64;                            // 8 token tiles of 8
 constexpr int kMaxStages = 8;
+constexpr int kEarlyUnits = 2;                       // weight units requested before griddepcontrol.wait
 constexpr int kMaxCtasPerSm = 2;                     // the workspace's partial slots allow this many
 constexpr int kMetaAtomBytes = kTileRows * 16;       // one k block of one row tile's metadata
 // Row pitches in a stage are those of the TMA boxes (dense): 256 value bytes per weight row, 512
@@ -124,7 +131,8 @@ struct Stage {
   static constexpr int kBytes = (kLoadBytes + 127) / 128 * 128;
 };
 static_assert(Stage<1>::kMeta % 128 == 0 && Stage<1>::kAct % 128 == 0, "TMA destinations are 128-byte aligned");
-constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4;  // full + empty barriers, selector table
+// full + empty barriers, selector table, token scales
+constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4 + kMaxM * 4;
 
 // ---- PTX wrappers -----------------------------------------------------------------------------
 
@@ -166,20 +174,11 @@ __device__ __forceinline__ void tensor_load_2d(void* dst, const CUtensorMap* map
       ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
-__device__ __forceinline__ void tensor_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
-                                               uint64_t* bar, uint64_t policy) {
+__device__ __forceinline__ void tensor_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4}], [%5], %6;"
-      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ void tensor_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
-                                               uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4}], [%5];"
-      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
       : "memory");
 }
 __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
@@ -238,10 +237,10 @@ S24_HD Partition make_partition(int n, int k, int sms) {
   return p;
 }
 
-// The three operands as TMA tensor maps (bytes, innermost dimension first):
-//   values [n][k/2]                          box 256 x 64 rows         (one unit's values)
-//   meta   [k/128][meta_rows(n)][16]         box 16 x 64 rows x 4      (one unit's metadata atoms)
-//   x      [m][k/128][128], rows x_stride    box 128 x 4 x 8 NT tokens (one unit's activations)
+// The three operands as TMA tensor maps (innermost dimension first):
+//   values [n][k/2] bytes                           box 256 x 64 rows    (one unit's values)
+//   meta   [k/128][meta_rows(n) * 4] 4-byte words   box 256 x 4          (one unit's 4 metadata atoms)
+//   x      [m][k/4] 4-byte words, rows x_stride     box 128 x 8 NT       (one unit's activations)
 struct alignas(64) Params {
   CUtensorMap values;
   CUtensorMap meta;
@@ -296,10 +295,12 @@ __global__ void probe_mark_kernel(uint64_t* dst) { *dst = globaltimer(); }
 
 // The GEMM's epilogue, with the same roundings as the CUTLASS visitor tree (gemm_config.cu):
 // float(acc) * w_scale rounded, then one fma with x_scale and the bias, then the output rounding.
+// The scales and the bias come from registers and shared memory, never from a global load behind
+// an output store (the compiler cannot move a load across a store that may alias it).
 template <class Out, class A>
-__device__ __forceinline__ void store_out(const Params& p, int t, int row, A acc) {
-  const float bias = p.bias ? to_float(static_cast<const Out*>(p.bias)[row]) : 0.f;
-  const float v = __fmaf_rn(__fmul_rn(to_float(acc), p.w_scale[row]), p.x_scale[t], bias);
+__device__ __forceinline__ void store_out(const Params& p, int t, int row, A acc, float w_scale, float x_scale,
+                                          float bias) {
+  const float v = __fmaf_rn(__fmul_rn(to_float(acc), w_scale), x_scale, bias);
   static_cast<Out*>(p.out)[static_cast<int64_t>(t) * p.n + row] = from_float<Out>(v);
 }
 
@@ -313,6 +314,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + kMaxStages;
   uint32_t* lut = reinterpret_cast<uint32_t*>(empty + kMaxStages);
+  float* x_scale = reinterpret_cast<float*>(lut + 256);
   uint8_t* stages = smem + (kHeaderBytes + 127) / 128 * 128;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -350,14 +352,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       uint64_t* bar = full + i % p.stages;
       mbar_expect_tx(bar, S::kLoadBytes);
       tensor_load_2d(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar, policy);
-      tensor_load_3d(st + S::kMeta, &p.meta, 0, rt * kTileRows, kb0, bar, policy);
+      tensor_load_2d(st + S::kMeta, &p.meta, rt * kTileRows * 4, kb0, bar, policy);
     };
     auto load_act = [&](int i) {
       int rt, kb0;
       origin(i, rt, kb0);
-      tensor_load_3d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, 0, kb0, 0, full + i % p.stages);
+      tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, kb0 * (kMetaBlockK / 4), 0,
+                     full + i % p.stages);
     };
-    const int pre = min(count, p.stages);
+    const int pre = min(count, min(p.stages, kEarlyUnits)), fill = min(count, p.stages);
     S24_STAMP(kPrProdStart);
     for (int i = 0; i < pre; ++i) {
       load_weight(i);
@@ -367,7 +370,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     wait_previous_grid();  // the activations are the previous kernel's output
     S24_STAMP(kPrProdGdc);
     for (int i = 0; i < pre; ++i) load_act(i);
-    for (int i = pre; i < count; ++i) {
+    for (int i = pre; i < fill; ++i) {
+      load_weight(i), load_act(i);
+      S24_STAMP_UNIT(kPrUnitIssue, i);
+    }
+    for (int i = fill; i < count; ++i) {
       mbar_wait(empty + i % p.stages, ((i / p.stages) & 1) ^ 1);
       load_weight(i), load_act(i);
       S24_STAMP_UNIT(kPrUnitIssue, i);
@@ -381,8 +388,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   for (int i = tid; i < 256; i += kConsumerWarps * 32) lut[i] = expand_selector(i);
   consumer_sync();
   if (tid == 0) S24_STAMP(kPrConsLut);
-  wait_previous_grid();  // before any global write (output, workspace)
+  wait_previous_grid();  // before any global write (output, workspace) and the token scales
   if (tid == 0) S24_STAMP(kPrConsGdc);
+  for (int i = tid; i < p.m; i += kConsumerWarps * 32) x_scale[i] = p.x_scale[i];
+  consumer_sync();
 
   const int g = lane / 4, t = lane % 4, wrow = warp * kWarpRows;
   // NT == 1: two accumulator sets (even / odd k blocks) halve the dependent mma chain
@@ -398,7 +407,29 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   };
   zero_acc();
 
+  // The lane's two rows' weight scale and bias, loaded when a row tile starts so that the loads
+  // overlap its math.
+  float w_scale[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};
+  auto load_row_params = [&](int rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = rt * kTileRows + wrow + g + 8 * h;
+      if (row < p.n) {
+        w_scale[h] = p.w_scale[row];
+        bias[h] = p.bias ? to_float(static_cast<const Out*>(p.bias)[row]) : 0.f;
+      }
+    }
+  };
   // accumulator c of token tile j holds row wrow + g + 8 (c >> 1), token 8 j + 2 t + (c & 1)
+  auto store_tile = [&](int row0, const A (&sum)[NT][4]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int tok = 8 * j + 2 * t + (c & 1), h = c >> 1, row = row0 + 8 * h;
+        if (tok < p.m && row < p.n) store_out<Out>(p, tok, row, sum[j][c], w_scale[h], x_scale[tok], bias[h]);
+      }
+  };
   auto finish = [&](int rt, bool whole) {
     if constexpr (kSets == 2) {
 #pragma unroll
@@ -406,13 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     const int row0 = rt * kTileRows + wrow + g;
     if (whole) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int tok = 8 * j + 2 * t + (c & 1), row = row0 + 8 * (c >> 1);
-          if (tok < p.m && row < p.n) store_out<Out>(p, tok, row, acc[0][j][c]);
-        }
+      store_tile(row0, acc[0]);
       return;
     }
     const int first_unit = rt * part.units_per_tile;
@@ -434,15 +459,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
     if (tid == 0) S24_STAMP(kPrFixupSum);
     __threadfence();  // acquire: read the other CTAs' partials after seeing the full count
+    // in CTA order (deterministic); one CTA's slot is loaded in one go so its loads overlap
+    A sum[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int tok = 8 * j + 2 * t + (c & 1), r = g + 8 * (c >> 1);
-        A s = A(0);
-        for (int cta = c_first; cta <= c_last; ++cta) s += __ldcg(slot(cta) + tok * kWarpRows + r);
-        if (tok < p.m && row0 + 8 * (c >> 1) < p.n) store_out<Out>(p, tok, row0 + 8 * (c >> 1), s);
-      }
+      for (int c = 0; c < 4; ++c) sum[j][c] = A(0);
+    for (int cta = c_first; cta <= c_last; ++cta) {
+      const A* src = slot(cta);
+      A part_sum[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part_sum[j][c] = __ldcg(src + (8 * j + 2 * t + (c & 1)) * kWarpRows + g + 8 * (c >> 1));
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sum[j][c] += part_sum[j][c];
+    }
+    store_tile(row0, sum);
     if (lane == 0) *ticket = 0;  // re-armed for the next call (or graph replay)
   };
 
@@ -454,6 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     const int rt = u / part.units_per_tile, ku = u - rt * part.units_per_tile;
     const int kb0 = ku * kStageBlocks, nkb = min(kStageBlocks, part.kblocks - kb0);
     const uint8_t* st = stages + (i % p.stages) * S::kBytes;
+    if (ku == 0 || i == 0) load_row_params(rt);
     mbar_wait(full + i % p.stages, (i / p.stages) & 1);
     S24_STAMP_UNIT_EDGES(kPrUnitFull, kPrFirstFull, kPrLastFull, i, count);
     const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch + 16 * t;
@@ -601,15 +637,17 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A uint8 tensor map: dims and boxes innermost first, strides (bytes) of dims 1.. .
-template <int R>
-int encode(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[R], const cuuint64_t (&strides)[R - 1],
-           const cuuint32_t (&box)[R], const char* what) {
+// A 2-D tensor map of uint8 or uint32 elements: dims and box innermost first (elements), the row
+// stride in bytes.
+int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, const cuuint64_t (&dims)[2],
+           cuuint64_t row_stride, const cuuint32_t (&box)[2], const char* what) {
+  constexpr int R = 2;
+  const cuuint64_t strides[1] = {row_stride};
   const auto fn = encode_fn();
   if (!fn) return fail(-10, "decode GEMM: the CUDA driver offers no cuTensorMapEncodeTiled (needs CUDA 12+)");
   cuuint32_t ones[R];
   for (int i = 0; i < R; ++i) ones[i] = 1;
-  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, R, const_cast<void*>(base), dims, strides, box, ones,
+  const CUresult r = fn(map, type, R, const_cast<void*>(base), dims, strides, box, ones,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
@@ -622,13 +660,13 @@ int encode(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[R], cons
 
 int encode_operands(Params& p, const void* values, const void* meta, const void* x, int64_t x_stride) {
   const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.k / kMetaBlockK, mr = meta_rows(p.n);
-  if (int rc = encode<2>(&p.values, values, {k / 2, n}, {k / 2}, {kStageBlocks * kMetaBlockK / 2, kTileRows},
-                         "values"))
+  constexpr auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, u32 = CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  if (int rc = encode(&p.values, u8, values, {k / 2, n}, k / 2, {kStageBlocks * kMetaBlockK / 2, kTileRows}, "values"))
     return rc;
-  if (int rc = encode<3>(&p.meta, meta, {16, mr, kb}, {16, mr * 16}, {16, kTileRows, kStageBlocks}, "metadata"))
+  if (int rc = encode(&p.meta, u32, meta, {mr * 4, kb}, mr * 16, {kTileRows * 4, kStageBlocks}, "metadata"))
     return rc;
-  return encode<3>(&p.x, x, {kMetaBlockK, kb, m}, {kMetaBlockK, static_cast<cuuint64_t>(x_stride)},
-                   {kMetaBlockK, kStageBlocks, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
+  return encode(&p.x, u32, x, {k / 4, m}, static_cast<cuuint64_t>(x_stride),
+                {kStageBlocks * kMetaBlockK / 4, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
 }
 
 int check_shape(int m, int n, int k) {
