@@ -242,7 +242,7 @@ class ProbeGemm:
 
         self.so.s24_decode_probe_set(None if stamps is None else stamps.data_ptr())
         rc = self.so.s24_decode_gemm(
-            0, 2, self.values.data_ptr(), self.meta.data_ptr(), xq.data_ptr(), self.k, xs.data_ptr(),
+            0, 2, self.values.data_ptr(), self.meta.data_ptr(), None, xq.data_ptr(), self.k, xs.data_ptr(),
             self.w_scale.data_ptr(), None, out.data_ptr(), xq.shape[0], self.n, self.k, self.ws.data_ptr(),
             self.ws.numel(), None, torch.cuda.current_stream().cuda_stream)
         self.so.s24_decode_probe_set(None)

@@ -18,8 +18,14 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
                 _nopdl: launched without programmatic dependent launch (back to back, PDL lets a call
                 start streaming its weight while the previous call finishes)
   sparse24_fp8_decode  the same for e4m3
-TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for the sparse impls,
-the dense weight for vLLM's; the summary prints both per shape for the decode token counts.
+  w4a8          ours: a w4a8 2:4 layer (int4 values + group scales resident), as dispatched: the
+                int4 decode GEMM up to its plan's decode_max_m (64 unless VLLM_SPARSE24_DECODE_MAX_M
+                says otherwise), unpack into the shared scratch + the int8 CUTLASS config above
+  w4a8_decode   ours: the int4 decode GEMM alone, at every M it serves (<= 64)
+  w4a8_unpack   ours: the prefill path alone (unpack kernel + int8 CUTLASS config) at every M
+TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for the sparse impls
+(w4a8: int4 values + metadata + group scales), the dense weight for vLLM's; the summary prints both
+per shape for the decode token counts.
 With --search, every library config of the input dtype is also timed per shape and M (rows with
 "impl": "cfg:<name>[/s<splits>][/w<swizzle>]"), and the best per cell is printed as a table to
 paste into gemm_table.GEMM_TABLE.
@@ -45,15 +51,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_sparse24.kernels.cuda import build, lib  # noqa: E402
+from vllm_sparse24.kernels.cuda import build, int4_layout, lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES, cutlass_pdl  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     _cutlass_mm,
+    _unpack_mm,
     compress_24,
     decode_mm,
     make_plan,
     plan_of,
     sparse_mm,
+    sparse_mm_w4a8,
 )
 from vllm_sparse24.quant import FP8, INT8, quantize_per_token  # noqa: E402
 
@@ -133,11 +141,20 @@ class Shape:
         sf8 = compress_24(prune24(wf8.view(torch.int8)).view(torch.float8_e4m3fn))
         self.s8 = [(s8[0].clone(), s8[1].clone()) for _ in range(self.c_sparse)]
         self.sf8 = [(sf8[0].clone(), sf8[1].clone()) for _ in range(self.c_sparse)]
+        # w4a8: int4 values x a group scale (1..18) per row and 128 columns, pruned 2:4, in the int4 layout
+        v4 = prune24(torch.randint(-7, 8, (n, k), device=DEV, dtype=torch.int8, generator=gen))
+        gs = torch.randint(1, 19, (n, -(-k // 128)), device=DEV, dtype=torch.uint8, generator=gen)
+        codes = (v4.to(torch.int16) * gs.to(torch.int16).repeat_interleave(128, dim=1)[:, :k]).to(torch.int8)
+        values8, meta = compress_24(codes)
+        values4, scales = int4_layout.pack(values8, gs)
+        self.w4_bytes = values4.numel() + meta.numel() + scales.numel()
+        self.c_w4 = copies(self.w4_bytes)
+        self.w4 = [(values4.clone(), meta.clone(), scales.clone()) for _ in range(self.c_w4)]
         self.ws2 = self.ws.reshape(-1, 1)
-        del wf
+        del wf, v4, codes, values8
 
     def free(self):
-        for name in ("bf16", "i8", "f8", "s8", "sf8"):
+        for name in ("bf16", "i8", "f8", "s8", "sf8", "w4"):
             setattr(self, name, [])
 
 
@@ -184,6 +201,13 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
                     sh.c_sparse, sparse_bytes)
             impls["sparse24_fp8_decode"] = (
                 lambda i: decode_mm(xqf8, xs8, *sh.sf8[i], sh.ws, sh.bias, plans["e4m3"]), sh.c_sparse, sparse_bytes)
+        impls["w4a8"] = (lambda i: sparse_mm_w4a8(xq8, xs, *sh.w4[i], sh.ws, sh.bias, plans["w4a8"]),
+                         sh.c_w4, sh.w4_bytes)
+        impls["w4a8_unpack"] = (lambda i: _unpack_mm(xq8, xs, *sh.w4[i], sh.ws, sh.bias, plan_of(plans["w4a8"])),
+                                sh.c_w4, sh.w4_bytes)
+        if m <= lib.decode_max_m():
+            impls["w4a8_decode"] = (lambda i: decode_mm(xq8, xs, sh.w4[i][0], sh.w4[i][1], sh.ws, sh.bias,
+                                                        plans["w4a8"], group_scale=sh.w4[i][2]), sh.c_w4, sh.w4_bytes)
         if search:
             for name, cid in ids.items():
                 if "_bf16_" not in name or not re.search(search, name):
@@ -225,7 +249,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
         fp8 = cells.get("fp8_cutlass")
         line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8",
                                                     *(f"sparse24_decode{t}" for t in DECODE_TUNINGS),
-                                                    "sparse24_fp8_decode") if cells.get(i))
+                                                    "sparse24_fp8_decode", "w4a8", "w4a8_decode", "w4a8_unpack")
+                        if cells.get(i))
         ratio = f" sparse24/fp8={fp8 / cells['sparse24']:.2f}x" if fp8 and cells.get("sparse24") else ""
         print(f"{model} {layer} M={m}: {line}{ratio}", flush=True)
 
@@ -388,7 +413,8 @@ def main():
                 continue
             sh = Shape(n, k, ops, gen)
             plans = {"int8": make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV)),
-                     "e4m3": make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV))}
+                     "e4m3": make_plan(n, k, torch.float8_e4m3fn, torch.bfloat16, torch.device(DEV)),
+                     "w4a8": make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV), int4=True)}
             decode_max_m[f"{model}:{layer}"] = plan_of(plans["int8"]).decode_max_m
             model_ms = [int(m) for m in args.ms_70b.split(",")] if model == "llama3-70b" else ms
             bench_shape(model, layer, sh, model_ms, args.search, plans, rows, gen)
@@ -433,7 +459,7 @@ def summarize(res):
         thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
         parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"
                  for i in ("sparse24", "sparse24_pdl", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_fp8_decode",
-                           "fp8_cutlass")
+                           "w4a8", "w4a8_decode", "w4a8_unpack", "fp8_cutlass")
                  if (model, layer, m, i) in cells]
         fp8 = cells.get((model, layer, m, "fp8_cutlass"))
         ratio = f"  time/fp8 {us / fp8:.2f}" if fp8 else ""

@@ -5,6 +5,11 @@
 // kernel assumes against CuTe's traits of the instruction. No GPU needed.
 //   layout_probe N K [N K ...]   -> prints one line per shape, exit status 0 iff all match
 //   layout_probe --selectors     -> the 256 expand_selector() words, one per metadata byte (hex)
+//   layout_probe --int4 N K      -> the int4 layout's closed forms (layout.h): per row, the nibble
+//                                   index of each kept value, then the byte of each group scale;
+//                                   then a line with the values and group scale bytes
+//   layout_probe --int4-codes G WORD [WORD ...] -> int4_codes(WORD, G) of each word (hex WORD in,
+//                                   two hex words out)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -104,8 +109,30 @@ int check_shape(int n, int k) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  namespace d = sparse24::decode;
   if (argc == 2 && std::string(argv[1]) == "--selectors") {
-    for (uint32_t b = 0; b < 256; ++b) std::printf("%08x\n", sparse24::decode::expand_selector(b));
+    for (uint32_t b = 0; b < 256; ++b) std::printf("%08x\n", d::expand_selector(b));
+    return 0;
+  }
+  if (argc == 4 && std::string(argv[1]) == "--int4") {
+    const int64_t n = std::atoll(argv[2]), k = std::atoll(argv[3]);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < k / 2; ++j) std::printf("%lld ", static_cast<long long>(d::int4_value_nibble(r, j, k)));
+      for (int64_t kb = 0; kb < d::int4_kblocks(k); ++kb)
+        std::printf("%lld ", static_cast<long long>(d::int4_scale_offset(r, kb, k)));
+      std::printf("\n");
+    }
+    std::printf("%lld %lld\n", static_cast<long long>(d::int4_value_bytes(n, k)),
+                static_cast<long long>(d::int4_scale_bytes(n, k)));
+    return 0;
+  }
+  if (argc >= 3 && std::string(argv[1]) == "--int4-codes") {
+    const uint32_t g = static_cast<uint32_t>(std::strtoul(argv[2], nullptr, 10));
+    for (int i = 3; i < argc; ++i) {
+      uint32_t out[2];
+      d::int4_codes(static_cast<uint32_t>(std::strtoul(argv[i], nullptr, 16)), g, out);
+      std::printf("%08x %08x\n", out[0], out[1]);
+    }
     return 0;
   }
   if (argc < 3 || argc % 2 == 0) {

@@ -125,6 +125,38 @@ def test_decode_threshold_rule(monkeypatch):
         decode_max_m(4096, 4096, torch.int8, 32, never)
 
 
+def test_int4_decode_threshold_rule(monkeypatch):
+    """w4a8 layers (int4 plans): unset means every M the kernel serves (their other path unpacks the
+    weight first); a count, 0 and ``auto`` act as for 8-bit layers; K needs to be a multiple of 64
+    only (the int4 layout pads a partial last block)."""
+    from vllm_sparse24.kernels.cuda.gemm_table import DECODE_ENV, decode_max_m
+
+    never = lambda m: pytest.fail("timed although the threshold was decided")  # noqa: E731
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    assert decode_max_m(4096, 4096, torch.int8, 64, never, int4=True) == 64
+    assert decode_max_m(1536, 576, torch.int8, 64, never, int4=True) == 64
+    assert decode_max_m(1536, 576, torch.int8, 64, never) == 0  # 8-bit weights: whole 128-column blocks
+    assert decode_max_m(1536, 96, torch.int8, 64, never, int4=True) == 0
+    monkeypatch.setenv(DECODE_ENV, "0")
+    assert decode_max_m(4096, 4096, torch.int8, 64, never, int4=True) == 0
+    monkeypatch.setenv(DECODE_ENV, "16")
+    assert decode_max_m(4096, 4096, torch.int8, 64, never, int4=True) == 16
+    monkeypatch.setenv(DECODE_ENV, "auto")
+    assert decode_max_m(4096, 4096, torch.int8, 64, lambda m: (1.0, 2.0) if m <= 32 else (2.0, 1.0), int4=True) == 32
+    assert not GemmPlan(4096, 4096, torch.int8, torch.bfloat16, {n: i for i, n in build.config_rows()}).int4
+
+
+def test_int4_layout_sizes_agree_with_the_library(built):
+    from vllm_sparse24.kernels.cuda import int4_layout
+
+    for n, k in [(6144, 4096), (4096, 14336), (960, 576), (200, 2304), (8, 64)]:
+        assert lib.decode_int4_bytes(n, k) == int4_layout.resident_bytes(n, k), (n, k)
+    values, scales = lib.decode_int4_bytes(4096, 4096)
+    assert (values + scales + lib.compressed_bytes(4096, 4096)[1]) / 4096**2 == 0.25 + 0.125 + 1 / 128
+    with pytest.raises(lib.Sparse24LibraryError, match="multiple of 64"):
+        lib.decode_int4_bytes(64, 96)
+
+
 def test_cutlass_pdl_switch(monkeypatch):
     """VLLM_SPARSE24_PDL: 1 launches the CUTLASS GEMMs with programmatic dependent launch, unset or 0
     without; anything else is refused with the variable's name. Read once per process (cached)."""

@@ -11,7 +11,11 @@
    the epilogue's thread per output element, each stored once) run on weights
    packed the way the compressor packs them (incl. its single-nonzero and all-zero groups) must
    give the exact int32 product.
-Skipped when nvcc or the CUTLASS headers are missing.
+3. The int4 weights of w4a8 layers (S24_INT4): the torch packer (kernels/cuda/int4_layout.py)
+   against the closed forms, those against layout.h's (through the probe), layout.h's int4_codes()
+   against its transcription and the exact codes, and the transcription of the int4 kernel (its
+   copies, lane reads and expansion, then the int8 path) must give the exact product of the codes.
+Skipped when nvcc or the CUTLASS headers are missing (the packer's tests need neither).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from vllm_sparse24.kernels.cuda import build
+from vllm_sparse24.kernels.cuda import build, int4_layout
 
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
                 (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
@@ -118,17 +123,29 @@ VALUE_PITCH, ACT_PITCH, ATOM = STAGE_BLOCKS * 64, STAGE_BLOCKS * 128, 64 * 16  #
 
 def partition(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
     """make_partition: (k blocks, units per 64-row tile, units, CTAs)."""
-    kblocks = k // 128
+    kblocks = -(-k // 128)  # an int4 weight's last block may be partial
     per_tile = -(-kblocks // STAGE_BLOCKS)
     units = -(-n // TILE_ROWS) * per_tile
     return kblocks, per_tile, units, min(units, sms)
 
 
+def int4_codes(word: int, g: int) -> tuple[int, int]:
+    """layout.h int4_codes: 16-bit lanes of nibble pairs (s, s + 4) times g plus 256 - 8g (32-bit
+    arithmetic), then the products' low bytes gathered by PRMT."""
+    bias = (0x01000100 - g * 0x00080008) & 0xFFFFFFFF
+    p = [((((word >> (4 * s)) & 0x000F000F) * g) + bias) & 0xFFFFFFFF for s in range(4)]
+    return byte_perm(p[0], p[1], 0x6240), byte_perm(p[2], p[3], 0x6240)
+
+
+INT4_BLOCK = int4_layout.BLOCK_BYTES
+
+
 def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, sms: int,
-                   selectors: list[int]) -> np.ndarray:
+                   selectors: list[int], int4: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """decode_gemm.cu lane by lane: the producer's tensor copies into a stage buffer, the consumer
     warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
-    epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees."""
+    epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees.
+    ``int4``: the int4 variant on (values, group scales) of int4_layout.pack (``values`` unused)."""
     m = x.shape[0]
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
@@ -155,15 +172,22 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
         stage_v = np.zeros(TILE_ROWS * VALUE_PITCH, dtype=np.uint8)
         stage_m = np.zeros(STAGE_BLOCKS * ATOM, dtype=np.uint8)
         stage_x = np.zeros(8 * nt * ACT_PITCH, dtype=np.uint8)
-        for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
-            src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
-            stage_v[r * VALUE_PITCH:r * VALUE_PITCH + nkb * 64] = vflat[src:src + nkb * 64]
+        if int4 is not None:  # one box of 8 KB (zero past the buffer's end) and one of 256 bytes
+            src = (rt * kblocks + kb0) * INT4_BLOCK
+            chunk = int4[0][src:src + STAGE_BLOCKS * INT4_BLOCK]
+            stage_v4 = np.zeros(STAGE_BLOCKS * INT4_BLOCK, dtype=np.uint8)
+            stage_v4[:chunk.size] = chunk
+            stage_s = int4[1][u * 256:(u + 1) * 256]
+        else:
+            for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
+                src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
+                stage_v[r * VALUE_PITCH:r * VALUE_PITCH + nkb * 64] = vflat[src:src + nkb * 64]
         for b in range(nkb):
             src = meta_offset(rt * TILE_ROWS, (kb0 + b) * 16, rows_padded)
             stage_m[b * ATOM:(b + 1) * ATOM] = meta[src:src + ATOM]
         for tok in range(m):
-            src = tok * k + kb0 * 128
-            stage_x[tok * ACT_PITCH:tok * ACT_PITCH + nkb * 128] = xflat[src:src + nkb * 128]
+            src, width = tok * k + kb0 * 128, min(nkb * 128, k - kb0 * 128)  # zero past K
+            stage_x[tok * ACT_PITCH:tok * ACT_PITCH + width] = xflat[src:src + width]
         for warp in range(WARPS):
             key = (cta, warp)
             acc = np.zeros((nt, 32, 4), dtype=np.int64) if i == 0 or ku == 0 else accs[key]
@@ -175,7 +199,12 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
                     for lane in range(32):
                         g, t = lane // 4, lane % 4
                         for h in range(2):
-                            v = word(stage_v, (wrow + g + 8 * h) * VALUE_PITCH + 16 * t + b * 64 + 4 * w)
+                            if int4 is not None:  # the lane's 8 bytes of row g + 8h, its group scale of block b
+                                off = b * INT4_BLOCK + warp * 512 + lane * 16 + 8 * h + 4 * (w // 2)
+                                gs = (word(stage_s, (wrow + g + 8 * h) * 4) >> (8 * b)) & 0xFF
+                                v = int4_codes(word(stage_v4, off), gs)[w % 2]
+                            else:
+                                v = word(stage_v, (wrow + g + 8 * h) * VALUE_PITCH + 16 * t + b * 64 + 4 * w)
                             mword = word(stage_m, (wrow + g + 8 * h) * 16 + 4 * t + b * ATOM)
                             sel = selectors[(mword >> (8 * w)) & 0xFF]
                             a_regs[lane, h] = byte_perm(v, 0, sel & 0xFFFF)
@@ -260,3 +289,105 @@ def test_transcription_gives_the_exact_product(probe, n, k, m, sms):
     got = emulate_decode(values, meta, x, n, k, sms, selectors)
     want = x.astype(np.int64) @ w.astype(np.int64).T
     np.testing.assert_array_equal(got, want)
+
+
+# ---- the int4 weights of w4a8 layers ------------------------------------------------------------
+
+
+def random_w4a8_24(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes [n, k] = int4 value x group scale, 2:4; group scales uint8 [n, ceil(k/128)]), with
+    kept values that are 0 (the compressor then picks the positions) and the corner cases of
+    random_24."""
+    kb = -(-k // 128)
+    v = rng.integers(-7, 8, size=(n, k // 4, 4))
+    keep = np.argsort(rng.random((n, k // 4, 4)), axis=-1)[..., :2]
+    mask = np.zeros_like(v, dtype=bool)
+    np.put_along_axis(mask, keep, True, axis=-1)
+    v = np.where(mask, v, 0).reshape(n, k)
+    v[0, 0:4] = [0, 0, 0, 5]
+    v[0, 4:8] = [0, -7, 0, 0]
+    v[min(1, n - 1), 8:12] = 0
+    gs = rng.integers(1, 19, size=(n, kb)).astype(np.uint8)
+    gs[0, 0] = 18
+    codes = (v * np.repeat(gs.astype(np.int64), 128, axis=1)[:, :k]).astype(np.int8)
+    return codes, gs
+
+
+INT4_SHAPES = [(64, 128), (100, 576), (200, 1536), (72, 2304), (130, 512), (8, 192)]
+
+
+@pytest.mark.parametrize("n,k", INT4_SHAPES)
+def test_int4_packing_matches_the_closed_forms(n, k):
+    """int4_layout.pack puts kept value j of row r (the compressor's order) at value_nibble(r, j, k) as
+    value + 8, and the group scale of (r, block) at scale_offset; padding is value 0."""
+    rng = np.random.default_rng(n + k)
+    codes, gs = random_w4a8_24(n, k, rng)
+    values8, _ = compress_like_cutlass(codes)
+    packed, scales = int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs))
+    assert (packed.numel(), scales.numel()) == int4_layout.resident_bytes(n, k)
+    nib = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1).numpy().astype(np.int64)
+    rows, js = np.meshgrid(np.arange(n), np.arange(k // 2), indexing="ij")
+    where = np.vectorize(lambda r, j: int4_layout.value_nibble(int(r), int(j), k))(rows, js)
+    g_of = np.repeat(gs.astype(np.int64), 64, axis=1)[:, :k // 2]
+    np.testing.assert_array_equal(nib[where], values8.astype(np.int64) // g_of + 8)
+    assert (np.delete(nib, where.reshape(-1)) == 8).all(), "padding holds value 0"
+    assert len(set(where.reshape(-1).tolist())) == where.size
+    for r in range(n):
+        for kb in range(gs.shape[1]):
+            assert int(scales[int4_layout.scale_offset(r, kb, k)]) == gs[r, kb]
+
+
+def test_int4_packing_names_a_code_off_the_grid():
+    codes, gs = random_w4a8_24(64, 256, np.random.default_rng(1))
+    values8, _ = compress_like_cutlass(codes)
+    values8[3, 70] = 7 * int(gs[3, 1]) + 1 if gs[3, 1] > 1 else 8  # not value x g with |value| <= 7
+    with pytest.raises(ValueError, match=r"layer.q: kept value 70 of row 3 is the int8 code"):
+        int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs), "layer.q")
+    with pytest.raises(ValueError, match=r"layer.q: expected uint8 group scales \[64, 2\]"):
+        int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs[:, :1]), "layer.q")
+
+
+@pytest.mark.parametrize("n,k", INT4_SHAPES)
+def test_int4_closed_forms_match_layout_h(probe, n, k):
+    proc = subprocess.run([probe, "--int4", str(n), str(k)], capture_output=True, text=True, check=True)
+    lines = proc.stdout.split("\n")
+    kb = -(-k // 128)
+    for r in range(n):
+        got = [int(v) for v in lines[r].split()]
+        assert got[:k // 2] == [int4_layout.value_nibble(r, j, k) for j in range(k // 2)], r
+        assert got[k // 2:] == [int4_layout.scale_offset(r, b, k) for b in range(kb)], r
+    assert tuple(int(v) for v in lines[n].split()) == int4_layout.resident_bytes(n, k)
+
+
+def test_int4_codes_match_layout_h_and_the_exact_codes(probe):
+    """int4_codes() as compiled from layout.h (host build), its transcription here and value x g
+    agree for every group scale 0..18 on words holding every nibble of a value in [-7, 7] (1..15)."""
+    rng = np.random.default_rng(7)
+    nibbles = rng.integers(1, 16, size=(40, 8))
+    words = [0x12345678, 0x9ABCDEF1, 0xFEDCBA98, 0x88888888, 0x11111111, 0xFFFFFFFF,
+             *(sum(int(v) << (4 * i) for i, v in enumerate(row)) for row in nibbles)]
+    order = [int4_layout.nibble_of(i) for i in range(8)]  # word 0 of a lane's row: chunk values 0..7
+    for g in range(19):
+        proc = subprocess.run([probe, "--int4-codes", str(g), *(f"{w:08x}" for w in words)],
+                              capture_output=True, text=True, check=True)
+        for w, line in zip(words, proc.stdout.split("\n"), strict=False):
+            lo, hi = (int(v, 16) for v in line.split())
+            assert (lo, hi) == int4_codes(w, g), (g, hex(w))
+            want = [(((w >> (4 * order[i])) & 0xF) - 8) * g for i in range(8)]
+            assert signed_bytes(lo) + signed_bytes(hi) == want, (g, hex(w))
+
+
+@pytest.mark.parametrize("n,k,m,sms", [(96, 384, 1, 1), (40, 2048, 13, 3), (100, 576, 9, 2), (130, 1536, 33, 5),
+                                       (72, 2304, 2, 4), (64, 512, 64, 2)])
+def test_int4_transcription_gives_the_exact_product(probe, n, k, m, sms):
+    """The int4 kernel on int4_layout.pack's layout (incl. a partial last block, K = 576 / 2304, and
+    partial row tiles) computes x @ codes^T exactly, as the int8 kernel on the compressor's values."""
+    proc = subprocess.run([probe, "--selectors"], capture_output=True, text=True, check=True)
+    selectors = [int(s, 16) for s in proc.stdout.split()]
+    rng = np.random.default_rng(n * k + m)
+    codes, gs = random_w4a8_24(n, k, rng)
+    x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
+    values8, meta = compress_like_cutlass(codes)
+    packed, scales = int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs))
+    got = emulate_decode(values8, meta, x, n, k, sms, selectors, int4=(packed.numpy(), scales.numpy()))
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ codes.astype(np.int64).T)

@@ -259,7 +259,7 @@ def test_bad_shapes_are_refused_with_a_message():
     stream = torch.cuda.current_stream().cuda_stream
 
     def call(m, n, k, stride):
-        return so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), x.data_ptr(), stride,
+        return so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), None, x.data_ptr(), stride,
                                   f.data_ptr(), f.data_ptr(), None, out.data_ptr(), m, n, k, ws.data_ptr(),
                                   ws.numel(), None, stream)
 
@@ -270,7 +270,7 @@ def test_bad_shapes_are_refused_with_a_message():
     with pytest.raises(lib.Sparse24LibraryError, match="row stride"):
         lib.check_decode(call(4, 64, 256, 200), "stride 200")
     with pytest.raises(lib.Sparse24LibraryError, match="workspace"):
-        lib.check_decode(so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), x.data_ptr(), 256,
+        lib.check_decode(so.s24_decode_gemm(lib.INT8, lib.BF16, x.data_ptr(), x.data_ptr(), None, x.data_ptr(), 256,
                                             f.data_ptr(), f.data_ptr(), None, out.data_ptr(), 4, 64, 256, None, 0,
                                             None, stream), "no workspace")
 

@@ -276,7 +276,9 @@ class Sparse24LinearMethod(LinearMethodBase):
             else:
                 resident = self.kernel.prepare(weight, scale)
         except torch.OutOfMemoryError as e:
-            need = n * k * (5 / 8 if self.sparse else 1) / 2**20
+            # int4 values + metadata + group scales, or 8-bit values + metadata, or dense codes
+            per_weight = 0.39 if self.int4 and self.kernel.int4_resident else 5 / 8 if self.sparse else 1
+            need = n * k * per_weight / 2**20
             raise torch.OutOfMemoryError(
                 f"{self.layer_name}: out of GPU memory preparing the {'2:4 sparse' if self.sparse else 'dense'} "
                 f"{self.grid.name} weight [{n}, {k}]: it needs {need:.1f} MiB resident plus {n * k / 2**20:.1f} MiB "

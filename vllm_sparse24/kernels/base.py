@@ -8,8 +8,9 @@ dispatch.py from what each kernel says about itself: ``is_supported`` (this mach
 ``can_implement`` (this layer). Kernels import no vLLM.
 
 A w4a8 2:4 layer (int4 values x uint8 group scale, ``LinearLayer.int4``) reaches a kernel in one of
-two forms: a kernel with ``int4_resident`` keeps the packed int4 values (``prepare_int4``); any
-other takes its int8 codes (int4 value x group scale, exact) through ``prepare`` like an int8 layer.
+two forms: a kernel with ``int4_resident`` gets the checked checkpoint tensors (``prepare_int4``)
+and keeps int4 values resident, as they are or in a layout of its own; any other takes its int8
+codes (int4 value x group scale, exact) through ``prepare`` like an int8 layer.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ Which GEMM config serves which token count inside the CUDA 2:4 kernel is data of
   the scheme's GEMM configs), ``CutlassScaledMMKernel`` (dense W8A8 layers: vLLM's
   cutlass_scaled_mm), then the float32 references (``TorchW4A8Kernel`` for w4a8 2:4 layers,
   ``TorchW8A8Kernel`` for any other) for layers no CUDA kernel computes (float32 models, fp8 in
-  fp16 models), with a warning that it is slow. A w4a8 2:4 layer on the CUDA 2:4 kernel is unpacked
-  at load into the int8 2:4 layout (int4 value x group scale: the same int8 codes) and runs the
-  int8 GEMM table (``gemm_table.GEMM_INPUT``) until a kernel that streams the int4 values exists;
-  it then holds 0.625 bytes per weight instead of the checkpoint's ~0.39 (said once at load).
+  fp16 models), with a warning that it is slow. A w4a8 2:4 layer on the CUDA 2:4 kernel keeps its
+  int4 values resident (``int4_resident``: ~0.39 bytes per weight, logged per layer shape at load):
+  the decode GEMM's int4 variant streams them at few tokens, and above its threshold they are
+  unpacked into one shared int8 scratch per device for the int8 GEMM table
+  (``gemm_table.GEMM_INPUT``).
 * Any other device (CPU): ``TorchW4A8Kernel`` (w4a8 2:4 layers: the int4 values stay resident),
   then ``TorchW8A8Kernel``.
 
@@ -31,7 +32,6 @@ import torch
 
 from .base import LinearLayer, UnsupportedDeviceError, W8A8LinearKernel
 from .cuda.dense_linear import CutlassScaledMMKernel
-from .cuda.gemm_table import GEMM_INPUT
 from .cuda.sparse24_linear import CutlassSparse24Kernel
 from .torch_ref import TorchW4A8Kernel, TorchW8A8Kernel
 
@@ -90,10 +90,9 @@ def choose_kernel(layer: LinearLayer) -> type[W8A8LinearKernel]:
 
 @functools.cache
 def _say_unpacked(kernel: str) -> None:
-    """Said once per kernel: w4a8 2:4 layers run there as int8 2:4 (unpacked at load)."""
-    log.warning("sparse24: w4a8 2:4 layers run on %s unpacked into the %s 2:4 layout at load (int4 value x "
-                "group scale: the same codes, 0.625 instead of ~0.39 bytes per weight resident); no kernel "
-                "streams the int4 values on this device yet", kernel, GEMM_INPUT["w4a8"])
+    """Said once per kernel that takes int8 codes: w4a8 2:4 layers run there unpacked at load."""
+    log.warning("sparse24: w4a8 2:4 layers run on %s unpacked into int8 codes at load (int4 value x group scale: "
+                "the same products, more bytes per weight resident than the ~0.39 of the int4 values)", kernel)
 
 
 @functools.cache

@@ -9,7 +9,9 @@ ones (same buckets, tiles and schedules), so a new int8 row gets its e4m3 twin f
 
 Few tokens: the decode GEMM serves M <= ``GemmPlan.decode_max_m``: 0 (off) by default, a count set
 by ``VLLM_SPARSE24_DECODE_MAX_M``, or with ``auto`` measured per layer shape when the plan is made at
-load time (``decode_max_m`` below); the CUTLASS configs serve every larger M.
+load time (``decode_max_m`` below); the CUTLASS configs serve every larger M. w4a8 layers (int4
+plans) differ in the default only: the int4 decode GEMM serves every M it can (64), because their
+other path unpacks the whole weight before the CUTLASS GEMM reads it (see ``decode_max_m``).
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ GEMM_TABLE[("e4m3", "bf16")] = {cls: _e4m3_rows(rows) for cls, rows in GEMM_TABL
 DTYPE_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 # scheme -> the input dtype of the GEMM table rows that serve its 2:4 layers. w4a8 (int4 values x
-# uint8 group scale) is unpacked at load into the int8 2:4 layout and runs the int8 rows and the
-# int8 decode GEMM: its int8 codes are int4 value x group scale exactly. A decode GEMM that streams
-# the int4 values (0.375 bytes per weight + scales) would get rows of its own here.
+# uint8 group scale) runs the int8 rows on its int8 codes (int4 value x group scale, exactly),
+# unpacked from the resident int4 values into a shared scratch right before the GEMM; at few tokens
+# the decode GEMM's int4 variant streams the int4 values themselves.
 GEMM_INPUT = {"int8": "int8", "fp8": "e4m3", "w4a8": "int8"}
 
 
@@ -122,6 +124,7 @@ class GemmPlan:
                                          "`python -m vllm_sparse24.build`")
         self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
         self.decode_max_m = 0  # set at load time by decode_max_m(); a plain int, fixed before graph capture
+        self.int4 = False  # a w4a8 layer: int4 values + group scales resident, unpacked for these configs
 
     def use_decode(self, m: int) -> bool:
         """Whether the decode GEMM (not a CUTLASS config) serves M tokens."""
@@ -161,16 +164,18 @@ DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
 # Token counts timed at load time: the serving batch sizes where the weight stream dominates.
 DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
+DECODE_INT4_K = 64  # int4 weights: their layout pads a partial last block (K = 576)
 DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def decode_forced_max_m() -> int | None:
+def decode_forced_max_m(unset: int = 0) -> int | None:
     """``VLLM_SPARSE24_DECODE_MAX_M`` as a token count (0 = decode GEMM off), or None for ``auto``
-    (measured per layer shape at load). Unset means 0: the decode GEMM is opt-in until its timings
-    against the CUTLASS configs (docs/kernels.md) decide where it serves by default."""
+    (measured per layer shape at load). Unset means ``unset``: 0 for 8-bit layers, where the decode
+    GEMM is opt-in until its timings against the CUTLASS configs (docs/kernels.md) decide where it
+    serves by default."""
     raw = os.environ.get(DECODE_ENV, "").strip().lower()
     if not raw:
-        return 0
+        return unset
     if raw == "auto":
         return None
     try:
@@ -184,17 +189,27 @@ def decode_forced_max_m() -> int | None:
 
 
 def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
-                 measure: Callable[[int], tuple[float, float]] | None) -> int:
+                 measure: Callable[[int], tuple[float, float]] | None, int4: bool = False) -> int:
     """Largest token count the decode GEMM serves for one layer shape (0: none), decided once at load.
 
     ``VLLM_SPARSE24_DECODE_MAX_M`` decides (capped at what the kernel serves; unset: 0). With
     ``auto``, ``measure(m)`` -> (decode seconds, CUTLASS GEMM seconds) on this shape: the decode GEMM keeps
     every candidate M up to the first one where it is slower, so the threshold splits the token
     counts into one decode range and one GEMM range (a call between two candidates runs the kernel
-    instance of the next candidate up, so it costs about what was measured there)."""
-    if in_dtype not in DECODE_DTYPES or k % DECODE_BLOCK_K:
+    instance of the next candidate up, so it costs about what was measured there).
+
+    ``int4`` (w4a8 layers): unset means every M the kernel serves. The other path unpacks the int4
+    weight (read 0.39 bytes per weight, write 0.5) before the CUTLASS GEMM reads 0.625, ~1.5 bytes
+    per weight against the decode GEMM's 0.39, and at few tokens a GEMM is its weight stream; not
+    measured on a GPU yet (``auto`` measures it per shape, as for 8-bit layers)."""
+    if int4:
+        if k % DECODE_INT4_K:
+            return 0
+        forced = decode_forced_max_m(unset=kernel_max_m)
+    elif in_dtype not in DECODE_DTYPES or k % DECODE_BLOCK_K:
         return 0
-    forced = decode_forced_max_m()
+    else:
+        forced = decode_forced_max_m()
     if forced is not None:
         return min(forced, kernel_max_m)
     if measure is None:

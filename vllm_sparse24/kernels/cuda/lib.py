@@ -10,9 +10,11 @@ from pathlib import Path
 
 from .build import DEFAULT_LIB
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 # S24Dtype in csrc/sparse24.h
 INT8, E4M3, BF16, F16 = 0, 1, 2, 3
+# the decode GEMM's int4 weight (w4a8 2:4: int4 values + group scales, int8 activations; csrc/decode/decode_gemm.h)
+INT4 = 4
 
 _c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 
@@ -79,9 +81,12 @@ def declare_decode(so: ctypes.CDLL) -> None:
     so.s24_decode_last_error.restype = ctypes.c_char_p
     so.s24_decode_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
     so.s24_decode_partition.argtypes = [_c_int, _c_int, _c_int] + [ctypes.POINTER(_c_int)] * 3
-    so.s24_decode_gemm.argtypes = [_c_int, _c_int, _vp, _vp, _vp, _c_i64, _vp, _vp, _vp, _vp, _c_int, _c_int,
+    so.s24_decode_gemm.argtypes = [_c_int, _c_int, _vp, _vp, _vp, _vp, _c_i64, _vp, _vp, _vp, _vp, _c_int, _c_int,
                                    _c_int, _vp, _c_i64, ctypes.POINTER(DecodeTuning), _vp]
-    for fn in (so.s24_decode_workspace_bytes, so.s24_decode_partition, so.s24_decode_gemm):
+    so.s24_decode_int4_bytes.argtypes = [_c_int, _c_int, ctypes.POINTER(_c_i64), ctypes.POINTER(_c_i64)]
+    so.s24_decode_unpack_int4.argtypes = [_vp, _vp, _vp, _c_int, _c_int, _vp]
+    for fn in (so.s24_decode_workspace_bytes, so.s24_decode_partition, so.s24_decode_gemm, so.s24_decode_int4_bytes,
+               so.s24_decode_unpack_int4):
         fn.restype = _c_int
 
 
@@ -105,6 +110,15 @@ def decode_workspace_bytes(m: int, n: int, k: int) -> int:
     b = _c_i64()
     check_decode(lib().s24_decode_workspace_bytes(m, n, k, ctypes.byref(b)), f"decode workspace of [{n}, {k}]")
     return b.value
+
+
+def decode_int4_bytes(n: int, k: int) -> tuple[int, int]:
+    """(values bytes, group scale bytes) of the decode GEMM's int4 layout of an [n, k] w4a8 2:4 weight
+    (csrc/decode/layout.h; ``int4_layout.resident_bytes`` computes the same in Python)."""
+    values, scales = _c_i64(), _c_i64()
+    check_decode(lib().s24_decode_int4_bytes(n, k, ctypes.byref(values), ctypes.byref(scales)),
+                 f"int4 layout of [{n}, {k}]")
+    return values.value, scales.value
 
 
 def decode_partition(n: int, k: int, sms: int = 0) -> tuple[int, int, int]:

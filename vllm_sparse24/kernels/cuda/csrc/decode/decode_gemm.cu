@@ -28,6 +28,12 @@
 //     a DENSE mma.sync m16n8k32 (int8 -> int32, e4m3 -> float32) covers 8 tokens.
 //     (dp4a would cost 2 integer ops per 4 weights PER TOKEN; mma.sp would need the metadata in the
 //     PTX sparse-fragment order; the dense fragments let a lane read whole 16-byte chunks.)
+//   * Int4 weights (w4a8 2:4, in_dtype S24_INT4): the values are int4 with a uint8 scale per row and
+//     128-k block, resident in the decode order of layout.h (8 KB of values + 256 bytes of group
+//     scales a unit, each contiguous: 9 box rows instead of 64 for the values). A lane turns its
+//     nibbles into the int8 codes (int4 value x group scale, int4_codes()) and from there runs the
+//     int8 path unchanged: the same selector expansion, mma and epilogue, so the result is the int8
+//     kernel's on the unpacked codes, bit for bit. The unit stage holds the values at half the bytes.
 // K slots are permuted freely: a dot product does not care which logical k sits in which fragment
 // slot as long as A and B agree. Lane (g = lane / 4, t = lane % 4) takes, per 128-k block, the
 // 16-byte value chunk t of rows g and g + 8 (logical k 32t .. 32t+31) and word w of it
@@ -77,6 +83,7 @@ constexpr int kMetaAtomBytes = kTileRows * 16;       // one k block of one row t
 // activation bytes per token.
 constexpr int kValuePitch = kStageBlocks * kMetaBlockK / 2;
 constexpr int kActPitch = kStageBlocks * kMetaBlockK;
+constexpr int kInt4KMultiple = 64;                   // int4 weights: K per rank a multiple of 64 (format.md)
 constexpr int kMaxTickets = 16384;                   // (row tiles x warps) of the largest layer
 constexpr int64_t kTicketBytes = kMaxTickets * 4;
 constexpr size_t kErrLen = 512;
@@ -109,28 +116,39 @@ uint64_t* g_probe = nullptr;  // the buffer the next launches stamp into (s24_de
 #endif
 thread_local char g_err[kErrLen] = "";
 
-int fail(int code, const char* fmt, long long a = 0, long long b = 0, long long c = 0) {
-  std::snprintf(g_err, kErrLen, fmt, a, b, c);
+int fail(int code, const char* fmt, long long a = 0, long long b = 0, long long c = 0, long long d = 0) {
+  std::snprintf(g_err, kErrLen, fmt, a, b, c, d);
   return code;
 }
+
+// Weight tag of the int4 variant: int4 values + group scales, int8 activations, int32 sums.
+struct Int4 {};
+template <class In>
+constexpr bool kIsInt4 = std::is_same_v<In, Int4>;
 
 template <class T>
 struct Acc { using type = int32_t; };
 template <>
 struct Acc<__nv_fp8_e4m3> { using type = float; };
 
-// Stage layout: values [64 rows][kValuePitch], metadata [kStageBlocks][64 rows][16], activations
-// [8 NT tokens][kActPitch]; 128-byte aligned.
-template <int NT>
+// Stage layout: values [64 rows][kValuePitch] (int4: one unit of layout.h's int4 values, half the
+// bytes), metadata [kStageBlocks][64 rows][16], int4 only: group scales [64 rows][kStageBlocks],
+// activations [8 NT tokens][kActPitch]; 128-byte aligned.
+template <int NT, bool Int4Weight = false>
 struct Stage {
   static constexpr int kValues = 0;
-  static constexpr int kMeta = kTileRows * kValuePitch;
-  static constexpr int kAct = kMeta + kStageBlocks * kMetaAtomBytes;
+  static constexpr int kMeta = Int4Weight ? kStageBlocks * kInt4BlockBytes : kTileRows * kValuePitch;
+  static constexpr int kScales = kMeta + kStageBlocks * kMetaAtomBytes;
+  static constexpr int kAct = kScales + (Int4Weight ? kInt4ScaleUnitBytes : 0);
   static constexpr int kActBytes = 8 * NT * kActPitch;
   static constexpr int kLoadBytes = kAct + kActBytes;  // what one unit's three copies deliver
   static constexpr int kBytes = (kLoadBytes + 127) / 128 * 128;
 };
 static_assert(Stage<1>::kMeta % 128 == 0 && Stage<1>::kAct % 128 == 0, "TMA destinations are 128-byte aligned");
+static_assert(Stage<1, true>::kMeta % 128 == 0 && Stage<1, true>::kScales % 128 == 0 && Stage<1, true>::kAct % 128 == 0,
+              "TMA destinations are 128-byte aligned");
+static_assert(kStageBlocks == kInt4UnitBlocks && kTileRows == kMetaRowAlign && kWarpRows == 16,
+              "the int4 layout's unit is the kernel's unit");
 // full + empty barriers, selector table, token scales
 constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4 + kMaxM * 4;
 
@@ -230,21 +248,24 @@ struct Partition {
 
 S24_HD Partition make_partition(int n, int k, int sms) {
   Partition p;
-  p.kblocks = k / kMetaBlockK;
+  p.kblocks = static_cast<int>(int4_kblocks(k));  // k / 128 but for an int4 weight's partial last block
   p.units_per_tile = (p.kblocks + kStageBlocks - 1) / kStageBlocks;
   p.units = (n + kTileRows - 1) / kTileRows * p.units_per_tile;
   p.ctas = std::min(p.units, sms);
   return p;
 }
 
-// The three operands as TMA tensor maps (innermost dimension first):
+// The operands as TMA tensor maps (innermost dimension first):
 //   values [n][k/2] bytes                           box 256 x 64 rows    (one unit's values)
+//     int4: [tiles * kblocks * 2][256] 4-byte words box 256 x 8          (one unit's 8 KB)
+//   group scales (int4 only) [units][64] words      box 64 x 1           (one unit's 256 bytes)
 //   meta   [k/128][meta_rows(n) * 4] 4-byte words   box 256 x 4          (one unit's 4 metadata atoms)
 //   x      [m][k/4] 4-byte words, rows x_stride     box 128 x 8 NT       (one unit's activations)
 struct alignas(64) Params {
   CUtensorMap values;
   CUtensorMap meta;
   CUtensorMap x;
+  CUtensorMap scales;  // int4 only
   const float* x_scale;
   const float* w_scale;
   const void* bias;
@@ -309,7 +330,7 @@ __device__ __forceinline__ void store_out(const Params& p, int t, int row, A acc
 template <class In, class Out, int NT>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ Params p) {
   using A = typename Acc<In>::type;
-  using S = Stage<NT>;
+  using S = Stage<NT, kIsInt4<In>>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + kMaxStages;
@@ -340,6 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     if (lane != 0) return;
     const uint64_t policy = evict_first_policy();
     prefetch_map(&p.values), prefetch_map(&p.meta), prefetch_map(&p.x);
+    if constexpr (kIsInt4<In>) prefetch_map(&p.scales);
     auto origin = [&](int i, int& rt, int& kb0) {
       const int u = u_begin + i;
       rt = u / part.units_per_tile;
@@ -351,7 +373,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       uint8_t* st = stages + (i % p.stages) * S::kBytes;
       uint64_t* bar = full + i % p.stages;
       mbar_expect_tx(bar, S::kLoadBytes);
-      tensor_load_2d(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar, policy);
+      if constexpr (kIsInt4<In>) {  // the unit's 8 KB of values (1 KB rows) and 256 bytes of group scales
+        constexpr int kRowsPerBlock = kInt4BlockBytes / 1024;
+        tensor_load_2d(st + S::kValues, &p.values, 0, (rt * part.kblocks + kb0) * kRowsPerBlock, bar, policy);
+        tensor_load_2d(st + S::kScales, &p.scales, 0, u_begin + i, bar, policy);
+      } else {
+        tensor_load_2d(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar, policy);
+      }
       tensor_load_2d(st + S::kMeta, &p.meta, rt * kTileRows * 4, kb0, bar, policy);
     };
     auto load_act = [&](int i) {
@@ -495,11 +523,37 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch + 16 * t;
     const uint8_t* mrow = st + S::kMeta + (wrow + g) * 16 + 4 * t;
     const uint8_t* xrow = st + S::kAct + g * kActPitch + 32 * t;
+    // int4: the lane's 16 bytes of each block (layout.h) and the group scales of its rows g, g + 8
+    // (byte b = block b)
+    const uint8_t* v4 = st + S::kValues + warp * 512 + lane * 16;
+    uint32_t scale_words[2] = {0u, 0u};
+    if constexpr (kIsInt4<In>) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        scale_words[h] = *reinterpret_cast<const uint32_t*>(st + S::kScales + (wrow + g + 8 * h) * kStageBlocks);
+    }
 #pragma unroll
     for (int b = 0; b < kStageBlocks; ++b) {
       if (b >= nkb) break;
-      const uint4 v[2] = {*reinterpret_cast<const uint4*>(vrow + b * (kMetaBlockK / 2)),
-                          *reinterpret_cast<const uint4*>(vrow + 8 * kValuePitch + b * (kMetaBlockK / 2))};
+      // vw[h][w]: 4 kept 8-bit values (k 32t + 8w .. +7) of row g + 8h, as the 8-bit layout holds them
+      uint32_t vw[2][4];
+      if constexpr (kIsInt4<In>) {
+        const uint4 q = *reinterpret_cast<const uint4*>(v4 + b * kInt4BlockBytes);
+        const uint32_t nib[2][2] = {{q.x, q.y}, {q.z, q.w}};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t gs = (scale_words[h] >> (8 * b)) & 0xffu;
+          uint32_t lo[2], hi[2];
+          int4_codes(nib[h][0], gs, lo);
+          int4_codes(nib[h][1], gs, hi);
+          vw[h][0] = lo[0], vw[h][1] = lo[1], vw[h][2] = hi[0], vw[h][3] = hi[1];
+        }
+      } else {
+        const uint4 v[2] = {*reinterpret_cast<const uint4*>(vrow + b * (kMetaBlockK / 2)),
+                            *reinterpret_cast<const uint4*>(vrow + 8 * kValuePitch + b * (kMetaBlockK / 2))};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) vw[h][0] = v[h].x, vw[h][1] = v[h].y, vw[h][2] = v[h].z, vw[h][3] = v[h].w;
+      }
       const uint32_t met[2] = {*reinterpret_cast<const uint32_t*>(mrow + b * kMetaAtomBytes),
                                *reinterpret_cast<const uint32_t*>(mrow + 128 + b * kMetaAtomBytes)};
       uint4 x[NT][2];
@@ -513,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         uint32_t a[4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // rows g / g + 8
-          const uint32_t word = reinterpret_cast<const uint32_t*>(&v[h])[w];
+          const uint32_t word = vw[h][w];
           const uint32_t sel = lut[(met[h] >> (8 * w)) & 0xffu];
           a[h] = __byte_perm(word, 0u, sel);            // k slots 4t .. 4t+3
           a[2 + h] = __byte_perm(word, 0u, sel >> 16);  // k slots 16 + 4t ..
@@ -549,6 +603,38 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #endif
 }
 
+// ---- int4 -> the 8-bit layout (the prefill path of w4a8 layers) --------------------------------
+
+// One thread per 16 resident bytes (one lane's chunk of one tile's block, rows g and g + 8): the same
+// int4_codes() as the decode kernel, stored as the 16 contiguous int8 values 16t .. 16t+15 of the
+// block of each row, i.e. at value_offset(row, 64 kb + 16 t, k) of CUTLASS's [n, k/2] values.
+__global__ void unpack_int4_kernel(const uint4* __restrict__ values, const uint32_t* __restrict__ scales,
+                                   uint8_t* __restrict__ out, int n, int k, int kblocks, int units_per_tile,
+                                   int64_t chunks) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= chunks) return;
+  constexpr int kChunksPerBlock = kInt4BlockBytes / 16;
+  const int64_t tile_block = c / kChunksPerBlock, rt = tile_block / kblocks, kb = tile_block % kblocks;
+  const int rem = static_cast<int>(c % kChunksPerBlock);
+  const int warp = rem / 32, lane = rem % 32, g = lane / 4, t = lane % 4;
+  const int64_t u = rt * units_per_tile + kb / kInt4UnitBlocks;  // the group scales' unit
+  const int b = static_cast<int>(kb % kInt4UnitBlocks);
+  const int64_t j0 = kb * 64 + 16 * t;  // first of the chunk's 16 values in a row
+  if (j0 >= k / 2) return;            // padding past K (k % 32 == 0: a chunk is all in or all out)
+  const uint4 q = values[c];
+  const uint32_t nib[2][2] = {{q.x, q.y}, {q.z, q.w}};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = rt * kTileRows + warp * kWarpRows + g + 8 * h;
+    if (row >= n) continue;
+    const uint32_t gs = (scales[u * (kInt4ScaleUnitBytes / 4) + row % kTileRows] >> (8 * b)) & 0xffu;
+    uint32_t lo[2], hi[2];
+    int4_codes(nib[h][0], gs, lo);
+    int4_codes(nib[h][1], gs, hi);
+    *reinterpret_cast<uint4*>(out + value_offset(row, j0, k)) = make_uint4(lo[0], lo[1], hi[0], hi[1]);
+  }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 int device_attr(cudaDeviceAttr attr, int fallback) {
@@ -574,9 +660,9 @@ int64_t workspace_need(int sms) {
   return kTicketBytes + static_cast<int64_t>(kMaxCtasPerSm) * sms * 2 * kConsumerWarps * kMaxM * kWarpRows * 4;
 }
 
-template <int NT>
+template <int NT, bool Int4Weight>
 int stages_for(int requested) {
-  const int fit = (smem_optin() - (kHeaderBytes + 127) / 128 * 128) / Stage<NT>::kBytes;
+  const int fit = (smem_optin() - (kHeaderBytes + 127) / 128 * 128) / Stage<NT, Int4Weight>::kBytes;
   const int s = requested > 0 ? requested : kMaxStages;
   return std::max(1, std::min({s, fit, kMaxStages}));
 }
@@ -584,9 +670,10 @@ int stages_for(int requested) {
 template <class In, class Out, int NT>
 int launch(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
   auto kernel = decode_kernel<In, Out, NT>;
-  p.stages = stages_for<NT>(stages);
+  using S = Stage<NT, kIsInt4<In>>;
+  p.stages = stages_for<NT, kIsInt4<In>>(stages);
   if (ctas > 0) p.part.ctas = std::min({ctas, p.part.units, kMaxCtasPerSm * sm_count()});
-  const int smem = (kHeaderBytes + 127) / 128 * 128 + p.stages * Stage<NT>::kBytes;
+  const int smem = (kHeaderBytes + 127) / 128 * 128 + p.stages * S::kBytes;
   static int configured = 0;  // the largest dynamic shared memory this instance was allowed
   if (smem > configured) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
@@ -658,21 +745,34 @@ int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, const c
   return 0;
 }
 
-int encode_operands(Params& p, const void* values, const void* meta, const void* x, int64_t x_stride) {
-  const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.k / kMetaBlockK, mr = meta_rows(p.n);
+int encode_operands(Params& p, const void* values, const void* meta, const void* scales, const void* x,
+                    int64_t x_stride) {
+  const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.part.kblocks, mr = meta_rows(p.n);
   constexpr auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, u32 = CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  if (int rc = encode(&p.values, u8, values, {k / 2, n}, k / 2, {kStageBlocks * kMetaBlockK / 2, kTileRows}, "values"))
+  if (scales) {  // int4: whole units, 1 KB rows of values and one 256-byte row of group scales a unit
+    const cuuint64_t units = int4_units(p.n, p.k), rows = int4_value_bytes(p.n, p.k) / 1024;
+    if (int rc = encode(&p.values, u32, values, {256, rows}, 1024, {256, kStageBlocks * kInt4BlockBytes / 1024},
+                        "int4 values"))
+      return rc;
+    if (int rc = encode(&p.scales, u32, scales, {kInt4ScaleUnitBytes / 4, units}, kInt4ScaleUnitBytes,
+                        {kInt4ScaleUnitBytes / 4, 1}, "group scale"))
+      return rc;
+  } else if (int rc = encode(&p.values, u8, values, {k / 2, n}, k / 2, {kStageBlocks * kMetaBlockK / 2, kTileRows},
+                             "values")) {
     return rc;
+  }
   if (int rc = encode(&p.meta, u32, meta, {mr * 4, kb}, mr * 16, {kTileRows * 4, kStageBlocks}, "metadata"))
     return rc;
   return encode(&p.x, u32, x, {k / 4, m}, static_cast<cuuint64_t>(x_stride),
                 {kStageBlocks * kMetaBlockK / 4, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
 }
 
-int check_shape(int m, int n, int k) {
+// k_multiple: 128 (8-bit weights: whole metadata blocks), 64 (int4 weights, whose layout pads the
+// last block: K = 576)
+int check_shape(int m, int n, int k, int k_multiple = kMetaBlockK) {
   if (m < 0 || m > kMaxM) return fail(-1, "decode GEMM: m=%lld tokens, the kernel serves 0 <= m <= %lld", m, kMaxM);
-  if (n <= 0 || k <= 0 || k % kMetaBlockK)
-    return fail(-1, "decode GEMM: n=%lld, k=%lld; needs n > 0 and k a positive multiple of %lld", n, k, kMetaBlockK);
+  if (n <= 0 || k <= 0 || k % k_multiple)
+    return fail(-1, "decode GEMM: n=%lld, k=%lld; needs n > 0 and k a positive multiple of %lld", n, k, k_multiple);
   if ((n + kTileRows - 1) / kTileRows * kConsumerWarps > kMaxTickets)
     return fail(-1, "decode GEMM: n=%lld rows exceed the %lld the workspace's tickets cover", n,
                 static_cast<long long>(kMaxTickets) / kConsumerWarps * kTileRows);
@@ -703,15 +803,46 @@ int s24_decode_partition(int n, int k, int sms, int* units, int* ctas, int* unit
   return 0;
 }
 
-int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void* meta, const void* x,
-                    int64_t x_row_stride, const float* x_scale, const float* w_scale, const void* bias,
-                    void* out, int m, int n, int k, void* workspace, int64_t workspace_bytes,
+int s24_decode_int4_bytes(int n, int k, int64_t* values_bytes, int64_t* scale_bytes) {
+  if (int rc = check_shape(1, n, k, kInt4KMultiple)) return rc;
+  *values_bytes = int4_value_bytes(n, k), *scale_bytes = int4_scale_bytes(n, k);
+  return 0;
+}
+
+int s24_decode_unpack_int4(const void* values, const void* group_scale, void* out, int n, int k,
+                           cudaStream_t stream) {
+  if (int rc = check_shape(1, n, k, kInt4KMultiple)) return rc;
+  if (!values || !group_scale || !out) return fail(-1, "int4 unpack: null operand pointer");
+  if (!aligned(values, 16) || !aligned(group_scale, 4) || !aligned(out, 16))
+    return fail(-1, "int4 unpack: the int4 values and the int8 output must be 16-byte aligned, the group scales 4-byte");
+  const int64_t chunks = int4_value_bytes(n, k) / 16;
+  constexpr int kBlock = 256;
+  unpack_int4_kernel<<<static_cast<unsigned>((chunks + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+      static_cast<const uint4*>(values), static_cast<const uint32_t*>(group_scale), static_cast<uint8_t*>(out), n, k,
+      static_cast<int>(int4_kblocks(k)), static_cast<int>(int4_units_per_tile(k)), chunks);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    std::snprintf(g_err, kErrLen, "int4 unpack launch: %s", cudaGetErrorString(e));
+    return -10;
+  }
+  return 0;
+}
+
+int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void* meta, const void* group_scale,
+                    const void* x, int64_t x_row_stride, const float* x_scale, const float* w_scale,
+                    const void* bias, void* out, int m, int n, int k, void* workspace, int64_t workspace_bytes,
                     const S24DecodeTuning* tuning, cudaStream_t stream) {
-  if (int rc = check_shape(m, n, k)) return rc;
+  const bool int4 = in_dtype == S24_INT4;
+  if (int rc = check_shape(m, n, k, int4 ? kInt4KMultiple : kMetaBlockK)) return rc;
   if (m == 0) return 0;
-  if (in_dtype != S24_INT8 && in_dtype != S24_E4M3)
-    return fail(-1, "decode GEMM: input dtype %lld, expected int8 (%lld) or float8_e4m3fn (%lld)", in_dtype,
-                S24_INT8, S24_E4M3);
+  if (in_dtype != S24_INT8 && in_dtype != S24_E4M3 && !int4)
+    return fail(-1, "decode GEMM: weight dtype %lld, expected int8 (%lld), float8_e4m3fn (%lld) or int4 (%lld)",
+                in_dtype, S24_INT8, S24_E4M3, S24_INT4);
+  if (int4 != (group_scale != nullptr))
+    return fail(-1, int4 ? "decode GEMM: an int4 weight needs its group scales (null pointer)"
+                         : "decode GEMM: group scales are for int4 weights only (weight dtype %lld)",
+                in_dtype);
+  if (int4 && !aligned(group_scale, 16)) return fail(-1, "decode GEMM: the group scales must be 16-byte aligned");
   if (out_dtype != S24_BF16 && out_dtype != S24_F16)
     return fail(-1, "decode GEMM: output dtype %lld, expected bfloat16 (%lld) or float16 (%lld)", out_dtype,
                 S24_BF16, S24_F16);
@@ -733,9 +864,12 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
   p.x_scale = x_scale, p.w_scale = w_scale, p.bias = bias, p.out = out, p.m = m, p.n = n, p.k = k;
   p.part = make_partition(n, k, sms);
   p.tickets = static_cast<int*>(workspace), p.partials = static_cast<char*>(workspace) + kTicketBytes;
-  if (int rc = encode_operands(p, values, meta, x, x_row_stride)) return rc;
+  if (int rc = encode_operands(p, values, meta, group_scale, x, x_row_stride)) return rc;
   const int stages = tuning ? tuning->stages : 0, ctas = tuning ? tuning->ctas : 0;
   const bool pdl = tuning ? tuning->pdl != 0 : true;
+  if (int4)
+    return out_dtype == S24_BF16 ? dispatch_tiles<Int4, __nv_bfloat16>(p, stages, ctas, pdl, stream)
+                                 : dispatch_tiles<Int4, __half>(p, stages, ctas, pdl, stream);
   if (in_dtype == S24_INT8)
     return out_dtype == S24_BF16 ? dispatch_tiles<int8_t, __nv_bfloat16>(p, stages, ctas, pdl, stream)
                                  : dispatch_tiles<int8_t, __half>(p, stages, ctas, pdl, stream);

@@ -10,6 +10,11 @@
 
 #include <cuda_runtime_api.h>
 
+// Weight dtype of the int4 variant (w4a8 2:4: int4 values + uint8 group scales, int8 activations),
+// beside S24Dtype's codes (sparse24.h, whose bytes key the CUTLASS objects' build cache: declared
+// here, only the decode unit recompiles).
+enum : int { S24_INT4 = 4 };
+
 extern "C" {
 // Launch knobs; a null pointer means the defaults (0 fields too): as many pipeline stages as the
 // shared memory holds, one CTA per SM, programmatic dependent launch on.
@@ -29,10 +34,18 @@ int s24_decode_workspace_bytes(int m, int n, int k, int64_t* bytes);
 // The work partition of an [n, k] layer on `sms` SMs (0: this GPU's): units of 64 rows x 512 k,
 // the persistent CTAs that share them, and the units per 64-row tile. For benchmarks and tests.
 int s24_decode_partition(int n, int k, int sms, int* units, int* ctas, int* units_per_tile);
-// in_dtype: S24_INT8 or S24_E4M3 (values and x); out_dtype: S24_BF16 or S24_F16 (out and bias).
-// x: [m, k] rows x_row_stride bytes apart (a multiple of 16), 16-byte aligned. k % 128 == 0.
-int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void* meta, const void* x,
-                    int64_t x_row_stride, const float* x_scale, const float* w_scale, const void* bias,
-                    void* out, int m, int n, int k, void* workspace, int64_t workspace_bytes,
+// in_dtype: the weight's: S24_INT8 or S24_E4M3 (values and x of that dtype, k % 128 == 0), or
+// S24_INT4 (values and group_scale in layout.h's int4 layout, x int8, k % 64 == 0); group_scale is
+// null for the 8-bit weights. out_dtype: S24_BF16 or S24_F16 (out and bias). x: [m, k] rows
+// x_row_stride bytes apart (a multiple of 16), 16-byte aligned. meta: CUTLASS's sm90 metadata.
+int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void* meta, const void* group_scale,
+                    const void* x, int64_t x_row_stride, const float* x_scale, const float* w_scale,
+                    const void* bias, void* out, int m, int n, int k, void* workspace, int64_t workspace_bytes,
                     const S24DecodeTuning* tuning, cudaStream_t stream);
+// Bytes of the int4 layout (layout.h) of an [n, k] w4a8 2:4 weight: values and group scales.
+int s24_decode_int4_bytes(int n, int k, int64_t* values_bytes, int64_t* scale_bytes);
+// The int4 layout -> the 8-bit layout's values (int8 codes, [n, k/2], value_offset), on the GPU, so
+// that the int8 CUTLASS GEMM can run on them with the same metadata (the prefill path).
+int s24_decode_unpack_int4(const void* values, const void* group_scale, void* out, int n, int k,
+                           cudaStream_t stream);
 }
