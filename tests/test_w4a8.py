@@ -448,3 +448,40 @@ def test_w4a8_tiny_model_in_the_plugin_matches_offline_eval(compressed, tmp_path
     ref = lp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     diff = (torch.tensor(got["prompt_logprobs"], dtype=torch.float64) - ref).abs().max()
     assert diff < LOGPROB_ATOL, f"plugin vs offline eval: max |logprob diff| {diff}"
+
+
+def test_cuda_kernel_keeps_the_int4_values_of_the_compressed_codes(monkeypatch):
+    """CutlassSparse24Kernel.prepare_int4 without a GPU (the library's compressor and the plan
+    stubbed: the compressor by its transcription in test_decode_layout): the int4 layout holds
+    value j of every compressed row (CUTLASS's order, its metadata unchanged) divided by its group
+    scale, the plan is an int4 plan on those tensors, and the layer keeps <= 0.40 bytes per weight."""
+    import numpy as np
+    from test_decode_layout import compress_like_cutlass
+
+    from vllm_sparse24.kernels.cuda import int4_layout, sparse24_linear
+
+    n, k = 128, 1024
+    codes, scale, group_scale, _ = random_w4a8(n, k, seed=9)
+    values, bitmask = fmt.pack_int4_24(int4_of(codes, group_scale), fmt.mask_24(codes))
+    compressed = compress_like_cutlass(codes.numpy())
+    monkeypatch.setattr(sparse24_linear, "compress_24",
+                        lambda w: tuple(torch.from_numpy(a) for a in compress_like_cutlass(w.numpy())))
+    plans = []
+    monkeypatch.setattr(sparse24_linear, "make_plan", lambda *a, **kw: plans.append((a, kw)) or 7)
+    kern = sparse24_linear.CutlassSparse24Kernel(LinearLayer("layers.0.down", n, k, True, torch.bfloat16, int4=True))
+    tensors = kern.prepare_int4(Int4Weight24(values, bitmask, group_scale), scale)
+    assert set(tensors) == {"values", "meta", "group_scale", "weight_scale"} and kern.plan_id == 7
+    (args, kw), = plans
+    assert args[:4] == (n, k, torch.int8, torch.bfloat16) and kw["int4"]
+    assert args[5] is tensors["values"] and args[6] is tensors["meta"] and args[7] is tensors["group_scale"]
+    assert np.array_equal(tensors["meta"].numpy(), compressed[1])
+    nib = torch.stack((tensors["values"] & 0xF, tensors["values"] >> 4), dim=-1).reshape(-1)
+    for r in range(0, n, 13):
+        for j in range(0, k // 2, 7):
+            g = int(tensors["group_scale"][int4_layout.scale_offset(r, j // 64, k)])
+            assert g == int(group_scale[r, j // 64])
+            assert (int(nib[int4_layout.value_nibble(r, j, k)]) - 8) * g == int(compressed[0][r, j]), (r, j)
+    per_weight = sum(t.numel() * t.element_size() for t in tensors.values()) / (n * k)
+    assert per_weight == pytest.approx(0.25 + 0.125 + 1 / 128 + 4 / k) and per_weight <= 0.40
+    with pytest.raises(ValueError, match=r"layers.0.down: expected uint8 int4 values \[128, 256\]"):
+        kern.prepare_int4(Int4Weight24(values[:, :-1], bitmask, group_scale), scale)

@@ -101,7 +101,8 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
         need = lib.decode_workspace_bytes(kernel_max_m, n, -(-k // DECODE_BLOCK_K) * DECODE_BLOCK_K)
         if need > 0 and (idx not in _DECODE_WORKSPACES or _DECODE_WORKSPACES[idx].numel() < need):
             _DECODE_WORKSPACES[idx] = torch.zeros(need, dtype=torch.uint8, device=device)
-    bufs: list[torch.Tensor] = []  # made on the first timing only (none when the env var decides)
+    # flush, values, meta, group scales: made on the first timing only (none when the env var decides)
+    bufs: list[torch.Tensor | None] = []
 
     def measure(m: int) -> tuple[float, float]:
         if not bufs:
@@ -110,7 +111,7 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
             meta_bytes = lib.compressed_bytes(n, k)[1]
             if values is not None and meta is not None and (group_scale is not None or not int4):
                 bufs.extend((values, meta, group_scale))
-            elif int4:  # a synthetic int4 weight: any nibble, metadata byte and scale up to 18 is valid
+            elif int4:  # a synthetic int4 weight (only timed: any nibble, metadata byte and scale does)
                 value_bytes, scale_bytes = lib.decode_int4_bytes(n, k)
                 bufs.append(torch.randint(0, 256, (value_bytes,), dtype=torch.uint8, device=device))
                 bufs.append(torch.zeros(meta_bytes, dtype=torch.uint8, device=device))
