@@ -192,7 +192,10 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
             key = (cta, warp)
             acc = np.zeros((nt, 32, 4), dtype=np.int64) if i == 0 or ku == 0 else accs[key]
             wrow = warp * 16
-            for b in range(nkb):
+            # every block of the unit, also past K: the stage holds zeros there (metadata and
+            # activations; int4 values may be the next tile's), and a zero metadata byte expands to
+            # zero weights
+            for b in range(STAGE_BLOCKS):
                 for w in range(4):
                     a_regs = np.zeros((32, 4), dtype=object)
                     b_regs = np.zeros((nt, 32, 2), dtype=object)

@@ -207,15 +207,16 @@ __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
 __device__ __forceinline__ void wait_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerWarps * 32)); }
 
+// Not volatile: pure register math the compiler may schedule around the shared-memory loads.
 __device__ __forceinline__ void mma(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -422,8 +423,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   consumer_sync();
 
   const int g = lane / 4, t = lane % 4, wrow = warp * kWarpRows;
-  // NT == 1: two accumulator sets (even / odd k blocks) halve the dependent mma chain
-  constexpr int kSets = NT == 1 ? 2 : 1;
+  // Few tokens: one accumulator set per k-step (NT == 1: 4, NT == 2: 2), so a block's mmas do not
+  // wait for each other. With one consumer warp per scheduler, a lane's instruction-level
+  // parallelism is all that hides the latencies of the shared-memory loads and the mma.
+  constexpr int kSets = NT == 1 ? 4 : NT == 2 ? 2 : 1;
   A acc[kSets][NT][4];
   auto zero_acc = [&] {
 #pragma unroll
@@ -459,10 +462,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       }
   };
   auto finish = [&](int rt, bool whole) {
-    if constexpr (kSets == 2) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[0][0][c] += acc[1][0][c];
-    }
+    for (int q = 1; q < kSets; ++q)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[0][j][c] += acc[q][j][c];
     const int row0 = rt * kTileRows + wrow + g;
     if (whole) {
       store_tile(row0, acc[0]);
@@ -515,7 +520,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   for (int i = 0; i < count; ++i) {
     const int u = u_begin + i;
     const int rt = u / part.units_per_tile, ku = u - rt * part.units_per_tile;
-    const int kb0 = ku * kStageBlocks, nkb = min(kStageBlocks, part.kblocks - kb0);
     const uint8_t* st = stages + (i % p.stages) * S::kBytes;
     if (ku == 0 || i == 0) load_row_params(rt);
     mbar_wait(full + i % p.stages, (i / p.stages) & 1);
@@ -532,9 +536,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       for (int h = 0; h < 2; ++h)
         scale_words[h] = *reinterpret_cast<const uint32_t*>(st + S::kScales + (wrow + g + 8 * h) * kStageBlocks);
     }
+    // Every block of the unit, also past K (no branch: the loads of all four can be issued ahead of
+    // the math): the TMA unit zero-fills metadata and activations past the tensors' edges, and a
+    // zero metadata byte expands to zero weights, so those blocks add zero.
 #pragma unroll
     for (int b = 0; b < kStageBlocks; ++b) {
-      if (b >= nkb) break;
       // vw[h][w]: 4 kept 8-bit values (k 32t + 8w .. +7) of row g + 8h, as the 8-bit layout holds them
       uint32_t vw[2][4];
       if constexpr (kIsInt4<In>) {
@@ -575,7 +581,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const uint32_t* xw = reinterpret_cast<const uint32_t*>(&x[j][w / 2]);
-          mma(acc[b % kSets][j], a, xw[2 * (w % 2)], xw[2 * (w % 2) + 1]);
+          mma(acc[w % kSets][j], a, xw[2 * (w % 2)], xw[2 * (w % 2) + 1]);
         }
       }
     }
