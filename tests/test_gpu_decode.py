@@ -20,6 +20,7 @@ from test_gpu_kernels import (  # noqa: E402
     FP8_MAX,
     TOL,
     _layer,
+    assert_replay_equals_eager,
     capture_apply,
     compiled_with_targets,
     random_24,
@@ -233,19 +234,8 @@ def test_cuda_graph_replay_equals_eager(n, k, forced_threshold):
     tensors = kern.prepare(w, scale)
     for m in (1, 5, 16, 33, 64):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
-        eager = kern.apply(tensors, x, None)
-        static_x = x.clone()
-        g, static_out = capture_apply(kern, tensors, static_x)
         x2 = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
-        static_x.copy_(x2)
-        for _ in range(3):
-            g.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(static_out, kern.apply(tensors, x2, None)), m
-        static_x.copy_(x)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, eager), m
+        eager = assert_replay_equals_eager(kern, tensors, x, x2, replays=3)
         xq, xs = ref_quant(x)
         assert rel_err(eager, reference(xq, xs, w, scale, None)) < TOL[torch.bfloat16]
 

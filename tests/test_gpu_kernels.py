@@ -129,6 +129,25 @@ def capture_apply(kern, tensors, static_x):
     return g, static_out
 
 
+def assert_replay_equals_eager(kern, tensors, x, x2, replays: int = 1):
+    """Captures ``kern.apply`` on a copy of ``x``; replayed ``replays`` times on ``x2`` it must equal the
+    eager call on ``x2``, and replayed on ``x`` again the eager call on ``x``, bit for bit. Returns
+    the eager output on ``x``."""
+    eager = kern.apply(tensors, x, None)
+    static_x = x.clone()
+    g, static_out = capture_apply(kern, tensors, static_x)
+    static_x.copy_(x2)
+    for _ in range(replays):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, kern.apply(tensors, x2, None)), x.shape
+    static_x.copy_(x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager), x.shape
+    return eager
+
+
 def compiled_with_targets(kern, tensors, x):
     """``kern.apply(x)`` under torch.compile (fullgraph, dynamic) and the ops of the traced graphs."""
     graphs = []
@@ -176,18 +195,8 @@ def test_cuda_graph_replay_equals_eager():
     kern, tensors, _, _ = _layer(1024, 2048, gen, torch.bfloat16)
     for m in (1, 16, 300):
         x = torch.randn(m, 2048, generator=gen).to(torch.bfloat16).to(DEV)
-        eager = kern.apply(tensors, x, None)
-        static_x = x.clone()
-        g, static_out = capture_apply(kern, tensors, static_x)
         x2 = torch.randn(m, 2048, generator=gen).to(torch.bfloat16).to(DEV)
-        static_x.copy_(x2)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, kern.apply(tensors, x2, None))
-        static_x.copy_(x)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, eager)
+        assert_replay_equals_eager(kern, tensors, x, x2)
 
 
 def test_torch_compile_puts_the_quant_in_the_graph():

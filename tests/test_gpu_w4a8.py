@@ -18,7 +18,14 @@ import torch
 pytestmark = pytest.mark.gpu
 # importing test_gpu_kernels skips this module too when there is no Hopper GPU or no built library
 from test_gpu_decode import kernels_run, quantized  # noqa: E402
-from test_gpu_kernels import DEV, TOL, capture_apply, compiled_with_targets, reference, rel_err  # noqa: E402
+from test_gpu_kernels import (  # noqa: E402
+    DEV,
+    TOL,
+    assert_replay_equals_eager,
+    compiled_with_targets,
+    reference,
+    rel_err,
+)
 
 from vllm_sparse24 import format as fmt  # noqa: E402
 from vllm_sparse24.kernels import Int4Weight24, LinearLayer  # noqa: E402
@@ -192,6 +199,14 @@ def checkpoint_weight(n: int, k: int, seed: int) -> tuple[Int4Weight24, torch.Te
     return Int4Weight24(values, bitmask, gs), fmt.int4_to_int8(v, gs), scale
 
 
+def prepared_layer(n: int, k: int, seed: int) -> tuple[CutlassSparse24Kernel, dict[str, torch.Tensor]]:
+    """A bf16 w4a8 2:4 layer on the CUDA kernel and its resident tensors."""
+    weight, _, scale = checkpoint_weight(n, k, seed)
+    kern = CutlassSparse24Kernel(LinearLayer("layers.0.w4a8", n, k, True, torch.bfloat16, int4=True,
+                                             device=torch.device(DEV)))
+    return kern, kern.prepare_int4(weight, scale)
+
+
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1536, 576), (6144, 4096)])
 def test_layer_matches_the_reference_kernel(n, k, dt):
@@ -242,34 +257,17 @@ def test_cuda_graph_replay_equals_eager(m, threshold):
     shared scratch is inside the graph: no allocation in a call)."""
     threshold(None)
     n, k = 1024, 2048
-    weight, _, scale = checkpoint_weight(n, k, 9)
-    kern = CutlassSparse24Kernel(LinearLayer("layers.0.w4a8", n, k, True, torch.bfloat16, int4=True,
-                                             device=torch.device(DEV)))
-    tensors = kern.prepare_int4(weight, scale)
+    kern, tensors = prepared_layer(n, k, 9)
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
-    eager = kern.apply(tensors, x, None)
-    static_x = x.clone()
-    g, static_out = capture_apply(kern, tensors, static_x)
     x2 = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
-    static_x.copy_(x2)
-    for _ in range(3):
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, kern.apply(tensors, x2, None)), m
-    static_x.copy_(x)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager), m
+    assert_replay_equals_eager(kern, tensors, x, x2, replays=3)
 
 
 def test_layer_compiles_to_one_opaque_op(threshold):
     threshold(None)
     n, k = 512, 1024
-    weight, _, scale = checkpoint_weight(n, k, 4)
-    kern = CutlassSparse24Kernel(LinearLayer("layers.0.w4a8", n, k, True, torch.bfloat16, int4=True,
-                                             device=torch.device(DEV)))
-    tensors = kern.prepare_int4(weight, scale)
+    kern, tensors = prepared_layer(n, k, 4)
     for m in (1, 80):
         x = torch.randn(m, k).to(torch.bfloat16).to(DEV)
         out, targets = compiled_with_targets(kern, tensors, x)
