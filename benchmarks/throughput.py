@@ -8,7 +8,9 @@ per engine (speed does not depend on the values):
   * ``bf16``: vLLM's dummy weights (``load_format="dummy"``) in a config-only folder; ``fp8`` = the
     same with vLLM's own ``--quantization fp8`` (dynamic W8A8, weights quantized at load);
   * ``w4a16``: dense 4-bit weights, bf16 activations (GPTQ, group 128, symmetric, no act order) on
-    dummy weights: vLLM picks its Hopper kernel (Machete or Marlin; the results name it);
+    dummy weights: vLLM picks its Hopper kernel (Machete first; the results name it);
+    ``w4a16_marlin``: the same with Machete disabled (``VLLM_DISABLED_KERNELS``), so Marlin serves:
+    the ratios' W4A16 anchor is the faster of the two;
   * ``w8a8_int8``: dense int8 W8A8 compressed-tensors "int-quantized", written by the offline
     compressor's ``dense-w8a8`` writer (``sparse24_tools.export.write_dense_w8a8``), loaded by stock vLLM;
   * ``sparse24``: 2:4 magnitude-pruned + int8, packed on the GPU and written with
@@ -54,11 +56,15 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "sparse24", "sparse24_pdl", "sparse24_fp8", "sparse24_lmq",
+ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "w4a16_marlin", "sparse24", "sparse24_pdl", "sparse24_fp8", "sparse24_lmq",
            "sparse24_from_bf16", "ct24_fp8_dynamic")
 # engines that serve another engine's checkpoint under an environment of their own (an A/B of a
 # launch knob in one run): name -> (that engine, its environment)
-ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"})}
+ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"}),
+                # vLLM's Hopper order for W4A16 is Machete, AllSpark (pre-Hopper only), Marlin
+                "w4a16_marlin": ("w4a16", {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel,AllSparkLinearKernel"})}
+# the W4A16 engines: the faster one is the ratios' anchor
+W4A16_ENGINES = ("w4a16", "w4a16_marlin")
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}
@@ -489,9 +495,10 @@ def add_ratios(rows: list[dict]) -> None:
         dense = [by[(e, r["workload"])][metric] for e in ("w8a8_int8", "fp8") if (e, r["workload"]) in by]
         r["vs_bf16"] = round(r[metric] / base[metric], 3) if base else None
         r["vs_best_w8a8"] = round(r[metric] / max(dense), 3) if dense else None
-        for base_engine in ("fp8", "w4a16"):
-            b = by.get((base_engine, r["workload"]))
-            r[f"vs_{base_engine}"] = round(r[metric] / b[metric], 3) if b else None
+        b = by.get(("fp8", r["workload"]))
+        r["vs_fp8"] = round(r[metric] / b[metric], 3) if b else None
+        w4 = [by[(e, r["workload"])][metric] for e in W4A16_ENGINES if (e, r["workload"]) in by]
+        r["vs_w4a16"] = round(r[metric] / max(w4), 3) if w4 else None
 
 
 def table(rows: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py --profile: which profiled kernels count as the layers' linear GEMMs.
+"""benchmarks/throughput.py: which profiled kernels count as the layers' linear GEMMs, the GPU-busy timeline and the ratios' anchors.
 Kernel names as torch.profiler reports them for vLLM 0.26 engines (sparse24 and vLLM fp8, decode)."""
 
 from __future__ import annotations
@@ -59,3 +59,17 @@ def test_timeline_merges_overlaps_and_sums_gaps_between_kernel_pairs():
     assert tl["runtime_calls_per_step"] == {"cudaGraphLaunch": 1.0}
     assert [(g["between"], g["count"], g["us_each"]) for g in tl["top_gaps"]] == [
         ("gemm -> attn", 1, 10.0), ("norm -> gemm", 1, 5.0)]
+
+
+def test_ratios_take_the_faster_w4a16_engine_as_the_anchor():
+    """vs_w4a16 divides by the faster of vLLM's two W4A16 kernels (Machete as chosen, Marlin forced);
+    vs_fp8 by vLLM fp8; decode workloads compare output tokens per second."""
+    def row(engine: str, out: float) -> dict:
+        return {"engine": engine, "workload": "decode_8x128x512", "output_tok_s": out, "total_tok_s": 3 * out}
+
+    rows = [row("fp8", 1000.0), row("w4a16", 800.0), row("w4a16_marlin", 1250.0), row("sparse24", 1500.0)]
+    throughput.add_ratios(rows)
+    ours = rows[-1]
+    assert (ours["vs_fp8"], ours["vs_w4a16"]) == (1.5, 1.2)
+    assert throughput.ENV_VARIANTS["w4a16_marlin"][0] == "w4a16"
+    assert "MacheteLinearKernel" in throughput.ENV_VARIANTS["w4a16_marlin"][1]["VLLM_DISABLED_KERNELS"]
