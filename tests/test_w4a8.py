@@ -297,6 +297,26 @@ def test_linear_method_names_a_bad_group_scale_and_a_24_violation_on_load(monkey
         load_in_linear_method(n, k, flipped)
 
 
+def test_a_kernel_that_takes_int8_codes_gets_them_from_the_checked_int4_weight(monkeypatch):
+    """The linear method makes a w4a8 layer's [N, K] int8 codes only for a kernel without
+    int4_resident, after the kernel is chosen."""
+    import vllm.model_executor.parameter as P
+
+    from vllm_sparse24.kernels import dispatch
+
+    monkeypatch.setattr(P, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(P, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(dispatch, "PORTABLE", (TorchW8A8Kernel,))
+    n, k = 64, 256
+    codes, scale, group_scale, _ = random_w4a8(n, k, seed=5)
+    method, layer = load_in_linear_method(n, k, ckpt.layer_tensors(PREFIX, codes, scale, sparse=True,
+                                                                   group_scale=group_scale))
+    assert isinstance(method.kernel, TorchW8A8Kernel) and method._int4_weight is None
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(6))
+    int8 = TorchW8A8Kernel(LinearLayer("l1", n, k, True, torch.float32))
+    assert torch.equal(method.apply(layer, x), int8.apply(int8.prepare(codes, scale), x, None))
+
+
 # -- the compressor ------------------------------------------------------------------------------
 
 

@@ -227,8 +227,10 @@ class Sparse24LinearMethod(LinearMethodBase):
         self._prepare_kernel(layer, codes, scale)
         self.finished = True
 
-    def _codes_and_scale(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense codes [N, K] of the scheme's grid (2:4 when sparse) + float32 scale [N, 1]."""
+    def _codes_and_scale(self, layer: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Dense codes [N, K] of the scheme's grid (2:4 when sparse) + float32 scale [N, 1]. A w4a8 2:4
+        layer's codes are None here: its checked int4 weight waits in ``_int4_weight`` until the
+        kernel is known (one that keeps int4 values resident never needs the [N, K] codes)."""
         k = layer.input_size_per_partition
         if self.layout == "dense":
             weight = getattr(layer, WEIGHT).data
@@ -243,7 +245,8 @@ class Sparse24LinearMethod(LinearMethodBase):
             values = getattr(layer, self.names.packed).data
             bitmask = getattr(layer, self.names.bitmask).data
             if self.int4:
-                weight = self._int4_codes(values, bitmask, getattr(layer, self.names.group_scale).data, k)
+                self._check_int4(values, bitmask, getattr(layer, self.names.group_scale).data, k)
+                weight = None
             else:
                 weight = fmt.unpack_24(values, bitmask, k, name=self.layer_name)
         if not self.scheme.quantized:
@@ -256,24 +259,26 @@ class Sparse24LinearMethod(LinearMethodBase):
             raise fmt.Sparse24FormatError(f"{self.layer_name}.{SCALE}: has negative, inf or NaN entries")
         return weight, scale
 
-    def _int4_codes(self, values: torch.Tensor, bitmask: torch.Tensor, group_scale: torch.Tensor,
-                    k: int) -> torch.Tensor:
-        """w4a8: checks the int4 values (2:4, no -8) and the group scales (1..18), keeps them for a
-        kernel that holds them resident, and returns the int8 codes (int4 value x group scale)."""
-        int4, _ = fmt.unpack_int4_24(values, bitmask, k, name=self.layer_name)
+    def _check_int4(self, values: torch.Tensor, bitmask: torch.Tensor, group_scale: torch.Tensor, k: int) -> None:
+        """w4a8: checks the int4 values (2:4, no -8) and the group scales (1..18) and keeps them for
+        the kernel (``_int4_weight``)."""
+        fmt.unpack_int4_24(values, bitmask, k, name=self.layer_name)
         fmt.check_group_scale(group_scale, values.shape[0], k, f"{self.layer_name}.{self.names.group_scale}")
         self._int4_weight = Int4Weight24(values, bitmask, group_scale)
-        return fmt.int4_to_int8(int4, group_scale)
 
-    def _prepare_kernel(self, layer: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    def _prepare_kernel(self, layer: torch.nn.Module, weight: torch.Tensor | None, scale: torch.Tensor) -> None:
         n, k = layer.output_size_per_partition, layer.input_size_per_partition
-        spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, weight.device,
+        spec = LinearLayer(self.layer_name, n, k, self.sparse, layer.sparse24_act_dtype, self.grid, scale.device,
                            int4=self.int4)
         self.kernel = choose_kernel(spec)(spec)
         try:
             if self.int4 and self.kernel.int4_resident:
                 resident = self.kernel.prepare_int4(self._int4_weight, scale)
             else:
+                if weight is None:  # w4a8 on a kernel that takes int8 codes: int4 value x group scale
+                    w4 = self._int4_weight
+                    weight = fmt.int4_to_int8(fmt.unpack_int4_24(w4.values, w4.bitmask, k, name=self.layer_name)[0],
+                                              w4.group_scale)
                 resident = self.kernel.prepare(weight, scale)
         except torch.OutOfMemoryError as e:
             # int4 values + metadata + group scales, or 8-bit values + metadata, or dense codes
