@@ -1,7 +1,7 @@
 """End-to-end vLLM throughput: dense bf16, dense W8A8 int8, vLLM fp8 and sparse24 (int8 and fp8).
 
     python benchmarks/throughput.py --out DIR [--config llama3-8b|CONFIG.json] [--num-layers 8]
-        [--engines bf16,w8a8_int8,fp8,w4a16,sparse24,sparse24_fp8,sparse24_lmq] [--workloads prefill_256x1024x16,...] [--tp 1]
+        [--engines bf16,w8a8_int8,fp8,w4a16,w4a16_marlin,sparse24,sparse24_fp8,sparse24_lmq,sparse24_w4a8] [--workloads prefill_256x1024x16,...] [--tp 1]
 
 One random Llama-shaped model (default: Llama-3-8B's shape; ``--num-layers`` changes the depth)
 per engine (speed does not depend on the values):
@@ -17,6 +17,8 @@ per engine (speed does not depend on the values):
     ``vllm_sparse24.checkpoint`` as ``sparse24_tools.export.write_sparse24`` does;
   * ``sparse24_fp8``: the same in the fp8 scheme (float8_e4m3fn weights, e4m3 activations);
   * ``sparse24_lmq``: ``sparse24`` with an int8 lm_head (``compress --quantize-lm-head``, untied).
+  * ``sparse24_w4a8``: the 2:4 weights in the w4a8 scheme (int4 values with two-level scales, int8
+    activations; round to nearest on the two-level grid).
   * ``sparse24_pdl``: ``sparse24``'s checkpoint with ``VLLM_SPARSE24_PDL=1`` (its CUTLASS GEMMs
     launched with programmatic dependent launch): the knob's end-to-end A/B in one run.
   * the published 2:4 models' formats (docs/format.md), served by the plugin:
@@ -57,6 +59,7 @@ import time
 from pathlib import Path
 
 ENGINES = ("bf16", "w8a8_int8", "fp8", "w4a16", "w4a16_marlin", "sparse24", "sparse24_pdl", "sparse24_fp8", "sparse24_lmq",
+           "sparse24_w4a8",
            "sparse24_from_bf16", "ct24_fp8_dynamic")
 # engines that serve another engine's checkpoint under an environment of their own (an A/B of a
 # launch knob in one run): name -> (that engine, its environment)
@@ -69,7 +72,7 @@ W4A16_ENGINES = ("w4a16", "w4a16_marlin")
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                          "sym": True, "lm_head": False}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
-SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8"}
+SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8", "sparse24_w4a8": "w4a8"}
 LM_HEAD_ENGINES = ("sparse24_lmq",)  # lm_head quantized on the scheme's grid (quantize_lm_head)
 # engines on the published 2:4 models' formats, served with --quantization sparse24
 PUBLISHED_ENGINES = ("sparse24_from_bf16", "ct24_fp8_dynamic")
@@ -176,7 +179,7 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
     from sparse24_tools.group import LinearResult
     from sparse24_tools.model_walk import hf_config_dict
     from vllm_sparse24 import checkpoint as ckpt
-    from vllm_sparse24.quant import GRIDS, quantize_weight_per_channel
+    from vllm_sparse24.quant import GRIDS, W4A8, quantize_weight_per_channel
     from vllm_sparse24.schema import Sparse24Scheme
     from vllm_sparse24.sparsity import magnitude_24
 
@@ -218,9 +221,13 @@ def build_checkpoints(cfg: dict, root: Path, engines: list[str], seed: int = 0) 
                 sparse_tensors["ct24_fp8_dynamic"][f"{name}.weight"] = q.cpu()
                 sparse_tensors["ct24_fp8_dynamic"][f"{name}.weight_scale"] = s.to(torch.bfloat16).cpu()
             for e in sparse:
-                q, s = quantize_weight_per_channel(pruned, GRIDS[SPARSE_ENGINES[e]])
+                gs = None
+                if SPARSE_ENGINES[e] == W4A8.name:  # int4 values x group scale, as compress --scheme w4a8 rounds
+                    q, s, gs = W4A8.quantize(pruned)
+                else:
+                    q, s = quantize_weight_per_channel(pruned, GRIDS[SPARSE_ENGINES[e]])
                 # packed on the GPU (the 2:4 mask's topk is slow on CPU)
-                for key, t in ckpt.layer_tensors(name, q, s, sparse=True).items():
+                for key, t in ckpt.layer_tensors(name, q, s, sparse=True, group_scale=gs).items():
                     sparse_tensors[e][key] = t.cpu()
     secs = {"generate_s": round(time.time() - t0, 1)}
     report = {"note": "random weights for throughput (benchmarks/throughput.py)", "seed": seed}

@@ -47,7 +47,7 @@ def test_each_variant_reads_as_the_scheme_it_is(variant, tmp_path):
 
 def test_w4a16_marlin24_is_refused_naming_the_format(tmp_path):
     folder = assemble("w4a16-2of4", tmp_path / "w4a16")
-    with pytest.raises(CheckpointError, match=r"format='marlin-24' \(4-bit weights .*no 4-bit scheme"):
+    with pytest.raises(CheckpointError, match=r"format='marlin-24' \(4-bit weights .*no W4A16 scheme"):
         load_scheme(folder)
 
 

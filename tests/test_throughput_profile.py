@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import throughput  # noqa: E402
@@ -73,3 +74,21 @@ def test_ratios_take_the_faster_w4a16_engine_as_the_anchor():
     assert (ours["vs_fp8"], ours["vs_w4a16"]) == (1.5, 1.2)
     assert throughput.ENV_VARIANTS["w4a16_marlin"][0] == "w4a16"
     assert "MacheteLinearKernel" in throughput.ENV_VARIANTS["w4a16_marlin"][1]["VLLM_DISABLED_KERNELS"]
+
+
+def test_w4a8_engine_checkpoint_reads_back_on_the_two_level_grid(tmp_path):
+    """The sparse24_w4a8 engine's random checkpoint is a valid w4a8 checkpoint: every linear 2:4,
+    its codes int4 values (|v| <= 7) times a group scale in 1..18."""
+    from vllm_sparse24.checkpoint.read import read_checkpoint
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+           "intermediate_size": 384, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+           "vocab_size": 300, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    throughput.build_checkpoints(cfg, tmp_path, ["sparse24_w4a8"], seed=0)
+    ckpt = read_checkpoint(tmp_path / "sparse24_w4a8")
+    assert ckpt.scheme.int4 and len(ckpt.linears) == 7
+    for name, lin in ckpt.linears.items():
+        g = lin.group_scale.to(torch.int16).repeat_interleave(128, dim=1)[:, :lin.codes.shape[1]]
+        v = lin.codes.to(torch.int16)
+        assert lin.kind == "sparse" and ((v % g) == 0).all() and ((v // g).abs() <= 7).all(), name
+        assert int(lin.group_scale.min()) >= 1 and int(lin.group_scale.max()) <= 18, name

@@ -359,9 +359,9 @@ def _refuse_4bit_format(cfg: Mapping[str, Any], groups: Mapping[str, Any]) -> No
     if "marlin-24" in formats:
         raise Sparse24ConfigError(
             "quantization_config.format='marlin-24' (4-bit weights with 16-bit activations, W4A16, "
-            "packed for the Marlin 2:4 kernel) is not supported: sparse24 runs 8-bit weights (int8 or "
-            "fp8 W8A8) and has no 4-bit scheme; serve the unquantized 2:4 model with --quantization "
-            "sparse24 instead"
+            "packed for the Marlin 2:4 kernel) is not supported: sparse24 runs int8 or fp8 W8A8 and its own "
+            "w4a8 (int4 weights with int8 activations), no W4A16 scheme; serve the unquantized 2:4 model "
+            "with --quantization sparse24 instead"
         )
 
 
