@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The decode path on a GPU host in one run: the decode GEMM's GPU tests, its kernel benchmark against
+# The decode path on a GPU host in one run: the decode GEMM's GPU tests (8-bit and w4a8 int4), its kernel benchmark against
 # the CUTLASS 2:4 configs and vLLM's fp8 GEMM, then end-to-end decode throughput of vLLM fp8 against
 # sparse24 (+ a step profile while time is left). Results in $OUT (default /tmp/sparse24-out):
 # tests.log, bench.log, k/kernels-*.json|png, t/throughput-*.json|md|png, t/profile-*.json
@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 STEPS=${STEPS:-tests bench e2e}
 decode=${DECODE_MAX_M:-64}
 if [[ $STEPS == *tests* ]]; then
-  timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
+  timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py tests/test_gpu_w4a8.py >"$OUT/tests.log" 2>&1
   tail -12 "$OUT/tests.log"
   if ! grep -qE "^[0-9]+ passed" "$OUT/tests.log"; then
     decode=0; echo "decode GEMM tests did not pass: engines run without it"
