@@ -63,7 +63,7 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     sparse_mm,
     sparse_mm_w4a8,
 )
-from vllm_sparse24.quant import FP8, INT8, quantize_per_token  # noqa: E402
+from vllm_sparse24.quant import FP8, INT8, expand_group_scale, quantize_per_token  # noqa: E402
 
 MODELS = {
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -144,7 +144,7 @@ class Shape:
         # w4a8: int4 values x a group scale (1..18) per row and 128 columns, pruned 2:4, in the int4 layout
         v4 = prune24(torch.randint(-7, 8, (n, k), device=DEV, dtype=torch.int8, generator=gen))
         gs = torch.randint(1, 19, (n, -(-k // 128)), device=DEV, dtype=torch.uint8, generator=gen)
-        codes = (v4.to(torch.int16) * gs.to(torch.int16).repeat_interleave(128, dim=1)[:, :k]).to(torch.int8)
+        codes = (v4.to(torch.int16) * expand_group_scale(gs, k).to(torch.int16)).to(torch.int8)
         values8, meta = compress_24(codes)
         values4, scales = int4_layout.pack(values8, gs)
         self.w4_bytes = values4.numel() + meta.numel() + scales.numel()
