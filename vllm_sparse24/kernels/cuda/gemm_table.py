@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..base import UnsupportedDeviceError
+from . import int4_layout
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,6 @@ DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
 # Token counts timed at load time: the serving batch sizes where the weight stream dominates.
 DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
-DECODE_INT4_K = 64  # int4 weights: their layout pads a partial last block (K = 576)
 DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -200,10 +200,11 @@ def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
 
     ``int4`` (w4a8 layers): unset means every M the kernel serves. The other path unpacks the int4
     weight (read 0.39 bytes per weight, write 0.5) before the CUTLASS GEMM reads 0.625, ~1.5 bytes
-    per weight against the decode GEMM's 0.39, and at few tokens a GEMM is its weight stream; not
-    measured on a GPU yet (``auto`` measures it per shape, as for 8-bit layers)."""
+    per weight against the decode GEMM's 0.39, and at few tokens a GEMM is its weight stream (on an
+    H100 the decode GEMM won or tied on every Llama-3-8B shape at M = 1 and 8, docs/kernels.md;
+    ``auto`` measures it per shape, as for 8-bit layers)."""
     if int4:
-        if k % DECODE_INT4_K:
+        if k % int4_layout.K_MULTIPLE:  # the int4 layout pads a partial last block (K = 576)
             return 0
         forced = decode_forced_max_m(unset=kernel_max_m)
     elif in_dtype not in DECODE_DTYPES or k % DECODE_BLOCK_K:
