@@ -6,7 +6,8 @@ built library):
 Partial 64-row tiles (N not a multiple of 64), odd token counts, every token tile instance (M 1..64),
 row tiles split across CTAs (the fixup) with its ticket re-arm across two calls, a shallow ring and
 few CTAs (the ring wraps around), PDL on and off, strided rows, bias and none, fp16 output, e4m3
-inputs. Prints one line per case; a memory error makes the sanitizer
+inputs, and int4 (w4a8) weights: the int4 decode variant (a partial last 128-column block too) and the
+unpack kernel. Prints one line per case; a memory error makes the sanitizer
 exit non-zero. The decode threshold is forced (no load-time timing under the sanitizer).
 """
 
@@ -20,8 +21,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 os.environ.setdefault("VLLM_SPARSE24_DECODE_MAX_M", "32")
 
-from vllm_sparse24.kernels.cuda import lib  # noqa: E402
-from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, decode_mm, make_plan  # noqa: E402
+from vllm_sparse24 import format as fmt  # noqa: E402
+from vllm_sparse24.kernels.cuda import int4_layout, lib  # noqa: E402
+from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
+    compress_24,
+    decode_mm,
+    make_plan,
+    unpack_int4,
+)
 
 DEV = "cuda"
 # default launch, no PDL with a 2-stage ring, and 3 CTAs (long per-CTA ranges, ring wrap-around)
@@ -33,6 +40,7 @@ CASES = [  # (n, k, weight dtype, out dtype)
     (4104, 2048, torch.int8, torch.bfloat16),    # many rows, partial last tile
     (96, 4096, torch.float8_e4m3fn, torch.bfloat16),
 ]
+INT4_CASES = [(200, 384), (136, 576), (256, 4096), (1000, 2304)]  # (n, k): K = 576 ends in a partial block
 
 
 def main() -> None:
@@ -58,6 +66,28 @@ def main() -> None:
             units, ctas, _ = lib.decode_partition(n, k)
             print(f"n={n} k={k} {wdt} -> {odt} m={m} ({units} units on {ctas} CTAs): "
                   f"finite={bool(torch.isfinite(out).all())}", flush=True)
+    for n, k in INT4_CASES:
+        # int4 values in [-7, 7] on a random 2:4 mask, group scales 1..18: codes = value x scale
+        v = torch.randint(-7, 8, (n, k), generator=gen, device=DEV, dtype=torch.int8)
+        drop = torch.rand(n, k // 4, 4, generator=gen, device=DEV).topk(2, dim=-1).indices
+        v = v.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
+        gs = torch.randint(1, 19, (n, -(-k // 128)), generator=gen, device=DEV, dtype=torch.uint8)
+        values8, meta = compress_24(fmt.int4_to_int8(v, gs))
+        values4, scales = int4_layout.pack(values8, gs)
+        ws = torch.rand(n, generator=gen, device=DEV) * 1e-2
+        bias = torch.randn(n, generator=gen, device=DEV).to(torch.bfloat16)
+        plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV), int4=True)
+        for m in (1, 8, 9, 33, 64):
+            xq = torch.randint(1, 64, (m, k), generator=gen, device=DEV, dtype=torch.int8)
+            xs = torch.rand(m, 1, generator=gen, device=DEV) * 1e-2
+            for tuning in TUNINGS:
+                for _ in range(2):
+                    out = decode_mm(xq, xs, values4, meta, ws, bias, plan, tuning, group_scale=scales)
+            torch.cuda.synchronize()
+            print(f"int4 n={n} k={k} m={m}: finite={bool(torch.isfinite(out).all())}", flush=True)
+        unpacked = unpack_int4(values4, scales, plan)
+        torch.cuda.synchronize()
+        print(f"int4 unpack n={n} k={k}: equal={torch.equal(unpacked, values8)}", flush=True)
     print("memcheck driver done")
 
 
