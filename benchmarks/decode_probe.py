@@ -12,7 +12,10 @@ build and the CUTLASS GEMM on the same operands (the probe's own cost), and whet
 output equals the normal library's bit for bit. --out gets one PNG timeline per case (a row per
 CTA, colored phases) and the raw stamps (stamps.npz) for reading again without a GPU.
 
-    python benchmarks/decode_probe.py --out probe_out [--lib path/to/libsparse24_decode_probe.so]
+    python benchmarks/decode_probe.py --out probe_out [--lib path/to/libsparse24_decode_probe.so] [--int4]
+
+--int4 runs the int4 (w4a8) variant on int4 values x group scales (the CUTLASS time beside it is the
+int8 GEMM on the same int8 codes).
 """
 
 from __future__ import annotations
@@ -223,12 +226,14 @@ def load_probe(path: Path):
 class ProbeGemm:
     """The probe library's decode GEMM on one layer's operands, writing into a fixed output."""
 
-    def __init__(self, so, values, meta, w_scale, n: int, k: int):
+    def __init__(self, so, values, meta, w_scale, n: int, k: int, group_scale=None):
         import torch
 
         from vllm_sparse24.kernels.cuda import lib
 
         self.so, self.values, self.meta, self.w_scale, self.n, self.k = so, values, meta, w_scale, n, k
+        self.group_scale = group_scale  # int4 values when given
+        self.in_dtype = 0 if group_scale is None else lib.INT4
         need = ctypes.c_int64()
         lib.check_decode(so.s24_decode_workspace_bytes(64, n, k, ctypes.byref(need)), "probe workspace")
         self.ws = torch.zeros(need.value, dtype=torch.uint8, device=values.device)
@@ -242,7 +247,8 @@ class ProbeGemm:
 
         self.so.s24_decode_probe_set(None if stamps is None else stamps.data_ptr())
         rc = self.so.s24_decode_gemm(
-            0, 2, self.values.data_ptr(), self.meta.data_ptr(), None, xq.data_ptr(), self.k, xs.data_ptr(),
+            self.in_dtype, 2, self.values.data_ptr(), self.meta.data_ptr(),
+            None if self.group_scale is None else self.group_scale.data_ptr(), xq.data_ptr(), self.k, xs.data_ptr(),
             self.w_scale.data_ptr(), None, out.data_ptr(), xq.shape[0], self.n, self.k, self.ws.data_ptr(),
             self.ws.numel(), None, torch.cuda.current_stream().cuda_stream)
         self.so.s24_decode_probe_set(None)
@@ -257,24 +263,38 @@ def graph_us(fn, reps: int = 20) -> float:
     return graph_us_of_calls(lambda: [fn() for _ in range(reps)], reps)
 
 
-def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict) -> list[str]:
+def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict,
+             int4: bool = False) -> list[str]:
     import torch
     from gemm_bench import prune24
 
+    from vllm_sparse24 import format as fmt
+    from vllm_sparse24.kernels.cuda import int4_layout
     from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, make_plan
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(n ^ k)
-    w = prune24(torch.randint(-127, 128, (n, k), generator=gen, device=dev, dtype=torch.int16).to(torch.int8))
-    values, meta = compress_24(w)
+    if int4:  # int4 values on a 2:4 mask x group scales 1..18: the int8 codes the w4a8 scheme stores
+        v = prune24(torch.randint(-7, 8, (n, k), generator=gen, device=dev, dtype=torch.int8))
+        gs = torch.randint(1, 19, (n, k // 128), generator=gen, device=dev, dtype=torch.uint8)
+        w = fmt.int4_to_int8(v, gs)
+    else:
+        w = prune24(torch.randint(-127, 128, (n, k), generator=gen, device=dev, dtype=torch.int16).to(torch.int8))
+    values8, meta = compress_24(w)
     del w
     ws = torch.rand(n, generator=gen, device=dev) * 1e-2 + 1e-4
-    plan = make_plan(n, k, torch.int8, torch.bfloat16, dev)
-    probe = ProbeGemm(so, values, meta, ws, n, k)
-    lines = []
+    plan8 = make_plan(n, k, torch.int8, torch.bfloat16, dev)
+    if int4:
+        values, scales = int4_layout.pack(values8, gs)
+        plan = make_plan(n, k, torch.int8, torch.bfloat16, dev, int4=True)
+    else:
+        values, scales, plan = values8, None, plan8
+    probe = ProbeGemm(so, values, meta, ws, n, k, scales)
+    lines, tag = [], "int4 " if int4 else ""
     for m in ms:
         xq, xs = quantize(m, k, gen)
-        lines += run_m(so, probe, f"{name}_m{m}", f"{name} [{n}x{k}] M={m}", xq, xs, plan, calls, out_dir, flush, raw)
+        lines += run_m(so, probe, f"{name}{'_int4' if int4 else ''}_m{m}", f"{tag}{name} [{n}x{k}] M={m}", xq, xs,
+                       plan, (values8, plan8), calls, out_dir, flush, raw)
     return lines
 
 
@@ -286,15 +306,16 @@ def quantize(m: int, k: int, gen):
     return quantize_per_token(torch.randn(m, k, generator=gen, device=gen.device))
 
 
-def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, calls: int, out_dir: Path, flush,
-          raw: dict) -> list[str]:
+def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, cutlass: tuple, calls: int, out_dir: Path,
+          flush, raw: dict) -> list[str]:
+    """``cutlass``: (int8 values, plan) of the CUTLASS GEMM timed beside the decode GEMM."""
     import torch
 
     from vllm_sparse24.kernels.cuda.sparse24_linear import _cutlass_mm, decode_mm, plan_of
 
     dev = xq.device
     m, n = xq.shape[0], probe.n
-    values, meta, ws = probe.values, probe.meta, probe.w_scale
+    values, meta, ws, gs = probe.values, probe.meta, probe.w_scale, probe.group_scale
     xs1 = xs.reshape(-1).float().contiguous()  # the C ABI's [m] float32 scales
     out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
     stamps = torch.zeros(calls, probe.ctas, SLOTS, dtype=torch.int64, device=dev)
@@ -342,16 +363,16 @@ def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, calls: int, 
         raw[f"{key}_{mode}_stamps"] = st
         raw[f"{key}_{mode}_marks"] = mk
     # the probe's output equals the normal library's; per-call times for context
-    ref = decode_mm(xq, xs, values, meta, ws, None, plan)
+    ref = decode_mm(xq, xs, values, meta, ws, None, plan, group_scale=gs)
     probe(xq, xs1, out)
     torch.cuda.synchronize()
     same = torch.equal(out, ref)
     scratch = torch.zeros(probe.ctas, SLOTS, dtype=torch.int64, device=dev)
-    t_dec = graph_us(lambda: decode_mm(xq, xs, values, meta, ws, None, plan))
+    t_dec = graph_us(lambda: decode_mm(xq, xs, values, meta, ws, None, plan, group_scale=gs))
     t_probe_off = graph_us(lambda: probe(xq, xs1, out))
     t_probe_on = graph_us(lambda: probe(xq, xs1, out, scratch))
     # the plan's CUTLASS config whatever VLLM_SPARSE24_DECODE_MAX_M says
-    t_cut = graph_us(lambda: _cutlass_mm(xq, xs, values, meta, ws, None, plan_of(plan)))
+    t_cut = graph_us(lambda: _cutlass_mm(xq, xs, cutlass[0], meta, ws, None, plan_of(cutlass[1])))
     lines.append(f"  per call (graph of 20, L2-warm weight): decode {t_dec:.2f} us, probe build {t_probe_off:.2f} "
                  f"(stamps off) / {t_probe_on:.2f} (on), CUTLASS {t_cut:.2f}; probe output == decode output: {same}")
     raw[f"{key}_times"] = np.array([t_dec, t_probe_off, t_probe_on, t_cut])
@@ -365,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--ms", default="1,8", help="token counts (default 1,8)")
     ap.add_argument("--calls", type=int, default=3, help="decode calls per recorded sequence (default 3)")
+    ap.add_argument("--int4", action="store_true", help="the int4 (w4a8) variant instead of the int8 one")
     args = ap.parse_args(argv)
 
     import torch
@@ -382,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [head]
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        for line in run_case(so, name, n, k, [int(x) for x in args.ms.split(",")], args.calls, args.out, flush, raw):
+        for line in run_case(so, name, n, k, [int(x) for x in args.ms.split(",")], args.calls, args.out, flush, raw,
+                             args.int4):
             print(line, flush=True)
             lines.append(line)
     np.savez_compressed(args.out / "stamps.npz", **raw)

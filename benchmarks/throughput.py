@@ -69,8 +69,13 @@ ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"}),
 # the W4A16 engines: the faster one is the ratios' anchor
 W4A16_ENGINES = ("w4a16", "w4a16_marlin")
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
+# (w4a16: vLLM finds a GPTQ checkpoint's quantized layers in its safetensors headers unless the config names
+# them; a config-only folder has none, so the config names every linear layer of a block)
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                                         "sym": True, "lm_head": False}}
+                                         "sym": True, "lm_head": False,
+                                         "modules_in_block_to_quantize": [
+                                             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
 SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8", "sparse24_w4a8": "w4a8"}
 LM_HEAD_ENGINES = ("sparse24_lmq",)  # lm_head quantized on the scheme's grid (quantize_lm_head)
@@ -322,6 +327,8 @@ def run_engine(args) -> None:
     load_s = time.time() - t0
     facts = engine_facts(llm)
     print(f"[{eng}] engine ready in {load_s:.1f}s: {facts}", flush=True)
+    if eng != "bf16" and facts.get("linear") == ["UnquantizedLinearMethod"]:
+        raise SystemExit(f"[{eng}] every linear layer is unquantized: the engine would measure bf16, not {eng}")
     if load:
         print(f"[{eng}] model load {load['load_model_s']:.1f}s, peak GPU memory while loading "
               f"{load['load_peak_gib']:.2f} GiB, {load['load_end_gib']:.2f} GiB after", flush=True)

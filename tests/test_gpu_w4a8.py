@@ -28,7 +28,7 @@ from test_gpu_kernels import (  # noqa: E402
 )
 
 from vllm_sparse24 import format as fmt  # noqa: E402
-from vllm_sparse24.kernels import Int4Weight24, LinearLayer  # noqa: E402
+from vllm_sparse24.kernels.base import Int4Weight24, LinearLayer  # noqa: E402
 from vllm_sparse24.kernels.cuda import int4_layout, lib, sparse24_linear  # noqa: E402
 from vllm_sparse24.kernels.cuda.gemm_table import DECODE_ENV  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402

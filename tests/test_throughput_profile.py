@@ -91,3 +91,17 @@ def test_w4a8_engine_checkpoint_reads_back_on_the_two_level_grid(tmp_path):
     for name, lin in ckpt.linears.items():
         assert lin.kind == "sparse" and on_two_level_grid(lin.codes, lin.group_scale), name
         assert int(lin.group_scale.min()) >= 1 and int(lin.group_scale.max()) <= 18, name
+
+
+def test_w4a16_dummy_config_quantizes_every_linear_layer():
+    """vLLM takes a GPTQ checkpoint's quantized layers from its safetensors headers unless the config
+    lists them; the W4A16 anchor is a config-only folder (dummy weights), so its config must name every
+    linear layer, or vLLM 0.26 serves them unquantized and the anchor measures bf16 (later releases read
+    an empty list as "all layers")."""
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+    quantized = throughput.DUMMY_QUANT["w4a16"]["modules_in_block_to_quantize"]
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        assert is_layer_gptq_quantized(f"model.layers.3.{name}", quantized, fused), name
+    assert set(quantized) == set(throughput.linear_shapes(throughput.load_config("llama3-8b", None)))
