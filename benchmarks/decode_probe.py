@@ -15,7 +15,9 @@ CTA, colored phases) and the raw stamps (stamps.npz) for reading again without a
     python benchmarks/decode_probe.py --out probe_out [--lib path/to/libsparse24_decode_probe.so] [--int4]
 
 --int4 runs the int4 (w4a8) variant on int4 values x group scales (the CUTLASS time beside it is the
-int8 GEMM on the same int8 codes).
+int8 GEMM on the same int8 codes). --omit 2,4,8,14 also times the probe build with kinds of copies left
+out (bits: 1 the weight copies' L2 hint, 2 activations, 4 metadata, 8 values; the outputs are then
+wrong): per call and the ring's full-to-full interval, to see which copy paces the ring.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ PHASES = [
     ("finish / fixup (last)", "fin_last_in", "fin_last_out"),
     ("tail (-> warp 0 exit)", "fin_last_out", "exit0"),
 ]
+
+# csrc/decode/decode_gemm.cu ProbeOmit
+OMIT_BITS = {1: "hint", 2: "act", 4: "meta", 8: "values"}
+
+
+def omit_label(bits: int) -> str:
+    return "+".join(name for b, name in OMIT_BITS.items() if bits & b) or "nothing"
+
 
 SHAPES = {  # name: (n, k)
     "8b-o": (4096, 4096),
@@ -217,6 +227,8 @@ def load_probe(path: Path):
     so.s24_decode_probe_set.restype = None
     so.s24_decode_probe_mark.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     so.s24_decode_probe_mark.restype = ctypes.c_int
+    so.s24_decode_probe_set_omit.argtypes = [ctypes.c_int]
+    so.s24_decode_probe_set_omit.restype = None
     names = [so.s24_decode_probe_slot_name(i).decode() for i in range(so.s24_decode_probe_fixed())]
     if (names, so.s24_decode_probe_slots(), so.s24_decode_probe_units()) != (FIXED, SLOTS, PROBE_UNITS):
         sys.exit(f"{path}: stamp layout {names}, {so.s24_decode_probe_slots()} slots differs from this script's")
@@ -264,7 +276,7 @@ def graph_us(fn, reps: int = 20) -> float:
 
 
 def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict,
-             int4: bool = False) -> list[str]:
+             int4: bool = False, omits: tuple[int, ...] = ()) -> list[str]:
     import torch
     from gemm_bench import prune24
 
@@ -294,7 +306,7 @@ def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: 
     for m in ms:
         xq, xs = quantize(m, k, gen)
         lines += run_m(so, probe, f"{name}{'_int4' if int4 else ''}_m{m}", f"{tag}{name} [{n}x{k}] M={m}", xq, xs,
-                       plan, (values8, plan8), calls, out_dir, flush, raw)
+                       plan, (values8, plan8), calls, out_dir, flush, raw, omits)
     return lines
 
 
@@ -307,8 +319,9 @@ def quantize(m: int, k: int, gen):
 
 
 def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, cutlass: tuple, calls: int, out_dir: Path,
-          flush, raw: dict) -> list[str]:
-    """``cutlass``: (int8 values, plan) of the CUTLASS GEMM timed beside the decode GEMM."""
+          flush, raw: dict, omits: tuple[int, ...] = ()) -> list[str]:
+    """``cutlass``: (int8 values, plan) of the CUTLASS GEMM timed beside the decode GEMM; ``omits``:
+    ProbeOmit bit sets timed after it."""
     import torch
 
     from vllm_sparse24.kernels.cuda.sparse24_linear import _cutlass_mm, decode_mm, plan_of
@@ -376,6 +389,23 @@ def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, cutlass: tup
     lines.append(f"  per call (graph of 20, L2-warm weight): decode {t_dec:.2f} us, probe build {t_probe_off:.2f} "
                  f"(stamps off) / {t_probe_on:.2f} (on), CUTLASS {t_cut:.2f}; probe output == decode output: {same}")
     raw[f"{key}_times"] = np.array([t_dec, t_probe_off, t_probe_on, t_cut])
+    for bits in omits:
+        so.s24_decode_probe_set_omit(bits)
+        try:
+            t = graph_us(lambda: probe(xq, xs1, out))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                probe(xq, xs1, out, scratch)
+            for _ in range(2):  # the second replay is read
+                scratch.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+        finally:
+            so.s24_decode_probe_set_omit(0)
+        interval = unit_stream(scratch.cpu().numpy().astype(np.uint64))["full_interval"][0]
+        lines.append(f"  without {omit_label(bits)}: {t:.2f} us per call (probe build, stamps off), "
+                     f"full-to-full {interval:.3f} us")
+        raw[f"{key}_omit{bits}"] = np.array([t, interval])
     return lines
 
 
@@ -387,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,8", help="token counts (default 1,8)")
     ap.add_argument("--calls", type=int, default=3, help="decode calls per recorded sequence (default 3)")
     ap.add_argument("--int4", action="store_true", help="the int4 (w4a8) variant instead of the int8 one")
+    ap.add_argument("--omit", default="", help="ProbeOmit bit sets to time too, e.g. 1,2,4,8,14 (see above)")
     args = ap.parse_args(argv)
+    omits = tuple(int(b) for b in args.omit.split(",") if b)
+    if any(not 0 < b < 16 for b in omits):
+        ap.error(f"--omit takes bit sets 1..15 (1 hint, 2 act, 4 meta, 8 values), got {args.omit}")
 
     import torch
 
@@ -405,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         for line in run_case(so, name, n, k, [int(x) for x in args.ms.split(",")], args.calls, args.out, flush, raw,
-                             args.int4):
+                             args.int4, omits):
             print(line, flush=True)
             lines.append(line)
     np.savez_compressed(args.out / "stamps.npz", **raw)

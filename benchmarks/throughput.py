@@ -112,7 +112,8 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # cutlass_scaled_mm) and the 2:4 decode kernel (namespace sparse24). Not the eager quant kernel, and
 # not Inductor's Triton kernels: it names a fused kernel after the ops around it, so the RMSNorm /
 # SiLU-mul + activation-quant kernels read "triton_red_fused_..._cutlass_sparse_mm_..."
-LINEAR_KERNEL = re.compile(r"^(?!triton_)(?!.*quant).*(cutlass|sparse24)", re.I | re.S)
+# (FlashAttention-3's kernels are cutlass::device_kernel<flash::...> too)
+LINEAR_KERNEL = re.compile(r"^(?!triton_)(?!.*quant)(?!.*flash).*(cutlass|sparse24)", re.I | re.S)
 
 
 def is_linear_gemm(kernel_name: str) -> bool:
@@ -447,6 +448,7 @@ def run_profile(args) -> None:
     """In-process engine (set by the parent): time each workload, then profile one more run of it
     (GPU kernels and the host's CUDA runtime calls)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -467,7 +469,8 @@ def run_profile(args) -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(ps, sp, use_tqdm=False)
             torch.cuda.synchronize()
-        evs = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        # kernels only: an eager custom op's CPU event also carries its kernel's device time
+        evs = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
         gpu_ms = sum(e.self_device_time_total for e in evs) / 1e3
         # the decoder layers' linear GEMMs (ours and vLLM's W8A8 ones; the bf16 lm_head runs in cuBLAS,
         # sparse24_lmq's int8 lm_head in cutlass_scaled_mm, so there it counts here too)

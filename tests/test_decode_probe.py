@@ -65,6 +65,17 @@ def test_stamp_layout_matches_the_kernel():
     assert f"kPrUnitIssue = {dp.UNIT_ISSUE}," in src
 
 
+def test_omit_bits_match_the_kernel():
+    """--omit's bit names are the kernel's ProbeOmit enum."""
+    src = (ROOT / "vllm_sparse24/kernels/cuda/csrc/decode/decode_gemm.cu").read_text()
+    enum = re.search(r"enum ProbeOmit : int \{(.*?)\};", src, re.S).group(1)
+    bits = {int(v): name for name, v in re.findall(r"kOmit(\w+) = (\d+)", enum)}
+    assert {b: n.lower() for b, n in bits.items()} == dp.OMIT_BITS
+    assert dp.omit_label(14) == "act+meta+values" and dp.omit_label(0) == "nothing"
+    with pytest.raises(SystemExit):
+        dp.main(["--out", "unused", "--omit", "16"])
+
+
 def synthetic(ctas: int = 3, base: int = 10**12, step: int = 32) -> np.ndarray:
     """ctas CTAs; CTA c enters c us after the first; phases 1 us apart; units 0..3 full / math."""
     rec = np.zeros((ctas, dp.SLOTS), dtype=np.uint64)

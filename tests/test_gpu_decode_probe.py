@@ -78,3 +78,28 @@ def test_probe_build_matches_and_stamps_in_order(n, k, m):
             assert rec[c, dp.SLOT["fin_first_in"]] <= fs <= rec[c, dp.SLOT["fin_last_out"]]
     # a CTA's math and issue stamps are not ordered against each other, but both follow its entry
     assert (rec[:, dp.UNIT_ISSUE] >= rec[:, dp.SLOT["entry"]]).all()
+
+
+def test_omitting_the_cache_hint_keeps_the_result_and_the_knob_resets():
+    """Omit bit 1 (no L2 hint) changes no byte that arrives: same output; after bit 2 (no activation
+    copies, wrong output by design) the knob is back at 0 for the next launch."""
+    n, k, m = 4096, 4096, 8
+    so = dp.load_probe(PROBE)
+    values, meta = compress_24(random_24_gpu(n, k, seed=7))
+    ws = torch.rand(n, device="cuda") * 1e-2 + 1e-4
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device("cuda"))
+    xq, xs = quantized(m, k, torch.Generator().manual_seed(3))
+    ref = decode_mm(xq, xs, values, meta, ws, None, plan)
+    probe = dp.ProbeGemm(so, values, meta, ws, n, k)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    xs1 = xs.reshape(-1).float().contiguous()
+    so.s24_decode_probe_set_omit(1)
+    probe(xq, xs1, out)
+    so.s24_decode_probe_set_omit(2)
+    out2 = torch.empty_like(out)
+    probe(xq, xs1, out2)
+    so.s24_decode_probe_set_omit(0)
+    out3 = torch.empty_like(out)
+    probe(xq, xs1, out3)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref) and torch.equal(out3, ref)

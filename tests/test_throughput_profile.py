@@ -25,6 +25,11 @@ NOT_GEMMS = [
     "kernel_unified_attention",
     "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT",
     "reduce_segments",
+    # FlashAttention-3 (vLLM 0.26's build names its kernels cutlass::device_kernel<flash::...>)
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, "
+    "cute::tuple<cute::C<1>, cute::C<1>, cute::C<",
+    "void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<cute::C<8>, cute::C<128> >, 5, 256, 1, false, "
+    "true, cutlass::bfloat16_t, float, cutlass::arch",
 ]
 
 

@@ -50,7 +50,9 @@
 // boundaries named in kProbeSlotNames into a buffer set by s24_decode_probe_set, so a run can show
 // where a CTA spends its time before the first byte arrives and after the last. Without the macro
 // the stamps, the Params field and the probe entry points do not exist: the serving kernel is the
-// same code.
+// same code. The probe build can also leave kinds of copies out (s24_decode_probe_set_omit: values,
+// metadata, activations, or the weight copies' L2 hint), a diagnostic of which copy paces the ring:
+// the results are then wrong, the timing is what it measures.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,7 +115,10 @@ const char* const kProbeSlotNames[kPrFixed] = {
     "exit0", "exit1", "exit2", "exit3",
 };
 uint64_t* g_probe = nullptr;  // the buffer the next launches stamp into (s24_decode_probe_set)
+int g_probe_omit = 0;  // ProbeOmit bits of the next launches (s24_decode_probe_set_omit)
 #endif
+// Copies the probe build can leave out (bits); the serving build never does
+enum ProbeOmit : int { kOmitHint = 1, kOmitAct = 2, kOmitMeta = 4, kOmitValues = 8 };
 thread_local char g_err[kErrLen] = "";
 
 int fail(int code, const char* fmt, long long a = 0, long long b = 0, long long c = 0, long long d = 0) {
@@ -278,6 +283,7 @@ struct alignas(64) Params {
   void* partials;  // [ctas][2][kConsumerWarps][kMaxM][kWarpRows] accumulator type
 #ifdef S24_DECODE_PROBE
   uint64_t* probe;  // [ctas][kProbeSlots] stamps, or null (no stamps)
+  int probe_omit;   // ProbeOmit bits
 #endif
 };
 
@@ -368,26 +374,42 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       rt = u / part.units_per_tile;
       kb0 = (u - rt * part.units_per_tile) * kStageBlocks;
     };
+#ifdef S24_DECODE_PROBE
+    const int omit = p.probe_omit;
+    const uint32_t load_bytes = S::kLoadBytes - (omit & kOmitAct ? S::kActBytes : 0) -
+                                (omit & kOmitMeta ? S::kScales - S::kMeta : 0) -
+                                (omit & kOmitValues ? S::kMeta + S::kAct - S::kScales : 0);
+#else
+    constexpr int omit = 0;
+    constexpr uint32_t load_bytes = S::kLoadBytes;
+#endif
+    auto load = [&](void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
+      if (omit & kOmitHint) tensor_load_2d(dst, map, c0, c1, bar);
+      else tensor_load_2d(dst, map, c0, c1, bar, policy);
+    };
     auto load_weight = [&](int i) {
       int rt, kb0;
       origin(i, rt, kb0);
       uint8_t* st = stages + (i % p.stages) * S::kBytes;
       uint64_t* bar = full + i % p.stages;
-      mbar_expect_tx(bar, S::kLoadBytes);
-      if constexpr (kIsInt4<In>) {  // the unit's 8 KB of values (1 KB rows) and 256 bytes of group scales
-        constexpr int kRowsPerBlock = kInt4BlockBytes / 1024;
-        tensor_load_2d(st + S::kValues, &p.values, 0, (rt * part.kblocks + kb0) * kRowsPerBlock, bar, policy);
-        tensor_load_2d(st + S::kScales, &p.scales, 0, u_begin + i, bar, policy);
-      } else {
-        tensor_load_2d(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar, policy);
+      mbar_expect_tx(bar, load_bytes);
+      if (!(omit & kOmitValues)) {
+        if constexpr (kIsInt4<In>) {  // the unit's 8 KB of values (1 KB rows) and 256 bytes of group scales
+          constexpr int kRowsPerBlock = kInt4BlockBytes / 1024;
+          load(st + S::kValues, &p.values, 0, (rt * part.kblocks + kb0) * kRowsPerBlock, bar);
+          load(st + S::kScales, &p.scales, 0, u_begin + i, bar);
+        } else {
+          load(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar);
+        }
       }
-      tensor_load_2d(st + S::kMeta, &p.meta, rt * kTileRows * 4, kb0, bar, policy);
+      if (!(omit & kOmitMeta)) load(st + S::kMeta, &p.meta, rt * kTileRows * 4, kb0, bar);
     };
     auto load_act = [&](int i) {
       int rt, kb0;
       origin(i, rt, kb0);
-      tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, kb0 * (kMetaBlockK / 4), 0,
-                     full + i % p.stages);
+      if (!(omit & kOmitAct))
+        tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, kb0 * (kMetaBlockK / 4), 0,
+                       full + i % p.stages);
     };
     const int pre = min(count, min(p.stages, kEarlyUnits)), fill = min(count, p.stages);
     S24_STAMP(kPrProdStart);
@@ -865,7 +887,7 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
                 workspace_need(sms), workspace_bytes);
   Params p{};
 #ifdef S24_DECODE_PROBE
-  p.probe = g_probe;
+  p.probe = g_probe, p.probe_omit = g_probe_omit;
 #endif
   p.x_scale = x_scale, p.w_scale = w_scale, p.bias = bias, p.out = out, p.m = m, p.n = n, p.k = k;
   p.part = make_partition(n, k, sms);
@@ -892,6 +914,10 @@ const char* s24_decode_probe_slot_name(int i) { return i >= 0 && i < kPrFixed ? 
 // Later launches stamp [ctas][s24_decode_probe_slots()] uint64 into buf (device memory; null: no
 // stamps). The pointer is a kernel parameter, so a CUDA graph keeps the one set at capture.
 void s24_decode_probe_set(void* buf) { g_probe = static_cast<uint64_t*>(buf); }
+// Later launches leave out the copies named by ProbeOmit bits (0: none): 1 the weight copies' L2
+// evict-first hint, 2 the activation copies, 4 the metadata copies, 8 the values (and int4 group
+// scales). Their stage bytes keep whatever they held, so the outputs are wrong: timing only.
+void s24_decode_probe_set_omit(int bits) { g_probe_omit = bits; }
 
 // One thread writes %globaltimer to dst: launched before and after decode calls (plain stream
 // order) it stamps when the previous work ended and when the next kernel could start.
