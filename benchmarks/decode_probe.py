@@ -238,10 +238,12 @@ def load_probe(path: Path):
 class ProbeGemm:
     """The probe library's decode GEMM on one layer's operands, writing into a fixed output."""
 
-    def __init__(self, so, values, meta, w_scale, n: int, k: int, group_scale=None):
+    def __init__(self, so, values, meta, w_scale, n: int, k: int, group_scale=None, unit_blocks: int = 0):
         import torch
 
         from vllm_sparse24.kernels.cuda import lib
+
+        self.tuning = lib.DecodeTuning(0, 0, 1, unit_blocks)  # the default launch but for the unit size
 
         self.so, self.values, self.meta, self.w_scale, self.n, self.k = so, values, meta, w_scale, n, k
         self.group_scale = group_scale  # int4 values when given
@@ -250,7 +252,7 @@ class ProbeGemm:
         lib.check_decode(so.s24_decode_workspace_bytes(64, n, k, ctypes.byref(need)), "probe workspace")
         self.ws = torch.zeros(need.value, dtype=torch.uint8, device=values.device)
         units, ctas, per_tile = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        lib.check_decode(so.s24_decode_partition(n, k, 0, ctypes.byref(units), ctypes.byref(ctas),
+        lib.check_decode(so.s24_decode_partition(n, k, 0, unit_blocks, ctypes.byref(units), ctypes.byref(ctas),
                                                  ctypes.byref(per_tile)), "probe partition")
         self.ctas = ctas.value
 
@@ -262,7 +264,7 @@ class ProbeGemm:
             self.in_dtype, 2, self.values.data_ptr(), self.meta.data_ptr(),
             None if self.group_scale is None else self.group_scale.data_ptr(), xq.data_ptr(), self.k, xs.data_ptr(),
             self.w_scale.data_ptr(), None, out.data_ptr(), xq.shape[0], self.n, self.k, self.ws.data_ptr(),
-            self.ws.numel(), None, torch.cuda.current_stream().cuda_stream)
+            self.ws.numel(), ctypes.byref(self.tuning), torch.cuda.current_stream().cuda_stream)
         self.so.s24_decode_probe_set(None)
         if rc:
             raise RuntimeError(f"probe decode GEMM: {self.so.s24_decode_last_error().decode()} ({rc})")
@@ -276,7 +278,7 @@ def graph_us(fn, reps: int = 20) -> float:
 
 
 def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict,
-             int4: bool = False, omits: tuple[int, ...] = ()) -> list[str]:
+             int4: bool = False, omits: tuple[int, ...] = (), unit_blocks: int = 0) -> list[str]:
     import torch
     from gemm_bench import prune24
 
@@ -301,11 +303,12 @@ def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: 
         plan = make_plan(n, k, torch.int8, torch.bfloat16, dev, int4=True)
     else:
         values, scales, plan = values8, None, plan8
-    probe = ProbeGemm(so, values, meta, ws, n, k, scales)
-    lines, tag = [], "int4 " if int4 else ""
+    probe = ProbeGemm(so, values, meta, ws, n, k, scales, unit_blocks)
+    lines, tag = [], ("int4 " if int4 else "") + (f"ub{unit_blocks} " if unit_blocks else "")
     for m in ms:
         xq, xs = quantize(m, k, gen)
-        lines += run_m(so, probe, f"{name}{'_int4' if int4 else ''}_m{m}", f"{tag}{name} [{n}x{k}] M={m}", xq, xs,
+        key = f"{name}{'_int4' if int4 else ''}{f'_ub{unit_blocks}' if unit_blocks else ''}_m{m}"
+        lines += run_m(so, probe, key, f"{tag}{name} [{n}x{k}] M={m}", xq, xs,
                        plan, (values8, plan8), calls, out_dir, flush, raw, omits)
     return lines
 
@@ -376,12 +379,12 @@ def run_m(so, probe: ProbeGemm, key: str, title: str, xq, xs, plan, cutlass: tup
         raw[f"{key}_{mode}_stamps"] = st
         raw[f"{key}_{mode}_marks"] = mk
     # the probe's output equals the normal library's; per-call times for context
-    ref = decode_mm(xq, xs, values, meta, ws, None, plan, group_scale=gs)
+    ref = decode_mm(xq, xs, values, meta, ws, None, plan, probe.tuning, group_scale=gs)
     probe(xq, xs1, out)
     torch.cuda.synchronize()
     same = torch.equal(out, ref)
     scratch = torch.zeros(probe.ctas, SLOTS, dtype=torch.int64, device=dev)
-    t_dec = graph_us(lambda: decode_mm(xq, xs, values, meta, ws, None, plan, group_scale=gs))
+    t_dec = graph_us(lambda: decode_mm(xq, xs, values, meta, ws, None, plan, probe.tuning, group_scale=gs))
     t_probe_off = graph_us(lambda: probe(xq, xs1, out))
     t_probe_on = graph_us(lambda: probe(xq, xs1, out, scratch))
     # the plan's CUTLASS config whatever VLLM_SPARSE24_DECODE_MAX_M says
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,8", help="token counts (default 1,8)")
     ap.add_argument("--calls", type=int, default=3, help="decode calls per recorded sequence (default 3)")
     ap.add_argument("--int4", action="store_true", help="the int4 (w4a8) variant instead of the int8 one")
+    ap.add_argument("--unit-blocks", type=int, default=0, choices=(0, 4, 8),
+                    help="128-k blocks per work unit (0: the kernel's default, 4)")
     ap.add_argument("--omit", default="", help="ProbeOmit bit sets to time too, e.g. 1,2,4,8,14 (see above)")
     args = ap.parse_args(argv)
     omits = tuple(int(b) for b in args.omit.split(",") if b)
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         for line in run_case(so, name, n, k, [int(x) for x in args.ms.split(",")], args.calls, args.out, flush, raw,
-                             args.int4, omits):
+                             args.int4, omits, args.unit_blocks):
             print(line, flush=True)
             lines.append(line)
     np.savez_compressed(args.out / "stamps.npz", **raw)

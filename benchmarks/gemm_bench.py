@@ -16,12 +16,13 @@ vLLM's fp8 path and ours get their activation quant fused into the previous op u
                 previous call, which signals its dependents after its last mainloop, finishes)
   sparse24_decode  ours: the decode GEMM alone (csrc/decode/), at every M it serves (<= 64);
                 _nopdl: launched without programmatic dependent launch (back to back, PDL lets a call
-                start streaming its weight while the previous call finishes)
+                start streaming its weight while the previous call finishes); _ub8: work units of
+                8 blocks of 128 k instead of 4 (twice the bytes per tensor copy and ring stage)
   sparse24_fp8_decode  the same for e4m3
   w4a8          ours: a w4a8 2:4 layer (int4 values + group scales resident), as dispatched: the
                 int4 decode GEMM up to its plan's decode_max_m (64 unless VLLM_SPARSE24_DECODE_MAX_M
                 says otherwise), unpack into the shared scratch + the int8 CUTLASS config above
-  w4a8_decode   ours: the int4 decode GEMM alone, at every M it serves (<= 64)
+  w4a8_decode   ours: the int4 decode GEMM alone, at every M it serves (<= 64); _ub8: units of 8 blocks
   w4a8_unpack   ours: the prefill path alone (unpack kernel + int8 CUTLASS config) at every M
 TB/s ("tbps") is bytes of the weight as stored over time: values + metadata for the sparse impls
 (w4a8: int4 values + metadata + group scales), the dense weight for vLLM's; the summary prints both
@@ -71,7 +72,8 @@ MODELS = {
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 # decode GEMM launch variants timed beside the default launch (impl "sparse24_decode<tag>")
-DECODE_TUNINGS: dict[str, lib.DecodeTuning | None] = {"": None, "_nopdl": lib.DecodeTuning(0, 0, 0)}
+DECODE_TUNINGS: dict[str, lib.DecodeTuning | None] = {"": None, "_nopdl": lib.DecodeTuning(0, 0, 0),
+                                                      "_ub8": lib.DecodeTuning(0, 0, 1, 8)}
 ROTATE_BYTES = 256 << 20
 FP8_MAX = 448.0
 DEV = "cuda"
@@ -206,8 +208,10 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
         impls["w4a8_unpack"] = (lambda i: _unpack_mm(xq8, xs, *sh.w4[i], sh.ws, sh.bias, plan_of(plans["w4a8"])),
                                 sh.c_w4, sh.w4_bytes)
         if m <= lib.decode_max_m():
-            impls["w4a8_decode"] = (lambda i: decode_mm(xq8, xs, sh.w4[i][0], sh.w4[i][1], sh.ws, sh.bias,
-                                                        plans["w4a8"], group_scale=sh.w4[i][2]), sh.c_w4, sh.w4_bytes)
+            for tag, tuning in (("", None), ("_ub8", DECODE_TUNINGS["_ub8"])):
+                impls[f"w4a8_decode{tag}"] = (
+                    lambda i, tuning=tuning: decode_mm(xq8, xs, sh.w4[i][0], sh.w4[i][1], sh.ws, sh.bias, plans["w4a8"],
+                                                       tuning, group_scale=sh.w4[i][2]), sh.c_w4, sh.w4_bytes)
         if search:
             for name, cid in ids.items():
                 if "_bf16_" not in name or not re.search(search, name):
@@ -249,7 +253,8 @@ def bench_shape(model, layer, sh: Shape, ms, search: str | None, plans, rows, ge
         fp8 = cells.get("fp8_cutlass")
         line = " ".join(f"{i}={cells[i]}" for i in ("bf16", "int8_cutlass", "fp8_cutlass", "sparse24", "sparse24_fp8",
                                                     *(f"sparse24_decode{t}" for t in DECODE_TUNINGS),
-                                                    "sparse24_fp8_decode", "w4a8", "w4a8_decode", "w4a8_unpack")
+                                                    "sparse24_fp8_decode", "w4a8", "w4a8_decode", "w4a8_decode_ub8",
+                                                    "w4a8_unpack")
                         if cells.get(i))
         ratio = f" sparse24/fp8={fp8 / cells['sparse24']:.2f}x" if fp8 and cells.get("sparse24") else ""
         print(f"{model} {layer} M={m}: {line}{ratio}", flush=True)
@@ -458,8 +463,8 @@ def summarize(res):
             continue
         thr = res.get("decode_max_m", {}).get(f"{model}:{layer}")
         parts = [f"{i} {cells[(model, layer, m, i)]:8.2f} us {tbps[(model, layer, m, i)]:5.2f} TB/s"
-                 for i in ("sparse24", "sparse24_pdl", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_fp8_decode",
-                           "w4a8", "w4a8_decode", "w4a8_unpack", "fp8_cutlass")
+                 for i in ("sparse24", "sparse24_pdl", "sparse24_decode", "sparse24_decode_nopdl", "sparse24_decode_ub8",
+                           "sparse24_fp8_decode", "w4a8", "w4a8_decode", "w4a8_decode_ub8", "w4a8_unpack", "fp8_cutlass")
                  if (model, layer, m, i) in cells]
         fp8 = cells.get((model, layer, m, "fp8_cutlass"))
         ratio = f"  time/fp8 {us / fp8:.2f}" if fp8 else ""

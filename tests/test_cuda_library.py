@@ -198,6 +198,12 @@ def test_decode_abi_is_exported(built):
     assert lib.decode_partition(28672, 4096, 132) == (448 * 8, 132, 8)
     assert lib.decode_partition(4096, 14336, 132) == (64 * 28, 132, 28)
     assert lib.decode_partition(200, 384, 132) == (4, 4, 1)  # a partial tile in K and in rows
+    # units of 64 rows x 1024 k
+    assert lib.decode_partition(4096, 4096, 132, unit_blocks=8) == (64 * 4, 132, 4)
+    assert lib.decode_partition(4096, 14336, 132, unit_blocks=8) == (64 * 14, 132, 14)
+    assert lib.decode_partition(136, 1152, 132, unit_blocks=8) == (6, 6, 2)  # 9 blocks: a partial second unit
+    with pytest.raises(lib.Sparse24LibraryError, match="unit_blocks=6"):
+        lib.decode_partition(4096, 4096, 132, unit_blocks=6)
     with pytest.raises(lib.Sparse24LibraryError, match="multiple of 128"):
         lib.decode_workspace_bytes(8, 64, 96)
     with pytest.raises(lib.Sparse24LibraryError, match="m=65 tokens"):

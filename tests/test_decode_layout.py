@@ -117,14 +117,14 @@ def signed_bytes(w: int) -> list[int]:
 
 
 # decode_gemm.cu's constants
-TILE_ROWS, WARPS, STAGE_BLOCKS = 64, 4, 4
-VALUE_PITCH, ACT_PITCH, ATOM = STAGE_BLOCKS * 64, STAGE_BLOCKS * 128, 64 * 16  # the TMA boxes' dense pitches
+TILE_ROWS, WARPS, ATOM = 64, 4, 64 * 16
+RECORD_BLOCKS = 4  # blocks per int4 group scale record (and per consumer pass over a stage)
 
 
-def partition(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
-    """make_partition: (k blocks, units per 64-row tile, units, CTAs)."""
+def partition(n: int, k: int, sms: int, ub: int = 4) -> tuple[int, int, int, int]:
+    """make_partition with units of ``ub`` blocks: (k blocks, units per 64-row tile, units, CTAs)."""
     kblocks = -(-k // 128)  # an int4 weight's last block may be partial
-    per_tile = -(-kblocks // STAGE_BLOCKS)
+    per_tile = -(-kblocks // ub)
     units = -(-n // TILE_ROWS) * per_tile
     return kblocks, per_tile, units, min(units, sms)
 
@@ -141,16 +141,19 @@ INT4_BLOCK = int4_layout.BLOCK_BYTES
 
 
 def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, sms: int,
-                   selectors: list[int], int4: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                   selectors: list[int], int4: tuple[np.ndarray, np.ndarray] | None = None, ub: int = 4) -> np.ndarray:
     """decode_gemm.cu lane by lane: the producer's tensor copies into a stage buffer, the consumer
     warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
     epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees.
-    ``int4``: the int4 variant on (values, group scales) of int4_layout.pack (``values`` unused)."""
+    ``int4``: the int4 variant on (values, group scales) of int4_layout.pack (``values`` unused);
+    ``ub``: 128-k blocks per work unit (the kernel's UB, 4 or 8)."""
+    value_pitch, act_pitch = ub * 64, ub * 128  # the TMA boxes' dense pitches
     m = x.shape[0]
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
     rows_padded = meta_rows(n)
-    kblocks, per_tile, units, ctas = partition(n, k, sms)
+    kblocks, per_tile, units, ctas = partition(n, k, sms, ub)
+    records_per_tile = -(-kblocks // RECORD_BLOCKS)
     begin = [c * units // ctas for c in range(ctas + 1)]
 
     def cta_of(u: int) -> int:
@@ -165,29 +168,32 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
     for cta, i in order:  # a CTA's units in order; CTAs one after another (any order must do)
         u = begin[cta] + i
         rt, ku = divmod(u, per_tile)
-        kb0 = ku * STAGE_BLOCKS
-        nkb = min(STAGE_BLOCKS, kblocks - kb0)
+        kb0 = ku * ub
+        nkb = min(ub, kblocks - kb0)
         # the producer's three tensor copies into one stage: whole boxes, zero past the tensor's edges
         # (rows past n, k blocks past K, tokens past m)
-        stage_v = np.zeros(TILE_ROWS * VALUE_PITCH, dtype=np.uint8)
-        stage_m = np.zeros(STAGE_BLOCKS * ATOM, dtype=np.uint8)
-        stage_x = np.zeros(8 * nt * ACT_PITCH, dtype=np.uint8)
-        if int4 is not None:  # one box of 8 KB (zero past the buffer's end) and one of 256 bytes
+        stage_v = np.zeros(TILE_ROWS * value_pitch, dtype=np.uint8)
+        stage_m = np.zeros(ub * ATOM, dtype=np.uint8)
+        stage_x = np.zeros(8 * nt * act_pitch, dtype=np.uint8)
+        if int4 is not None:  # one box of ub x 2 KB and one of ub / 4 records of 256 bytes (zero past the buffers' ends)
             src = (rt * kblocks + kb0) * INT4_BLOCK
-            chunk = int4[0][src:src + STAGE_BLOCKS * INT4_BLOCK]
-            stage_v4 = np.zeros(STAGE_BLOCKS * INT4_BLOCK, dtype=np.uint8)
+            chunk = int4[0][src:src + ub * INT4_BLOCK]
+            stage_v4 = np.zeros(ub * INT4_BLOCK, dtype=np.uint8)
             stage_v4[:chunk.size] = chunk
-            stage_s = int4[1][u * 256:(u + 1) * 256]
+            rec = rt * records_per_tile + kb0 // RECORD_BLOCKS
+            chunk = int4[1][rec * 256:(rec + ub // RECORD_BLOCKS) * 256]
+            stage_s = np.zeros(ub // RECORD_BLOCKS * 256, dtype=np.uint8)
+            stage_s[:chunk.size] = chunk
         else:
             for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
                 src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
-                stage_v[r * VALUE_PITCH:r * VALUE_PITCH + nkb * 64] = vflat[src:src + nkb * 64]
+                stage_v[r * value_pitch:r * value_pitch + nkb * 64] = vflat[src:src + nkb * 64]
         for b in range(nkb):
             src = meta_offset(rt * TILE_ROWS, (kb0 + b) * 16, rows_padded)
             stage_m[b * ATOM:(b + 1) * ATOM] = meta[src:src + ATOM]
         for tok in range(m):
             src, width = tok * k + kb0 * 128, min(nkb * 128, k - kb0 * 128)  # zero past K
-            stage_x[tok * ACT_PITCH:tok * ACT_PITCH + width] = xflat[src:src + width]
+            stage_x[tok * act_pitch:tok * act_pitch + width] = xflat[src:src + width]
         for warp in range(WARPS):
             key = (cta, warp)
             acc = np.zeros((nt, 32, 4), dtype=np.int64) if i == 0 or ku == 0 else accs[key]
@@ -195,7 +201,7 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
             # every block of the unit, also past K: the stage holds zeros there (metadata and
             # activations; int4 values may be the next tile's), and a zero metadata byte expands to
             # zero weights
-            for b in range(STAGE_BLOCKS):
+            for b in range(ub):
                 for w in range(4):
                     a_regs = np.zeros((32, 4), dtype=object)
                     b_regs = np.zeros((nt, 32, 2), dtype=object)
@@ -204,16 +210,17 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
                         for h in range(2):
                             if int4 is not None:  # the lane's 8 bytes of row g + 8h, its group scale of block b
                                 off = b * INT4_BLOCK + warp * 512 + lane * 16 + 8 * h + 4 * (w // 2)
-                                gs = (word(stage_s, (wrow + g + 8 * h) * 4) >> (8 * b)) & 0xFF
+                                rec_off = b // RECORD_BLOCKS * 256 + (wrow + g + 8 * h) * 4
+                                gs = (word(stage_s, rec_off) >> (8 * (b % RECORD_BLOCKS))) & 0xFF
                                 v = int4_codes(word(stage_v4, off), gs)[w % 2]
                             else:
-                                v = word(stage_v, (wrow + g + 8 * h) * VALUE_PITCH + 16 * t + b * 64 + 4 * w)
+                                v = word(stage_v, (wrow + g + 8 * h) * value_pitch + 16 * t + b * 64 + 4 * w)
                             mword = word(stage_m, (wrow + g + 8 * h) * 16 + 4 * t + b * ATOM)
                             sel = selectors[(mword >> (8 * w)) & 0xFF]
                             a_regs[lane, h] = byte_perm(v, 0, sel & 0xFFFF)
                             a_regs[lane, 2 + h] = byte_perm(v, 0, sel >> 16)
                         for j in range(nt):
-                            base = (8 * j + g) * ACT_PITCH + b * 128 + 32 * t + 8 * w
+                            base = (8 * j + g) * act_pitch + b * 128 + 32 * t + 8 * w
                             b_regs[j, lane, 0] = word(stage_x, base)
                             b_regs[j, lane, 1] = word(stage_x, base + 4)
                     for j in range(nt):
@@ -279,9 +286,13 @@ def random_24(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 # sms: few, so that row tiles are split across CTAs (the fixup) and CTAs hold several units
-@pytest.mark.parametrize("n,k,m,sms", [(96, 384, 1, 1), (40, 2048, 13, 3), (72, 1152, 30, 5),
-                                       (33, 1024, 8, 2), (200, 2048, 17, 7), (128, 640, 3, 132), (64, 512, 41, 2)])
-def test_transcription_gives_the_exact_product(probe, n, k, m, sms):
+@pytest.mark.parametrize("n,k,m,sms,ub", [(96, 384, 1, 1, 4), (40, 2048, 13, 3, 4), (72, 1152, 30, 5, 4),
+                                          (33, 1024, 8, 2, 4), (200, 2048, 17, 7, 4), (128, 640, 3, 132, 4),
+                                          (64, 512, 41, 2, 4),
+                                          # units of 8 blocks: a partial last unit (K = 1152: 9 blocks), K
+                                          # shorter than one unit, row tiles split across CTAs
+                                          (72, 1152, 9, 3, 8), (96, 384, 2, 1, 8), (200, 4096, 17, 7, 8)])
+def test_transcription_gives_the_exact_product(probe, n, k, m, sms, ub):
     proc = subprocess.run([probe, "--selectors"], capture_output=True, text=True, check=True)
     selectors = [int(s, 16) for s in proc.stdout.split()]
     assert len(selectors) == 256
@@ -289,7 +300,7 @@ def test_transcription_gives_the_exact_product(probe, n, k, m, sms):
     w = random_24(n, k, rng)
     x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
     values, meta = compress_like_cutlass(w)
-    got = emulate_decode(values, meta, x, n, k, sms, selectors)
+    got = emulate_decode(values, meta, x, n, k, sms, selectors, ub=ub)
     want = x.astype(np.int64) @ w.astype(np.int64).T
     np.testing.assert_array_equal(got, want)
 
@@ -380,9 +391,12 @@ def test_int4_codes_match_layout_h_and_the_exact_codes(probe):
             assert signed_bytes(lo) + signed_bytes(hi) == want, (g, hex(w))
 
 
-@pytest.mark.parametrize("n,k,m,sms", [(96, 384, 1, 1), (40, 2048, 13, 3), (100, 576, 9, 2), (130, 1536, 33, 5),
-                                       (72, 2304, 2, 4), (64, 512, 64, 2)])
-def test_int4_transcription_gives_the_exact_product(probe, n, k, m, sms):
+@pytest.mark.parametrize("n,k,m,sms,ub", [(96, 384, 1, 1, 4), (40, 2048, 13, 3, 4), (100, 576, 9, 2, 4),
+                                          (130, 1536, 33, 5, 4), (72, 2304, 2, 4, 4), (64, 512, 64, 2, 4),
+                                          # units of 8 blocks: two group scale records a unit; K = 2304 has 5
+                                          # records a tile, so a tile's last unit also reads the next tile's first
+                                          (72, 2304, 2, 4, 8), (100, 576, 9, 2, 8), (130, 1536, 17, 5, 8)])
+def test_int4_transcription_gives_the_exact_product(probe, n, k, m, sms, ub):
     """The int4 kernel on int4_layout.pack's layout (incl. a partial last block, K = 576 / 2304, and
     partial row tiles) computes x @ codes^T exactly, as the int8 kernel on the compressor's values."""
     proc = subprocess.run([probe, "--selectors"], capture_output=True, text=True, check=True)
@@ -392,5 +406,5 @@ def test_int4_transcription_gives_the_exact_product(probe, n, k, m, sms):
     x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
     values8, meta = compress_like_cutlass(codes)
     packed, scales = int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs))
-    got = emulate_decode(values8, meta, x, n, k, sms, selectors, int4=(packed.numpy(), scales.numpy()))
+    got = emulate_decode(values8, meta, x, n, k, sms, selectors, int4=(packed.numpy(), scales.numpy()), ub=ub)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ codes.astype(np.int64).T)

@@ -268,7 +268,7 @@ def test_bad_shapes_are_refused_with_a_message():
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 2048), (6144, 4096)])
 def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
     """Programmatic dependent launch on / off, shallow and deep rings, fewer CTAs (more units each,
-    other fixup splits): bit-equal outputs, also after a kernel that writes the activations just
+    other fixup splits), units of 8 blocks: bit-equal outputs, also after a kernel that writes the activations just
     before (the PDL wait must order the activation reads after it)."""
     gen = torch.Generator().manual_seed(n + 3 * k)
     w = random_24(n, k, gen)
@@ -277,7 +277,8 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
     plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV))
     tunings = [lib.DecodeTuning(0, 0, 1), lib.DecodeTuning(0, 0, 0), lib.DecodeTuning(2, 0, 1),
-               lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1)]
+               lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1),
+               lib.DecodeTuning(0, 0, 1, 8), lib.DecodeTuning(2, 7, 0, 8), lib.DecodeTuning(1, 200, 1, 8)]
     for m in (1, 8, 13, 32, 64):
         xq, xs = quantized(m, k, gen)
         want = reference(xq, xs, w, ws, bias)
@@ -287,7 +288,7 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
             xq2 = torch.empty_like(xq)
             xq2.copy_(xq)  # written by the kernel right before the GEMM
             got = decode_mm(xq2, xs, values, meta, ws, bias, plan, tuning)
-            assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl)
+            assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl, tuning.unit_blocks)
 
 
 # host work that would stall a decode step: a synchronization, a device -> host copy, a Python scalar read

@@ -179,7 +179,8 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
     ws, bias, gen = scales_and_bias(n, k)
     plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV), int4=True)
     tunings = [lib.DecodeTuning(0, 0, 1), lib.DecodeTuning(0, 0, 0), lib.DecodeTuning(2, 0, 1),
-               lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1)]
+               lib.DecodeTuning(1, 0, 0), lib.DecodeTuning(3, 7, 1), lib.DecodeTuning(0, 200, 1),
+               lib.DecodeTuning(0, 0, 1, 8), lib.DecodeTuning(2, 7, 0, 8), lib.DecodeTuning(1, 200, 1, 8)]
     for m in (1, 8, 13, 32, 64):
         xq, xs = quantized(m, k, gen)
         first = decode_mm(xq, xs, values4, meta, ws, bias, plan, tunings[0], group_scale=scales)
@@ -188,7 +189,7 @@ def test_pdl_stages_and_ctas_do_not_change_the_result(n, k):
             xq2 = torch.empty_like(xq)
             xq2.copy_(xq)  # written by the kernel right before the GEMM
             got = decode_mm(xq2, xs, values4, meta, ws, bias, plan, tuning, group_scale=scales)
-            assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl)
+            assert torch.equal(got, first), (m, tuning.stages, tuning.ctas, tuning.pdl, tuning.unit_blocks)
 
 
 def checkpoint_weight(n: int, k: int, seed: int) -> tuple[Int4Weight24, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@
 # Environment: BUDGET_S (whole run, default 580), ENGINES (default fp8,sparse24), WORKLOADS,
 #   MS / MS_70B (kernel benchmark token counts), DECODE_MAX_M (the decode GEMM's threshold in the
 #   engines, default 64; 0 when its tests fail), STEPS (default "tests bench e2e"; "probe" adds the
-#   timing probe after the tests), ON_FAIL (stop:
+#   timing probe after the tests), PROBE_ARGS (more decode_probe.py arguments, e.g. "--omit 1,2,4,8
+#   --unit-blocks 8"), ON_FAIL (stop:
 #   a failed decode test ends the run; go: the engines run without the decode GEMM).
 set -u -o pipefail
 OUT=${OUT:-/tmp/sparse24-out}; mkdir -p "$OUT/k" "$OUT/t"
@@ -30,8 +31,8 @@ if [[ $STEPS == *tests* ]]; then
   fi
 fi
 if [[ $STEPS == *probe* ]]; then
-  timeout 120 python3 benchmarks/decode_probe.py --out "$OUT/probe" >"$OUT/probe.log" 2>&1
-  grep -E "^==|phases|per call" "$OUT/probe.log" | cut -c1-230
+  timeout 120 python3 benchmarks/decode_probe.py --out "$OUT/probe" ${PROBE_ARGS:-} >"$OUT/probe.log" 2>&1
+  grep -E "^==|phases|per call|without" "$OUT/probe.log" | cut -c1-230
   tar czf "$OUT/probe.tgz" -C "$OUT" probe && rm -rf "$OUT/probe"
 fi
 [[ $STEPS == *bench* ]] && timeout 130 python3 benchmarks/gemm_bench.py --out "$OUT/k" --budget-s 90 --models llama3-8b,llama3-70b --ms "${MS:-1,8,16,64}" \

@@ -31,8 +31,10 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
 )
 
 DEV = "cuda"
-# default launch, no PDL with a 2-stage ring, and 3 CTAs (long per-CTA ranges, ring wrap-around)
-TUNINGS = [None, lib.DecodeTuning(2, 0, 0), lib.DecodeTuning(0, 3, 1)]
+# default launch, no PDL with a 2-stage ring, 3 CTAs (long per-CTA ranges, ring wrap-around), and
+# units of 8 blocks (default ring; 2 stages on 3 CTAs)
+TUNINGS = [None, lib.DecodeTuning(2, 0, 0), lib.DecodeTuning(0, 3, 1), lib.DecodeTuning(0, 0, 1, 8),
+           lib.DecodeTuning(2, 3, 0, 8)]
 CASES = [  # (n, k, weight dtype, out dtype)
     (200, 384, torch.int8, torch.bfloat16),
     (72, 1152, torch.int8, torch.float16),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .build import DEFAULT_LIB
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 # S24Dtype in csrc/sparse24.h
 INT8, E4M3, BF16, F16 = 0, 1, 2, 3
 # the decode GEMM's int4 weight (w4a8 2:4: int4 values + group scales, int8 activations; csrc/decode/decode_gemm.h)
@@ -21,9 +21,10 @@ _c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 
 class DecodeTuning(ctypes.Structure):
     """S24DecodeTuning (csrc/decode/decode_gemm.h): pipeline stages and persistent CTAs (0 = the
-    kernel's choice) and programmatic dependent launch on/off."""
+    kernel's choice), programmatic dependent launch on/off, and the 128-k blocks per work unit (4 or
+    8; 0 = 4)."""
 
-    _fields_ = [("stages", _c_int), ("ctas", _c_int), ("pdl", _c_int)]
+    _fields_ = [("stages", _c_int), ("ctas", _c_int), ("pdl", _c_int), ("unit_blocks", _c_int)]
 
 
 class Sparse24LibraryError(RuntimeError):
@@ -80,7 +81,7 @@ def declare_decode(so: ctypes.CDLL) -> None:
     so.s24_decode_max_m.restype = _c_int
     so.s24_decode_last_error.restype = ctypes.c_char_p
     so.s24_decode_workspace_bytes.argtypes = [_c_int, _c_int, _c_int, ctypes.POINTER(_c_i64)]
-    so.s24_decode_partition.argtypes = [_c_int, _c_int, _c_int] + [ctypes.POINTER(_c_int)] * 3
+    so.s24_decode_partition.argtypes = [_c_int, _c_int, _c_int, _c_int] + [ctypes.POINTER(_c_int)] * 3
     so.s24_decode_gemm.argtypes = [_c_int, _c_int, _vp, _vp, _vp, _vp, _c_i64, _vp, _vp, _vp, _vp, _c_int, _c_int,
                                    _c_int, _vp, _c_i64, ctypes.POINTER(DecodeTuning), _vp]
     so.s24_decode_int4_bytes.argtypes = [_c_int, _c_int, ctypes.POINTER(_c_i64), ctypes.POINTER(_c_i64)]
@@ -121,11 +122,12 @@ def decode_int4_bytes(n: int, k: int) -> tuple[int, int]:
     return values.value, scales.value
 
 
-def decode_partition(n: int, k: int, sms: int = 0) -> tuple[int, int, int]:
+def decode_partition(n: int, k: int, sms: int = 0, unit_blocks: int = 0) -> tuple[int, int, int]:
     """(work units, persistent CTAs, units per 64-row tile) of the decode GEMM on an [n, k] layer with
-    ``sms`` SMs (0: this GPU's)."""
+    ``sms`` SMs (0: this GPU's) and units of ``unit_blocks`` 128-k blocks (0: the default, 4)."""
     units, ctas, per_tile = _c_int(), _c_int(), _c_int()
-    check_decode(lib().s24_decode_partition(n, k, sms, ctypes.byref(units), ctypes.byref(ctas), ctypes.byref(per_tile)),
+    check_decode(lib().s24_decode_partition(n, k, sms, unit_blocks, ctypes.byref(units), ctypes.byref(ctas),
+                                            ctypes.byref(per_tile)),
                  f"decode partition of [{n}, {k}]")
     return units.value, ctas.value, per_tile.value
 

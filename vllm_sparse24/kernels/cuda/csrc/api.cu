@@ -15,7 +15,7 @@
 namespace sparse24 {
 namespace {
 
-constexpr int kAbiVersion = 4;  // 4: s24_decode_gemm takes group scales (int4 weights)
+constexpr int kAbiVersion = 5;  // 5: the decode GEMM's unit_blocks (tuning, partition)
 constexpr size_t kErrLen = 512;
 thread_local char g_err[kErrLen] = "";
 

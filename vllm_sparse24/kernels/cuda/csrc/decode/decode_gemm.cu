@@ -4,8 +4,9 @@
 // every SM to run at HBM bandwidth, start streaming as early as possible and end with little work
 // after the last byte arrives. So:
 //   * Persistent grid, one CTA per SM, each CTA an equal share of the work units (stream-K): a unit
-//     is 64 rows (one metadata atom) x kStageBlocks 128-k blocks, numbered row tile major. A row
-//     tile whose units span several CTAs is finished by the last of them (fixup below).
+//     is 64 rows (one metadata atom) x UB 128-k blocks (4 or 8, a launch knob: a unit is one ring
+//     stage and three tensor copies, so UB sets the bytes each copy carries), numbered row tile
+//     major. A row tile whose units span several CTAs is finished by the last of them (fixup below).
 //   * Weight staged through a shared-memory ring by one producer thread with TMA tensor copies
 //     (cp.async.bulk.tensor, completing on an mbarrier): bytes in flight cost no registers, up to
 //     kMaxStages units per SM (~190 KB) are requested before any math, and the math of one stage
@@ -75,16 +76,18 @@ constexpr int kConsumerWarps = 4;
 constexpr int kThreads = (kConsumerWarps + 1) * 32;  // + the producer warp
 constexpr int kTileRows = 64;                        // one metadata atom
 constexpr int kWarpRows = kTileRows / kConsumerWarps;
-constexpr int kStageBlocks = 4;                      // 128-k blocks per unit (= stage)
+constexpr int kUnitBlocksDefault = 4;                // 128-k blocks per unit (= stage) unless tuned: 4 or 8
 constexpr int kMaxM = 64;                            // 8 token tiles of 8
 constexpr int kMaxStages = 8;
 constexpr int kEarlyUnits = 2;                       // weight units requested before griddepcontrol.wait
 constexpr int kMaxCtasPerSm = 2;                     // the workspace's partial slots allow this many
 constexpr int kMetaAtomBytes = kTileRows * 16;       // one k block of one row tile's metadata
-// Row pitches in a stage are those of the TMA boxes (dense): 256 value bytes per weight row, 512
-// activation bytes per token.
-constexpr int kValuePitch = kStageBlocks * kMetaBlockK / 2;
-constexpr int kActPitch = kStageBlocks * kMetaBlockK;
+// Row pitches in a stage are those of the TMA boxes (dense): UB x 64 value bytes per weight row, UB x
+// 128 activation bytes per token.
+template <int UB>
+constexpr int kValuePitch = UB * kMetaBlockK / 2;
+template <int UB>
+constexpr int kActPitch = UB * kMetaBlockK;
 constexpr int kInt4KMultiple = 64;                   // int4 weights: K per rank a multiple of 64 (format.md)
 constexpr int kMaxTickets = 16384;                   // (row tiles x warps) of the largest layer
 constexpr int64_t kTicketBytes = kMaxTickets * 4;
@@ -136,24 +139,25 @@ struct Acc { using type = int32_t; };
 template <>
 struct Acc<__nv_fp8_e4m3> { using type = float; };
 
-// Stage layout: values [64 rows][kValuePitch] (int4: one unit of layout.h's int4 values, half the
-// bytes), metadata [kStageBlocks][64 rows][16], int4 only: group scales [64 rows][kStageBlocks],
+// Stage layout: values [64 rows][kValuePitch] (int4: UB blocks of layout.h's int4 values, half the
+// bytes), metadata [UB][64 rows][16], int4 only: group scales [UB / 4 records][64 rows][4 blocks],
 // activations [8 NT tokens][kActPitch]; 128-byte aligned.
-template <int NT, bool Int4Weight = false>
+template <int NT, bool Int4Weight, int UB>
 struct Stage {
   static constexpr int kValues = 0;
-  static constexpr int kMeta = Int4Weight ? kStageBlocks * kInt4BlockBytes : kTileRows * kValuePitch;
-  static constexpr int kScales = kMeta + kStageBlocks * kMetaAtomBytes;
-  static constexpr int kAct = kScales + (Int4Weight ? kInt4ScaleUnitBytes : 0);
-  static constexpr int kActBytes = 8 * NT * kActPitch;
+  static constexpr int kMeta = Int4Weight ? UB * kInt4BlockBytes : kTileRows * kValuePitch<UB>;
+  static constexpr int kScales = kMeta + UB * kMetaAtomBytes;
+  static constexpr int kAct = kScales + (Int4Weight ? UB / kInt4UnitBlocks * kInt4ScaleUnitBytes : 0);
+  static constexpr int kActBytes = 8 * NT * kActPitch<UB>;
   static constexpr int kLoadBytes = kAct + kActBytes;  // what one unit's three copies deliver
   static constexpr int kBytes = (kLoadBytes + 127) / 128 * 128;
 };
-static_assert(Stage<1>::kMeta % 128 == 0 && Stage<1>::kAct % 128 == 0, "TMA destinations are 128-byte aligned");
-static_assert(Stage<1, true>::kMeta % 128 == 0 && Stage<1, true>::kScales % 128 == 0 && Stage<1, true>::kAct % 128 == 0,
-              "TMA destinations are 128-byte aligned");
-static_assert(kStageBlocks == kInt4UnitBlocks && kTileRows == kMetaRowAlign && kWarpRows == 16,
-              "the int4 layout's unit is the kernel's unit");
+template <int UB>
+constexpr bool kAlignedStages = Stage<1, false, UB>::kMeta % 128 == 0 && Stage<1, false, UB>::kAct % 128 == 0 &&
+                                Stage<1, true, UB>::kMeta % 128 == 0 && Stage<1, true, UB>::kScales % 128 == 0 &&
+                                Stage<1, true, UB>::kAct % 128 == 0 && UB % kInt4UnitBlocks == 0;
+static_assert(kAlignedStages<4> && kAlignedStages<8>, "TMA destinations are 128-byte aligned; whole int4 records");
+static_assert(kTileRows == kMetaRowAlign && kWarpRows == 16, "the int4 layout's row tile is the kernel's");
 // full + empty barriers, selector table, token scales
 constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4 + kMaxM * 4;
 
@@ -246,16 +250,17 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 // ---- work partition (host and device) ---------------------------------------------------------
 
 struct Partition {
-  int kblocks, units_per_tile, units, ctas;
+  int kblocks, unit_blocks, units_per_tile, units, ctas;
   S24_HD int begin(int cta) const { return static_cast<int>(static_cast<int64_t>(cta) * units / ctas); }
   // the CTA whose range holds unit u: the largest c with begin(c) <= u
   S24_HD int cta_of(int u) const { return static_cast<int>((static_cast<int64_t>(u + 1) * ctas - 1) / units); }
 };
 
-S24_HD Partition make_partition(int n, int k, int sms) {
+S24_HD Partition make_partition(int n, int k, int sms, int unit_blocks = kUnitBlocksDefault) {
   Partition p;
   p.kblocks = static_cast<int>(int4_kblocks(k));  // k / 128 but for an int4 weight's partial last block
-  p.units_per_tile = (p.kblocks + kStageBlocks - 1) / kStageBlocks;
+  p.unit_blocks = unit_blocks;
+  p.units_per_tile = (p.kblocks + unit_blocks - 1) / unit_blocks;
   p.units = (n + kTileRows - 1) / kTileRows * p.units_per_tile;
   p.ctas = std::min(p.units, sms);
   return p;
@@ -334,10 +339,10 @@ __device__ __forceinline__ void store_out(const Params& p, int t, int row, A acc
 
 // ---- the kernel -------------------------------------------------------------------------------
 
-template <class In, class Out, int NT>
+template <class In, class Out, int NT, int UB>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ Params p) {
   using A = typename Acc<In>::type;
-  using S = Stage<NT, kIsInt4<In>>;
+  using S = Stage<NT, kIsInt4<In>, UB>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + kMaxStages;
@@ -372,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     auto origin = [&](int i, int& rt, int& kb0) {
       const int u = u_begin + i;
       rt = u / part.units_per_tile;
-      kb0 = (u - rt * part.units_per_tile) * kStageBlocks;
+      kb0 = (u - rt * part.units_per_tile) * UB;
     };
 #ifdef S24_DECODE_PROBE
     const int omit = p.probe_omit;
@@ -394,10 +399,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       uint64_t* bar = full + i % p.stages;
       mbar_expect_tx(bar, load_bytes);
       if (!(omit & kOmitValues)) {
-        if constexpr (kIsInt4<In>) {  // the unit's 8 KB of values (1 KB rows) and 256 bytes of group scales
+        if constexpr (kIsInt4<In>) {  // the unit's UB x 2 KB of values (1 KB rows) and its group scale records
+          // (256 bytes per 4 blocks; a unit past the tile's last record reads the next tile's, whose
+          // blocks are past K: zero metadata, zero weights)
           constexpr int kRowsPerBlock = kInt4BlockBytes / 1024;
+          const int records_per_tile = (part.kblocks + kInt4UnitBlocks - 1) / kInt4UnitBlocks;
           load(st + S::kValues, &p.values, 0, (rt * part.kblocks + kb0) * kRowsPerBlock, bar);
-          load(st + S::kScales, &p.scales, 0, u_begin + i, bar);
+          load(st + S::kScales, &p.scales, 0, rt * records_per_tile + kb0 / kInt4UnitBlocks, bar);
         } else {
           load(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar);
         }
@@ -546,64 +554,71 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     if (ku == 0 || i == 0) load_row_params(rt);
     mbar_wait(full + i % p.stages, (i / p.stages) & 1);
     S24_STAMP_UNIT_EDGES(kPrUnitFull, kPrFirstFull, kPrLastFull, i, count);
-    const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch + 16 * t;
+    const uint8_t* vrow = st + S::kValues + (wrow + g) * kValuePitch<UB> + 16 * t;
     const uint8_t* mrow = st + S::kMeta + (wrow + g) * 16 + 4 * t;
-    const uint8_t* xrow = st + S::kAct + g * kActPitch + 32 * t;
-    // int4: the lane's 16 bytes of each block (layout.h) and the group scales of its rows g, g + 8
-    // (byte b = block b)
+    const uint8_t* xrow = st + S::kAct + g * kActPitch<UB> + 32 * t;
+    // int4: the lane's 16 bytes of each block (layout.h)
     const uint8_t* v4 = st + S::kValues + warp * 512 + lane * 16;
-    uint32_t scale_words[2] = {0u, 0u};
-    if constexpr (kIsInt4<In>) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        scale_words[h] = *reinterpret_cast<const uint32_t*>(st + S::kScales + (wrow + g + 8 * h) * kStageBlocks);
-    }
-    // Every block of the unit, also past K (no branch: the loads of all four can be issued ahead of
-    // the math): the TMA unit zero-fills metadata and activations past the tensors' edges, and a
-    // zero metadata byte expands to zero weights, so those blocks add zero.
-#pragma unroll
-    for (int b = 0; b < kStageBlocks; ++b) {
-      // vw[h][w]: 4 kept 8-bit values (k 32t + 8w .. +7) of row g + 8h, as the 8-bit layout holds them
-      uint32_t vw[2][4];
+    // Four blocks at a time (one int4 group scale record), whatever UB: each group is the same
+    // straight run of loads and 16 independent mmas, and UB = 8 does not double the live registers.
+#pragma unroll 1
+    for (int b0 = 0; b0 < UB; b0 += kInt4UnitBlocks) {
+      // int4: the group scales of the lane's rows g, g + 8 in this record (byte bb = block b0 + bb)
+      uint32_t scale_words[2] = {0u, 0u};
       if constexpr (kIsInt4<In>) {
-        const uint4 q = *reinterpret_cast<const uint4*>(v4 + b * kInt4BlockBytes);
-        const uint32_t nib[2][2] = {{q.x, q.y}, {q.z, q.w}};
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t gs = (scale_words[h] >> (8 * b)) & 0xffu;
-          uint32_t lo[2], hi[2];
-          int4_codes(nib[h][0], gs, lo);
-          int4_codes(nib[h][1], gs, hi);
-          vw[h][0] = lo[0], vw[h][1] = lo[1], vw[h][2] = hi[0], vw[h][3] = hi[1];
-        }
-      } else {
-        const uint4 v[2] = {*reinterpret_cast<const uint4*>(vrow + b * (kMetaBlockK / 2)),
-                            *reinterpret_cast<const uint4*>(vrow + 8 * kValuePitch + b * (kMetaBlockK / 2))};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) vw[h][0] = v[h].x, vw[h][1] = v[h].y, vw[h][2] = v[h].z, vw[h][3] = v[h].w;
+        for (int h = 0; h < 2; ++h)
+          scale_words[h] = *reinterpret_cast<const uint32_t*>(st + S::kScales + b0 / kInt4UnitBlocks * kInt4ScaleUnitBytes +
+                                                              (wrow + g + 8 * h) * kInt4UnitBlocks);
       }
-      const uint32_t met[2] = {*reinterpret_cast<const uint32_t*>(mrow + b * kMetaAtomBytes),
-                               *reinterpret_cast<const uint32_t*>(mrow + 128 + b * kMetaAtomBytes)};
-      uint4 x[NT][2];
+      // Every block of the unit, also past K (no branch: the loads of all four can be issued ahead
+      // of the math): the TMA unit zero-fills metadata and activations past the tensors' edges, and a
+      // zero metadata byte expands to zero weights, so those blocks add zero.
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int bb = 0; bb < kInt4UnitBlocks; ++bb) {
+        const int b = b0 + bb;
+        // vw[h][w]: 4 kept 8-bit values (k 32t + 8w .. +7) of row g + 8h, as the 8-bit layout holds them
+        uint32_t vw[2][4];
+        if constexpr (kIsInt4<In>) {
+          const uint4 q = *reinterpret_cast<const uint4*>(v4 + b * kInt4BlockBytes);
+          const uint32_t nib[2][2] = {{q.x, q.y}, {q.z, q.w}};
 #pragma unroll
-        for (int q = 0; q < 2; ++q)
-          x[j][q] = *reinterpret_cast<const uint4*>(xrow + 8 * j * kActPitch + b * kMetaBlockK + 16 * q);
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t gs = (scale_words[h] >> (8 * bb)) & 0xffu;
+            uint32_t lo[2], hi[2];
+            int4_codes(nib[h][0], gs, lo);
+            int4_codes(nib[h][1], gs, hi);
+            vw[h][0] = lo[0], vw[h][1] = lo[1], vw[h][2] = hi[0], vw[h][3] = hi[1];
+          }
+        } else {
+          const uint4 v[2] = {*reinterpret_cast<const uint4*>(vrow + b * (kMetaBlockK / 2)),
+                              *reinterpret_cast<const uint4*>(vrow + 8 * kValuePitch<UB> + b * (kMetaBlockK / 2))};
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {  // k-step w: logical k 32 t + 8 w .. + 7 of this block
-        uint32_t a[4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // rows g / g + 8
-          const uint32_t word = vw[h][w];
-          const uint32_t sel = lut[(met[h] >> (8 * w)) & 0xffu];
-          a[h] = __byte_perm(word, 0u, sel);            // k slots 4t .. 4t+3
-          a[2 + h] = __byte_perm(word, 0u, sel >> 16);  // k slots 16 + 4t ..
+          for (int h = 0; h < 2; ++h) vw[h][0] = v[h].x, vw[h][1] = v[h].y, vw[h][2] = v[h].z, vw[h][3] = v[h].w;
         }
+        const uint32_t met[2] = {*reinterpret_cast<const uint32_t*>(mrow + b * kMetaAtomBytes),
+                                 *reinterpret_cast<const uint32_t*>(mrow + 128 + b * kMetaAtomBytes)};
+        uint4 x[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&x[j][w / 2]);
-          mma(acc[w % kSets][j], a, xw[2 * (w % 2)], xw[2 * (w % 2) + 1]);
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int q = 0; q < 2; ++q)
+            x[j][q] = *reinterpret_cast<const uint4*>(xrow + 8 * j * kActPitch<UB> + b * kMetaBlockK + 16 * q);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {  // k-step w: logical k 32 t + 8 w .. + 7 of this block
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // rows g / g + 8
+            const uint32_t word = vw[h][w];
+            const uint32_t sel = lut[(met[h] >> (8 * w)) & 0xffu];
+            a[h] = __byte_perm(word, 0u, sel);            // k slots 4t .. 4t+3
+            a[2 + h] = __byte_perm(word, 0u, sel >> 16);  // k slots 16 + 4t ..
+          }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&x[j][w / 2]);
+            mma(acc[w % kSets][j], a, xw[2 * (w % 2)], xw[2 * (w % 2) + 1]);
+          }
         }
       }
     }
@@ -688,18 +703,18 @@ int64_t workspace_need(int sms) {
   return kTicketBytes + static_cast<int64_t>(kMaxCtasPerSm) * sms * 2 * kConsumerWarps * kMaxM * kWarpRows * 4;
 }
 
-template <int NT, bool Int4Weight>
+template <int NT, bool Int4Weight, int UB>
 int stages_for(int requested) {
-  const int fit = (smem_optin() - (kHeaderBytes + 127) / 128 * 128) / Stage<NT, Int4Weight>::kBytes;
+  const int fit = (smem_optin() - (kHeaderBytes + 127) / 128 * 128) / Stage<NT, Int4Weight, UB>::kBytes;
   const int s = requested > 0 ? requested : kMaxStages;
   return std::max(1, std::min({s, fit, kMaxStages}));
 }
 
-template <class In, class Out, int NT>
+template <class In, class Out, int NT, int UB>
 int launch(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
-  auto kernel = decode_kernel<In, Out, NT>;
-  using S = Stage<NT, kIsInt4<In>>;
-  p.stages = stages_for<NT, kIsInt4<In>>(stages);
+  auto kernel = decode_kernel<In, Out, NT, UB>;
+  using S = Stage<NT, kIsInt4<In>, UB>;
+  p.stages = stages_for<NT, kIsInt4<In>, UB>(stages);
   if (ctas > 0) p.part.ctas = std::min({ctas, p.part.units, kMaxCtasPerSm * sm_count()});
   const int smem = (kHeaderBytes + 127) / 128 * 128 + p.stages * S::kBytes;
   static int configured = 0;  // the largest dynamic shared memory this instance was allowed
@@ -727,14 +742,20 @@ int launch(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
   return 0;
 }
 
+template <class In, class Out, int UB>
+int dispatch_tokens(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
+  switch (token_tiles(p.m)) {
+    case 1: return launch<In, Out, 1, UB>(p, stages, ctas, pdl, stream);
+    case 2: return launch<In, Out, 2, UB>(p, stages, ctas, pdl, stream);
+    case 4: return launch<In, Out, 4, UB>(p, stages, ctas, pdl, stream);
+    default: return launch<In, Out, 8, UB>(p, stages, ctas, pdl, stream);
+  }
+}
+
 template <class In, class Out>
 int dispatch_tiles(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
-  switch (token_tiles(p.m)) {
-    case 1: return launch<In, Out, 1>(p, stages, ctas, pdl, stream);
-    case 2: return launch<In, Out, 2>(p, stages, ctas, pdl, stream);
-    case 4: return launch<In, Out, 4>(p, stages, ctas, pdl, stream);
-    default: return launch<In, Out, 8>(p, stages, ctas, pdl, stream);
-  }
+  return p.part.unit_blocks == 8 ? dispatch_tokens<In, Out, 8>(p, stages, ctas, pdl, stream)
+                                 : dispatch_tokens<In, Out, 4>(p, stages, ctas, pdl, stream);
 }
 
 bool aligned(const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
@@ -776,23 +797,23 @@ int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, const c
 int encode_operands(Params& p, const void* values, const void* meta, const void* scales, const void* x,
                     int64_t x_stride) {
   const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.part.kblocks, mr = meta_rows(p.n);
+  const cuuint32_t ub = p.part.unit_blocks;
   constexpr auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, u32 = CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  if (scales) {  // int4: whole units, 1 KB rows of values and one 256-byte row of group scales a unit
-    const cuuint64_t units = int4_units(p.n, p.k), rows = int4_value_bytes(p.n, p.k) / 1024;
-    if (int rc = encode(&p.values, u32, values, {256, rows}, 1024, {256, kStageBlocks * kInt4BlockBytes / 1024},
-                        "int4 values"))
+  if (scales) {  // int4: 1 KB rows of values and one 256-byte row of group scales per 4 blocks
+    const cuuint64_t records = int4_units(p.n, p.k), rows = int4_value_bytes(p.n, p.k) / 1024;
+    if (int rc = encode(&p.values, u32, values, {256, rows}, 1024, {256, ub * kInt4BlockBytes / 1024}, "int4 values"))
       return rc;
-    if (int rc = encode(&p.scales, u32, scales, {kInt4ScaleUnitBytes / 4, units}, kInt4ScaleUnitBytes,
-                        {kInt4ScaleUnitBytes / 4, 1}, "group scale"))
+    if (int rc = encode(&p.scales, u32, scales, {kInt4ScaleUnitBytes / 4, records}, kInt4ScaleUnitBytes,
+                        {kInt4ScaleUnitBytes / 4, ub / kInt4UnitBlocks}, "group scale"))
       return rc;
-  } else if (int rc = encode(&p.values, u8, values, {k / 2, n}, k / 2, {kStageBlocks * kMetaBlockK / 2, kTileRows},
-                             "values")) {
+  } else if (int rc = encode(&p.values, u32, values, {k / 8, n}, k / 2, {ub * kMetaBlockK / 8, kTileRows},
+                             "values")) {  // 4-byte words: a box row of 8 blocks is 128 words (at most 256)
     return rc;
   }
-  if (int rc = encode(&p.meta, u32, meta, {mr * 4, kb}, mr * 16, {kTileRows * 4, kStageBlocks}, "metadata"))
+  if (int rc = encode(&p.meta, u32, meta, {mr * 4, kb}, mr * 16, {kTileRows * 4, ub}, "metadata"))
     return rc;
   return encode(&p.x, u32, x, {k / 4, m}, static_cast<cuuint64_t>(x_stride),
-                {kStageBlocks * kMetaBlockK / 4, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
+                {ub * kMetaBlockK / 4, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
 }
 
 // k_multiple: 128 (8-bit weights: whole metadata blocks), 64 (int4 weights, whose layout pads the
@@ -804,6 +825,12 @@ int check_shape(int m, int n, int k, int k_multiple = kMetaBlockK) {
   if ((n + kTileRows - 1) / kTileRows * kConsumerWarps > kMaxTickets)
     return fail(-1, "decode GEMM: n=%lld rows exceed the %lld the workspace's tickets cover", n,
                 static_cast<long long>(kMaxTickets) / kConsumerWarps * kTileRows);
+  return 0;
+}
+
+int check_unit_blocks(int unit_blocks) {
+  if (unit_blocks != 0 && unit_blocks != 4 && unit_blocks != 8)
+    return fail(-1, "decode GEMM: unit_blocks=%lld; the kernel is built for 4 or 8 (0: 4)", unit_blocks);
   return 0;
 }
 
@@ -823,10 +850,11 @@ int s24_decode_workspace_bytes(int m, int n, int k, int64_t* bytes) {
   return 0;
 }
 
-int s24_decode_partition(int n, int k, int sms, int* units, int* ctas, int* units_per_tile) {
+int s24_decode_partition(int n, int k, int sms, int unit_blocks, int* units, int* ctas, int* units_per_tile) {
   if (int rc = check_shape(1, n, k)) return rc;
+  if (int rc = check_unit_blocks(unit_blocks)) return rc;
   if (sms <= 0) sms = sm_count();
-  const Partition part = make_partition(n, k, sms);
+  const Partition part = make_partition(n, k, sms, unit_blocks ? unit_blocks : kUnitBlocksDefault);
   *units = part.units, *ctas = part.ctas, *units_per_tile = part.units_per_tile;
   return 0;
 }
@@ -890,7 +918,9 @@ int s24_decode_gemm(int in_dtype, int out_dtype, const void* values, const void*
   p.probe = g_probe, p.probe_omit = g_probe_omit;
 #endif
   p.x_scale = x_scale, p.w_scale = w_scale, p.bias = bias, p.out = out, p.m = m, p.n = n, p.k = k;
-  p.part = make_partition(n, k, sms);
+  const int unit_blocks = tuning && tuning->unit_blocks ? tuning->unit_blocks : kUnitBlocksDefault;
+  if (int rc = check_unit_blocks(unit_blocks)) return rc;
+  p.part = make_partition(n, k, sms, unit_blocks);
   p.tickets = static_cast<int*>(workspace), p.partials = static_cast<char*>(workspace) + kTicketBytes;
   if (int rc = encode_operands(p, values, meta, group_scale, x, x_row_stride)) return rc;
   const int stages = tuning ? tuning->stages : 0, ctas = tuning ? tuning->ctas : 0;

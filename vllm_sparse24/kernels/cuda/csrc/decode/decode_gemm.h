@@ -19,9 +19,10 @@ extern "C" {
 // Launch knobs; a null pointer means the defaults (0 fields too): as many pipeline stages as the
 // shared memory holds, one CTA per SM, programmatic dependent launch on.
 struct S24DecodeTuning {
-  int stages;  // shared-memory ring depth (units of 64 rows x 512 k), 0 = as many as fit
-  int ctas;    // persistent CTAs, 0 = one per SM (capped at the work units and 2 per SM)
-  int pdl;     // 1: launch with programmatic stream serialization (overlaps the previous kernel's tail)
+  int stages;       // shared-memory ring depth (work units), 0 = as many as fit
+  int ctas;         // persistent CTAs, 0 = one per SM (capped at the work units and 2 per SM)
+  int pdl;          // 1: launch with programmatic stream serialization (overlaps the previous kernel's tail)
+  int unit_blocks;  // 128-k blocks per work unit (64 rows x 128 unit_blocks k; one ring stage): 4 or 8, 0 = 4
 };
 // Largest token count the decode kernel serves.
 int s24_decode_max_m();
@@ -31,9 +32,10 @@ const char* s24_decode_last_error();
 // need no memset). One workspace must not serve two launches that run concurrently on different
 // streams.
 int s24_decode_workspace_bytes(int m, int n, int k, int64_t* bytes);
-// The work partition of an [n, k] layer on `sms` SMs (0: this GPU's): units of 64 rows x 512 k,
-// the persistent CTAs that share them, and the units per 64-row tile. For benchmarks and tests.
-int s24_decode_partition(int n, int k, int sms, int* units, int* ctas, int* units_per_tile);
+// The work partition of an [n, k] layer on `sms` SMs (0: this GPU's) with units of 64 rows x 128
+// unit_blocks k (0: the default, 4): the units, the persistent CTAs that share them, and the units
+// per 64-row tile. For benchmarks and tests.
+int s24_decode_partition(int n, int k, int sms, int unit_blocks, int* units, int* ctas, int* units_per_tile);
 // in_dtype: the weight's: S24_INT8 or S24_E4M3 (values and x of that dtype, k % 128 == 0), or
 // S24_INT4 (values and group_scale in layout.h's int4 layout, x int8, k % 64 == 0); group_scale is
 // null for the 8-bit weights. out_dtype: S24_BF16 or S24_F16 (out and bias). x: [m, k] rows
