@@ -10,15 +10,20 @@
 //                                   then a line with the values and group scale bytes
 //   layout_probe --int4-codes G WORD [WORD ...] -> int4_codes(WORD, G) of each word (hex WORD in,
 //                                   two hex words out)
+//   layout_probe --unit-copies N K M UB INT4 X_STRIDE TOKEN_ROWS -> the decode GEMM's tensor maps
+//                                   (tma_plan.h unit_maps: "map NAME elem dim0 dim1 row_stride box0
+//                                   box1") and each unit's box origins ("unit RT KB0" + 8 numbers)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../sparse24_gemm.cuh"
 #include "cute/atom/mma_traits_sm80.hpp"
 #include "cute/atom/mma_traits_sm89.hpp"
 #include "layout.h"
+#include "tma_plan.h"
 
 using namespace cute;
 using sparse24::CanonicalSparseConfig;
@@ -133,6 +138,25 @@ int main(int argc, char** argv) {
       d::int4_codes(static_cast<uint32_t>(std::strtoul(argv[i], nullptr, 16)), g, out);
       std::printf("%08x %08x\n", out[0], out[1]);
     }
+    return 0;
+  }
+  if (argc == 9 && std::string(argv[1]) == "--unit-copies") {
+    const int64_t n = std::atoll(argv[2]), k = std::atoll(argv[3]), m = std::atoll(argv[4]);
+    const int ub = std::atoi(argv[5]), token_rows = std::atoi(argv[8]);
+    const bool int4 = std::atoi(argv[6]) != 0;
+    const d::UnitMaps u = d::unit_maps(n, k, m, ub, int4, std::atoll(argv[7]), token_rows);
+    const std::pair<const char*, const d::OperandMap*> maps[] = {
+        {"values", &u.values}, {"scales", &u.scales}, {"meta", &u.meta}, {"x", &u.x}};
+    for (const auto& [name, o] : maps)
+      std::printf("map %s %d %lld %lld %lld %d %d\n", name, o->elem_bytes, static_cast<long long>(o->dims[0]),
+                  static_cast<long long>(o->dims[1]), static_cast<long long>(o->row_stride), o->box[0], o->box[1]);
+    const int kblocks = static_cast<int>(d::int4_kblocks(k)), tiles = static_cast<int>((n + 63) / 64);
+    for (int rt = 0; rt < tiles; ++rt)
+      for (int kb0 = 0; kb0 < kblocks; kb0 += ub) {
+        const d::UnitCoords c = d::unit_coords(rt, kb0, kblocks, int4);
+        std::printf("unit %d %d %d %d %d %d %d %d %d %d\n", rt, kb0, c.values[0], c.values[1], c.scales[0],
+                    c.scales[1], c.meta[0], c.meta[1], c.x[0], c.x[1]);
+      }
     return 0;
   }
   if (argc < 3 || argc % 2 == 0) {

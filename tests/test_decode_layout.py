@@ -140,20 +140,61 @@ def int4_codes(word: int, g: int) -> tuple[int, int]:
 INT4_BLOCK = int4_layout.BLOCK_BYTES
 
 
+def token_tiles(m: int) -> int:
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+def unit_copies(probe: str, n: int, k: int, m: int, ub: int, int4: bool) -> tuple[dict, dict]:
+    """The kernel's tensor maps and every unit's box origins, from csrc/decode/tma_plan.h through the
+    layout probe: ({operand: (elem bytes, dims, row stride, box)}, {(rt, kb0): {operand: (c0, c1)}})
+    for contiguous activations [m, k]."""
+    out = subprocess.run([probe, "--unit-copies", *map(str, (n, k, m, ub, int(int4), k, 8 * token_tiles(m)))],
+                         capture_output=True, text=True, check=True).stdout
+    maps, coords = {}, {}
+    for line in out.splitlines():
+        f = line.split()
+        if f[0] == "map":
+            e, d0, d1, stride, b0, b1 = map(int, f[2:])
+            maps[f[1]] = (e, (d0, d1), stride, (b0, b1))
+        else:
+            c = list(map(int, f[3:]))
+            coords[(int(f[1]), int(f[2]))] = {name: (c[2 * i], c[2 * i + 1])
+                                              for i, name in enumerate(("values", "scales", "meta", "x"))}
+    return maps, coords
+
+
+def tma_box(buf: np.ndarray, spec: tuple, origin: tuple[int, int]) -> np.ndarray:
+    """What a 2-D TMA tensor copy writes to shared memory: the box's rows one after another (dense),
+    elements outside the tensor's dims zero. ``buf``: the tensor's bytes from its base address."""
+    e, dims, stride, box = spec
+    flat = buf.reshape(-1).view(np.uint8)
+    out = np.zeros((box[1], box[0] * e), dtype=np.uint8)
+    for r in range(box[1]):
+        row = origin[1] + r
+        if not 0 <= row < dims[1]:
+            continue
+        lo, hi = max(origin[0], 0), min(origin[0] + box[0], dims[0])
+        if hi > lo:
+            src = row * stride + lo * e
+            out[r, (lo - origin[0]) * e:(hi - origin[0]) * e] = flat[src:src + (hi - lo) * e]
+    return out.reshape(-1)
+
+
 def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, k: int, sms: int,
-                   selectors: list[int], int4: tuple[np.ndarray, np.ndarray] | None = None, ub: int = 4) -> np.ndarray:
-    """decode_gemm.cu lane by lane: the producer's tensor copies into a stage buffer, the consumer
-    warps' reads of it, the mma fragments, the stream-K partition and its fixup slots, and the
-    epilogue's element per thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees.
-    ``int4``: the int4 variant on (values, group scales) of int4_layout.pack (``values`` unused);
-    ``ub``: 128-k blocks per work unit (the kernel's UB, 4 or 8)."""
-    value_pitch, act_pitch = ub * 64, ub * 128  # the TMA boxes' dense pitches
+                   selectors: list[int], copies: tuple[dict, dict],
+                   int4: tuple[np.ndarray, np.ndarray] | None = None, ub: int = 4) -> np.ndarray:
+    """decode_gemm.cu lane by lane: the producer's tensor copies into a stage buffer (with the
+    kernel's maps and box origins, ``copies`` = unit_copies(...)), the consumer warps' reads of it,
+    the mma fragments, the stream-K partition and its fixup slots, and the epilogue's element per
+    thread. Returns out [m, n] (int64) as the int32 sums the epilogue sees. ``int4``: the int4
+    variant on (values, group scales) of int4_layout.pack (``values`` unused); ``ub``: 128-k blocks
+    per work unit (the kernel's UB, 4 or 8)."""
+    value_pitch, act_pitch = ub * 64, ub * 128  # the stage's row pitches the consumers read with
+    maps, coords = copies
     m = x.shape[0]
-    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    nt = token_tiles(m)
     vflat, xflat = values.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
-    rows_padded = meta_rows(n)
     kblocks, per_tile, units, ctas = partition(n, k, sms, ub)
-    records_per_tile = -(-kblocks // RECORD_BLOCKS)
     begin = [c * units // ctas for c in range(ctas + 1)]
 
     def cta_of(u: int) -> int:
@@ -169,31 +210,19 @@ def emulate_decode(values: np.ndarray, meta: np.ndarray, x: np.ndarray, n: int, 
         u = begin[cta] + i
         rt, ku = divmod(u, per_tile)
         kb0 = ku * ub
-        nkb = min(ub, kblocks - kb0)
-        # the producer's three tensor copies into one stage: whole boxes, zero past the tensor's edges
-        # (rows past n, k blocks past K, tokens past m)
-        stage_v = np.zeros(TILE_ROWS * value_pitch, dtype=np.uint8)
-        stage_m = np.zeros(ub * ATOM, dtype=np.uint8)
-        stage_x = np.zeros(8 * nt * act_pitch, dtype=np.uint8)
-        if int4 is not None:  # one box of ub x 2 KB and one of ub / 4 records of 256 bytes (zero past the buffers' ends)
-            src = (rt * kblocks + kb0) * INT4_BLOCK
-            chunk = int4[0][src:src + ub * INT4_BLOCK]
-            stage_v4 = np.zeros(ub * INT4_BLOCK, dtype=np.uint8)
-            stage_v4[:chunk.size] = chunk
-            rec = rt * records_per_tile + kb0 // RECORD_BLOCKS
-            chunk = int4[1][rec * 256:(rec + ub // RECORD_BLOCKS) * 256]
-            stage_s = np.zeros(ub // RECORD_BLOCKS * 256, dtype=np.uint8)
-            stage_s[:chunk.size] = chunk
+        # the producer's tensor copies into one stage, as tma_plan.h describes them: whole boxes,
+        # zero past the tensors' edges (rows past n, k blocks past K, tokens past m)
+        origin = coords[(rt, kb0)]
+        if int4 is not None:  # ub x 2 KB of values and ub / 4 group scale records of 256 bytes
+            stage_v4 = tma_box(int4[0], maps["values"], origin["values"])
+            stage_s = tma_box(int4[1], maps["scales"], origin["scales"])
+            assert stage_v4.size == ub * INT4_BLOCK and stage_s.size == ub // RECORD_BLOCKS * 256
         else:
-            for r in range(min(TILE_ROWS, n - rt * TILE_ROWS)):
-                src = (rt * TILE_ROWS + r) * (k // 2) + kb0 * 64
-                stage_v[r * value_pitch:r * value_pitch + nkb * 64] = vflat[src:src + nkb * 64]
-        for b in range(nkb):
-            src = meta_offset(rt * TILE_ROWS, (kb0 + b) * 16, rows_padded)
-            stage_m[b * ATOM:(b + 1) * ATOM] = meta[src:src + ATOM]
-        for tok in range(m):
-            src, width = tok * k + kb0 * 128, min(nkb * 128, k - kb0 * 128)  # zero past K
-            stage_x[tok * act_pitch:tok * act_pitch + width] = xflat[src:src + width]
+            stage_v = tma_box(vflat, maps["values"], origin["values"])
+            assert stage_v.size == TILE_ROWS * value_pitch
+        stage_m = tma_box(meta, maps["meta"], origin["meta"])
+        stage_x = tma_box(xflat, maps["x"], origin["x"])
+        assert stage_m.size == ub * ATOM and stage_x.size == 8 * nt * act_pitch
         for warp in range(WARPS):
             key = (cta, warp)
             acc = np.zeros((nt, 32, 4), dtype=np.int64) if i == 0 or ku == 0 else accs[key]
@@ -300,7 +329,7 @@ def test_transcription_gives_the_exact_product(probe, n, k, m, sms, ub):
     w = random_24(n, k, rng)
     x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
     values, meta = compress_like_cutlass(w)
-    got = emulate_decode(values, meta, x, n, k, sms, selectors, ub=ub)
+    got = emulate_decode(values, meta, x, n, k, sms, selectors, unit_copies(probe, n, k, m, ub, False), ub=ub)
     want = x.astype(np.int64) @ w.astype(np.int64).T
     np.testing.assert_array_equal(got, want)
 
@@ -406,5 +435,6 @@ def test_int4_transcription_gives_the_exact_product(probe, n, k, m, sms, ub):
     x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
     values8, meta = compress_like_cutlass(codes)
     packed, scales = int4_layout.pack(torch.from_numpy(values8), torch.from_numpy(gs))
-    got = emulate_decode(values8, meta, x, n, k, sms, selectors, int4=(packed.numpy(), scales.numpy()), ub=ub)
+    got = emulate_decode(values8, meta, x, n, k, sms, selectors, unit_copies(probe, n, k, m, ub, True),
+                         int4=(packed.numpy(), scales.numpy()), ub=ub)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ codes.astype(np.int64).T)

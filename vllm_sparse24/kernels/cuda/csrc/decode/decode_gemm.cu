@@ -68,6 +68,7 @@
 #include "../sparse24.h"
 #include "decode_gemm.h"
 #include "layout.h"
+#include "tma_plan.h"
 
 namespace sparse24::decode {
 namespace {
@@ -266,12 +267,7 @@ S24_HD Partition make_partition(int n, int k, int sms, int unit_blocks = kUnitBl
   return p;
 }
 
-// The operands as TMA tensor maps (innermost dimension first):
-//   values [n][k/2] bytes                           box 256 x 64 rows    (one unit's values)
-//     int4: [tiles * kblocks * 2][256] 4-byte words box 256 x 8          (one unit's 8 KB)
-//   group scales (int4 only) [units][64] words      box 64 x 1           (one unit's 256 bytes)
-//   meta   [k/128][meta_rows(n) * 4] 4-byte words   box 256 x 4          (one unit's 4 metadata atoms)
-//   x      [m][k/4] 4-byte words, rows x_stride     box 128 x 8 NT       (one unit's activations)
+// The operands as TMA tensor maps: tma_plan.h (unit_maps, unit_coords).
 struct alignas(64) Params {
   CUtensorMap values;
   CUtensorMap meta;
@@ -395,29 +391,22 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     auto load_weight = [&](int i) {
       int rt, kb0;
       origin(i, rt, kb0);
+      const UnitCoords c = unit_coords(rt, kb0, part.kblocks, kIsInt4<In>);
       uint8_t* st = stages + (i % p.stages) * S::kBytes;
       uint64_t* bar = full + i % p.stages;
       mbar_expect_tx(bar, load_bytes);
       if (!(omit & kOmitValues)) {
-        if constexpr (kIsInt4<In>) {  // the unit's UB x 2 KB of values (1 KB rows) and its group scale records
-          // (256 bytes per 4 blocks; a unit past the tile's last record reads the next tile's, whose
-          // blocks are past K: zero metadata, zero weights)
-          constexpr int kRowsPerBlock = kInt4BlockBytes / 1024;
-          const int records_per_tile = (part.kblocks + kInt4UnitBlocks - 1) / kInt4UnitBlocks;
-          load(st + S::kValues, &p.values, 0, (rt * part.kblocks + kb0) * kRowsPerBlock, bar);
-          load(st + S::kScales, &p.scales, 0, rt * records_per_tile + kb0 / kInt4UnitBlocks, bar);
-        } else {
-          load(st + S::kValues, &p.values, kb0 * (kMetaBlockK / 2), rt * kTileRows, bar);
-        }
+        load(st + S::kValues, &p.values, c.values[0], c.values[1], bar);
+        if constexpr (kIsInt4<In>) load(st + S::kScales, &p.scales, c.scales[0], c.scales[1], bar);
       }
-      if (!(omit & kOmitMeta)) load(st + S::kMeta, &p.meta, rt * kTileRows * 4, kb0, bar);
+      if (!(omit & kOmitMeta)) load(st + S::kMeta, &p.meta, c.meta[0], c.meta[1], bar);
     };
     auto load_act = [&](int i) {
       int rt, kb0;
       origin(i, rt, kb0);
+      const UnitCoords c = unit_coords(rt, kb0, part.kblocks, kIsInt4<In>);
       if (!(omit & kOmitAct))
-        tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, kb0 * (kMetaBlockK / 4), 0,
-                       full + i % p.stages);
+        tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, c.x[0], c.x[1], full + i % p.stages);
     };
     const int pre = min(count, min(p.stages, kEarlyUnits)), fill = min(count, p.stages);
     S24_STAMP(kPrProdStart);
@@ -773,12 +762,14 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A 2-D tensor map of uint8 or uint32 elements: dims and box innermost first (elements), the row
-// stride in bytes.
-int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, const cuuint64_t (&dims)[2],
-           cuuint64_t row_stride, const cuuint32_t (&box)[2], const char* what) {
+// A 2-D tensor map of one operand (tma_plan.h: uint8 or uint32 elements, dims and box innermost
+// first, the row stride in bytes).
+int encode(CUtensorMap* map, const OperandMap& o, const void* base, const char* what) {
   constexpr int R = 2;
-  const cuuint64_t strides[1] = {row_stride};
+  const cuuint64_t dims[R] = {static_cast<cuuint64_t>(o.dims[0]), static_cast<cuuint64_t>(o.dims[1])};
+  const cuuint64_t strides[R - 1] = {static_cast<cuuint64_t>(o.row_stride)};
+  const cuuint32_t box[R] = {static_cast<cuuint32_t>(o.box[0]), static_cast<cuuint32_t>(o.box[1])};
+  const CUtensorMapDataType type = o.elem_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT8;
   const auto fn = encode_fn();
   if (!fn) return fail(-10, "decode GEMM: the CUDA driver offers no cuTensorMapEncodeTiled (needs CUDA 12+)");
   cuuint32_t ones[R];
@@ -796,24 +787,12 @@ int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, const c
 
 int encode_operands(Params& p, const void* values, const void* meta, const void* scales, const void* x,
                     int64_t x_stride) {
-  const cuuint64_t n = p.n, k = p.k, m = p.m, kb = p.part.kblocks, mr = meta_rows(p.n);
-  const cuuint32_t ub = p.part.unit_blocks;
-  constexpr auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, u32 = CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  if (scales) {  // int4: 1 KB rows of values and one 256-byte row of group scales per 4 blocks
-    const cuuint64_t records = int4_units(p.n, p.k), rows = int4_value_bytes(p.n, p.k) / 1024;
-    if (int rc = encode(&p.values, u32, values, {256, rows}, 1024, {256, ub * kInt4BlockBytes / 1024}, "int4 values"))
-      return rc;
-    if (int rc = encode(&p.scales, u32, scales, {kInt4ScaleUnitBytes / 4, records}, kInt4ScaleUnitBytes,
-                        {kInt4ScaleUnitBytes / 4, ub / kInt4UnitBlocks}, "group scale"))
-      return rc;
-  } else if (int rc = encode(&p.values, u32, values, {k / 8, n}, k / 2, {ub * kMetaBlockK / 8, kTileRows},
-                             "values")) {  // 4-byte words: a box row of 8 blocks is 128 words (at most 256)
-    return rc;
-  }
-  if (int rc = encode(&p.meta, u32, meta, {mr * 4, kb}, mr * 16, {kTileRows * 4, ub}, "metadata"))
-    return rc;
-  return encode(&p.x, u32, x, {k / 4, m}, static_cast<cuuint64_t>(x_stride),
-                {ub * kMetaBlockK / 4, static_cast<cuuint32_t>(8 * token_tiles(p.m))}, "activation");
+  const UnitMaps u = unit_maps(p.n, p.k, p.m, p.part.unit_blocks, scales != nullptr, x_stride, 8 * token_tiles(p.m));
+  if (int rc = encode(&p.values, u.values, values, scales ? "int4 values" : "values")) return rc;
+  if (scales)
+    if (int rc = encode(&p.scales, u.scales, scales, "group scale")) return rc;
+  if (int rc = encode(&p.meta, u.meta, meta, "metadata")) return rc;
+  return encode(&p.x, u.x, x, "activation");
 }
 
 // k_multiple: 128 (8-bit weights: whole metadata blocks), 64 (int4 weights, whose layout pads the

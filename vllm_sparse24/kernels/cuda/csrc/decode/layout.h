@@ -31,6 +31,8 @@
 // (s, s + 4) of a word with one shift and mask each, and gathers the products' low bytes with one
 // PRMT per 4 codes.
 
+#pragma once
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
