@@ -125,6 +125,21 @@ def test_decode_threshold_rule(monkeypatch):
         decode_max_m(4096, 4096, torch.int8, 32, never)
 
 
+def test_auto_picks_the_work_unit_that_was_faster_where_the_decode_gemm_serves():
+    """decode_unit_blocks: the unit size with the least total time over the token counts the decode
+    GEMM keeps (m <= its threshold; slower sizes at larger m do not count); ties keep the smaller
+    unit; none kept or nothing timed: 0, the kernel's default."""
+    from vllm_sparse24.kernels.cuda.gemm_table import DECODE_UNIT_BLOCKS, decode_unit_blocks
+
+    assert DECODE_UNIT_BLOCKS == (4, 8)
+    timed = {4: {1: 10.0, 8: 11.0, 16: 30.0}, 8: {1: 9.0, 8: 10.5, 16: 40.0}}
+    assert decode_unit_blocks(timed, 8) == 8
+    assert decode_unit_blocks(timed, 16) == 4
+    assert decode_unit_blocks({4: {1: 1.0}, 8: {1: 1.0}}, 1) == 4
+    assert decode_unit_blocks(timed, 0) == 0
+    assert decode_unit_blocks({4: {}, 8: {}}, 8) == 0
+
+
 def test_int4_decode_threshold_rule(monkeypatch):
     """w4a8 layers (int4 plans): unset means every M the kernel serves (their other path unpacks the
     weight first); a count, 0 and ``auto`` act as for 8-bit layers; K needs to be a multiple of 64

@@ -216,10 +216,24 @@ def test_env_zero_turns_decode_off(forced_threshold):
 
 
 def test_measured_threshold_is_a_candidate(forced_threshold):
-    """With ``auto`` the threshold is measured at load: one of the timed token counts or 0."""
+    """With ``auto`` the threshold is measured at load: one of the timed token counts or 0, and the
+    work unit one of the timed sizes (0 when the decode GEMM serves nothing); a call through the plan
+    runs that unit and gives the CUTLASS GEMM's int32 result."""
     forced_threshold("auto")
     plan = make_plan(4096, 4096, torch.int8, torch.float16, torch.device(DEV))
-    assert plan_of(plan).decode_max_m in (0, 1, 2, 4, 8, 16, 32, 64)
+    p = plan_of(plan)
+    assert p.decode_max_m in (0, 1, 2, 4, 8, 16, 32, 64)
+    assert p.decode_unit_blocks in ((4, 8) if p.decode_max_m else (0,))
+    assert (p.decode_tuning is None) == (p.decode_unit_blocks == 0)
+    if p.decode_tuning is not None:
+        assert p.decode_tuning.unit_blocks == p.decode_unit_blocks
+        gen = torch.Generator().manual_seed(5)
+        w = random_24(4096, 4096, gen)
+        values, meta = compress_24(w)
+        ws = (torch.rand(4096, generator=gen) * 1e-2 + 1e-4).to(DEV)
+        xq, xs = quantized(min(p.decode_max_m, 8), 4096, gen)
+        assert torch.equal(decode_mm(xq, xs, values, meta, ws, None, plan),
+                           _cutlass_mm(xq, xs, values, meta, ws, None, p))
 
 
 @pytest.mark.parametrize("n,k", [(1024, 2048), (256, 4096)])

@@ -125,6 +125,8 @@ class GemmPlan:
                                          "`python -m vllm_sparse24.build`")
         self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
         self.decode_max_m = 0  # set at load time by decode_max_m(); a plain int, fixed before graph capture
+        self.decode_unit_blocks = 0  # the decode GEMM's work unit (decode_unit_blocks(); 0: the kernel's default)
+        self.decode_tuning = None  # its launch knobs (lib.DecodeTuning) when not the default, set with it
         self.int4 = False  # a w4a8 layer: int4 values + group scales resident, unpacked for these configs
 
     def use_decode(self, m: int) -> bool:
@@ -166,6 +168,8 @@ DECODE_ENV = "VLLM_SPARSE24_DECODE_MAX_M"
 DECODE_CANDIDATE_MS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_BLOCK_K = 128  # the decode GEMM reads whole 128-column metadata blocks
 DECODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+# The decode GEMM's work-unit sizes (128-k blocks) that ``auto`` times (S24DecodeTuning.unit_blocks)
+DECODE_UNIT_BLOCKS = (4, 8)
 
 
 def decode_forced_max_m(unset: int = 0) -> int | None:
@@ -222,3 +226,12 @@ def decode_max_m(n: int, k: int, in_dtype: torch.dtype, kernel_max_m: int,
             break
         best = m
     return best
+
+
+def decode_unit_blocks(seconds: dict[int, dict[int, float]], max_m: int) -> int:
+    """The decode GEMM's work unit for one layer shape, from ``auto``'s timings ``seconds[unit
+    blocks][m]``: the size with the least total time over the token counts the decode GEMM serves
+    (m <= max_m); 0 (the kernel's default) when it serves none or nothing was timed."""
+    totals = {ub: sum(t for m, t in by_m.items() if m <= max_m) for ub, by_m in seconds.items()
+              if any(m <= max_m for m in by_m)}
+    return min(totals, key=lambda ub: (totals[ub], ub)) if max_m > 0 and totals else 0

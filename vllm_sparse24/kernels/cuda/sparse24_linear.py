@@ -34,7 +34,16 @@ from ..base import Int4Weight24, LinearLayer, W8A8LinearKernel
 from . import int4_layout, lib
 from .act_quant import quantize_activations
 from .device import MODEL_DTYPES, hopper
-from .gemm_table import DECODE_BLOCK_K, DTYPE_NAMES, GEMM_TABLE, GemmPlan, cutlass_pdl, decode_max_m
+from .gemm_table import (
+    DECODE_BLOCK_K,
+    DECODE_UNIT_BLOCKS,
+    DTYPE_NAMES,
+    GEMM_TABLE,
+    GemmPlan,
+    cutlass_pdl,
+    decode_max_m,
+    decode_unit_blocks,
+)
 
 _WEIGHT_DTYPES = {torch.int8: lib.INT8, torch.float8_e4m3fn: lib.E4M3}
 # Largest M a workspace is sized for in the open-ended bucket (persistent configs need none there).
@@ -103,8 +112,10 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
             _DECODE_WORKSPACES[idx] = torch.zeros(need, dtype=torch.uint8, device=device)
     # flush, values, meta, group scales: made on the first timing only (none when the env var decides)
     bufs: list[torch.Tensor | None] = []
+    unit_seconds: dict[int, dict[int, float]] = {ub: {} for ub in DECODE_UNIT_BLOCKS}
 
     def measure(m: int) -> tuple[float, float]:
+        """(the decode GEMM's seconds with its faster work unit, CUTLASS's) at m tokens."""
         if not bufs:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             bufs.append(torch.empty(2 * l2, dtype=torch.uint8, device=device))
@@ -120,31 +131,38 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
                 bufs.append(torch.randint(0, 64, (n, k // 2), dtype=torch.int8, device=device).view(weight_dtype))
                 bufs.append(torch.zeros(meta_bytes, dtype=torch.uint8, device=device))
                 bufs.append(None)
-        return _time_decode_vs_gemm(plan, m, device, bufs[1], bufs[2], bufs[0], bufs[3])
+        gemm_s = None
+        for ub in DECODE_UNIT_BLOCKS:
+            unit_seconds[ub][m], gemm_s = _time_decode_vs_gemm(plan, m, device, bufs[1], bufs[2], bufs[0], bufs[3],
+                                                               lib.DecodeTuning(0, 0, 1, ub), gemm_s)
+        return min(t[m] for t in unit_seconds.values()), gemm_s
 
     plan.decode_max_m = decode_max_m(n, k, weight_dtype, kernel_max_m, measure, int4=int4)
+    plan.decode_unit_blocks = decode_unit_blocks(unit_seconds, plan.decode_max_m)
+    plan.decode_tuning = lib.DecodeTuning(0, 0, 1, plan.decode_unit_blocks) if plan.decode_unit_blocks else None
     _PLANS.append(plan)
     _PLAN_IDS[key] = len(_PLANS) - 1
     return _PLAN_IDS[key]
 
 
 def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: torch.Tensor,
-                         meta: torch.Tensor, flush: torch.Tensor,
-                         group_scale: torch.Tensor | None = None) -> tuple[float, float]:
-    """(decode GEMM seconds, CUTLASS GEMM seconds) at M tokens on this plan's shape: median of a few
-    CUDA-event timed calls, each after overwriting twice the L2, so the weight streams from HBM as in
-    serving (where the other layers evict it), and after a short GPU sleep, so the events see the
-    kernel and not the host's launch latency. An int4 plan's CUTLASS side is the unpack + GEMM."""
+                         meta: torch.Tensor, flush: torch.Tensor, group_scale: torch.Tensor | None = None,
+                         tuning: lib.DecodeTuning | None = None, gemm_s: float | None = None) -> tuple[float, float]:
+    """(decode GEMM seconds with ``tuning``, CUTLASS GEMM seconds) at M tokens on this plan's shape:
+    median of a few CUDA-event timed calls, each after overwriting twice the L2, so the weight
+    streams from HBM as in serving (where the other layers evict it), and after a short GPU sleep, so
+    the events see the kernel and not the host's launch latency. An int4 plan's CUTLASS side is the
+    unpack + GEMM; ``gemm_s``: its time when already measured (not timed again)."""
     xq = torch.randint(0, 64, (m, plan.k), dtype=torch.int8, device=device).view(plan.in_dtype)
     xs = torch.full((m,), 1e-2, dtype=torch.float32, device=device)
     ws = torch.full((plan.n,), 1e-3, dtype=torch.float32, device=device)
 
     def seconds(decode: bool) -> float:
         if plan.int4:
-            run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan, group_scale=group_scale)) if decode else (
+            run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan, tuning, group_scale)) if decode else (
                 lambda: _unpack_mm(xq, xs, values, meta, group_scale, ws, None, plan))
         else:
-            run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan)) if decode else (
+            run = (lambda: _decode_mm(xq, xs, values, meta, ws, None, plan, tuning)) if decode else (
                 lambda: _cutlass_mm(xq, xs, values, meta, ws, None, plan))
         run()  # warm up
         times = []
@@ -160,7 +178,7 @@ def _time_decode_vs_gemm(plan: GemmPlan, m: int, device: torch.device, values: t
             times.append(start.elapsed_time(end) * 1e-3)
         return sorted(times)[len(times) // 2]
 
-    return seconds(True), seconds(False)
+    return seconds(True), gemm_s if gemm_s is not None else seconds(False)
 
 
 def _prepare_operands(x_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -227,6 +245,8 @@ def _decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, me
         # a fresh allocation: .contiguous() returns a misaligned one-row slice unchanged
         xq = torch.empty(xq.shape, dtype=xq.dtype, device=xq.device).copy_(xq)
     x_scale, bias = _prepare_operands(x_scale, bias, plan.out_dtype)
+    if tuning is None:
+        tuning = plan.decode_tuning  # the work unit ``auto`` measured faster (None: the kernel's defaults)
     ws = _DECODE_WORKSPACES.get(xq.device.index or 0)
     rc = lib.lib().s24_decode_gemm(
         lib.INT4 if plan.int4 else _WEIGHT_DTYPES[plan.in_dtype], _OUT_DTYPES[plan.out_dtype], values.data_ptr(),
@@ -254,7 +274,8 @@ def decode_mm(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, met
               tuning: lib.DecodeTuning | None = None, group_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``sparse_mm`` (``group_scale`` given: ``sparse_mm_w4a8`` on an int4 plan) through the decode GEMM
     whatever the plan's threshold (benchmarks, tests); M <= lib.decode_max_m() and K a multiple of
-    128 (int4: 64). ``tuning``: launch knobs (None: the kernel's defaults)."""
+    128 (int4: 64). ``tuning``: launch knobs (None: the plan's, i.e. the work unit ``auto`` measured
+    faster, else the kernel's defaults)."""
     return _decode_mm(xq, x_scale, values, meta, w_scale, bias, _PLANS[plan_id], tuning, group_scale)
 
 
