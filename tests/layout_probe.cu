@@ -11,8 +11,9 @@
 //   layout_probe --int4-codes G WORD [WORD ...] -> int4_codes(WORD, G) of each word (hex WORD in,
 //                                   two hex words out)
 //   layout_probe --unit-copies N K M UB INT4 X_STRIDE TOKEN_ROWS -> the decode GEMM's tensor maps
-//                                   (tma_plan.h unit_maps: "map NAME elem dim0 dim1 row_stride box0
-//                                   box1") and each unit's box origins ("unit RT KB0" + 8 numbers)
+//                                   (tma_plan.h unit_maps, in 4-byte words: "map NAME dim0 dim1
+//                                   row_stride box0 box1") and each unit's box origins ("unit RT
+//                                   KB0" + 8 numbers)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -148,7 +149,7 @@ int main(int argc, char** argv) {
     const std::pair<const char*, const d::OperandMap*> maps[] = {
         {"values", &u.values}, {"scales", &u.scales}, {"meta", &u.meta}, {"x", &u.x}};
     for (const auto& [name, o] : maps)
-      std::printf("map %s %d %lld %lld %lld %d %d\n", name, o->elem_bytes, static_cast<long long>(o->dims[0]),
+      std::printf("map %s %lld %lld %lld %d %d\n", name, static_cast<long long>(o->dims[0]),
                   static_cast<long long>(o->dims[1]), static_cast<long long>(o->row_stride), o->box[0], o->box[1]);
     const int kblocks = static_cast<int>(d::int4_kblocks(k)), tiles = static_cast<int>((n + 63) / 64);
     for (int rt = 0; rt < tiles; ++rt)

@@ -146,16 +146,16 @@ def token_tiles(m: int) -> int:
 
 def unit_copies(probe: str, n: int, k: int, m: int, ub: int, int4: bool) -> tuple[dict, dict]:
     """The kernel's tensor maps and every unit's box origins, from csrc/decode/tma_plan.h through the
-    layout probe: ({operand: (elem bytes, dims, row stride, box)}, {(rt, kb0): {operand: (c0, c1)}})
-    for contiguous activations [m, k]."""
+    layout probe: ({operand: (dims, row stride, box)}, {(rt, kb0): {operand: (c0, c1)}}), dims and
+    boxes in 4-byte words, for contiguous activations [m, k]."""
     out = subprocess.run([probe, "--unit-copies", *map(str, (n, k, m, ub, int(int4), k, 8 * token_tiles(m)))],
                          capture_output=True, text=True, check=True).stdout
     maps, coords = {}, {}
     for line in out.splitlines():
         f = line.split()
         if f[0] == "map":
-            e, d0, d1, stride, b0, b1 = map(int, f[2:])
-            maps[f[1]] = (e, (d0, d1), stride, (b0, b1))
+            d0, d1, stride, b0, b1 = map(int, f[2:])
+            maps[f[1]] = ((d0, d1), stride, (b0, b1))
         else:
             c = list(map(int, f[3:]))
             coords[(int(f[1]), int(f[2]))] = {name: (c[2 * i], c[2 * i + 1])
@@ -164,9 +164,11 @@ def unit_copies(probe: str, n: int, k: int, m: int, ub: int, int4: bool) -> tupl
 
 
 def tma_box(buf: np.ndarray, spec: tuple, origin: tuple[int, int]) -> np.ndarray:
-    """What a 2-D TMA tensor copy writes to shared memory: the box's rows one after another (dense),
-    elements outside the tensor's dims zero. ``buf``: the tensor's bytes from its base address."""
-    e, dims, stride, box = spec
+    """What a 2-D TMA tensor copy of 4-byte words writes to shared memory: the box's rows one after
+    another (dense), words outside the tensor's dims zero. ``buf``: the tensor's bytes from its base
+    address."""
+    e = 4
+    dims, stride, box = spec
     flat = buf.reshape(-1).view(np.uint8)
     out = np.zeros((box[1], box[0] * e), dtype=np.uint8)
     for r in range(box[1]):

@@ -762,19 +762,18 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A 2-D tensor map of one operand (tma_plan.h: uint8 or uint32 elements, dims and box innermost
-// first, the row stride in bytes).
+// A 2-D tensor map of one operand (tma_plan.h: 4-byte words, dims and box innermost first, the row
+// stride in bytes).
 int encode(CUtensorMap* map, const OperandMap& o, const void* base, const char* what) {
   constexpr int R = 2;
   const cuuint64_t dims[R] = {static_cast<cuuint64_t>(o.dims[0]), static_cast<cuuint64_t>(o.dims[1])};
   const cuuint64_t strides[R - 1] = {static_cast<cuuint64_t>(o.row_stride)};
   const cuuint32_t box[R] = {static_cast<cuuint32_t>(o.box[0]), static_cast<cuuint32_t>(o.box[1])};
-  const CUtensorMapDataType type = o.elem_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT8;
   const auto fn = encode_fn();
   if (!fn) return fail(-10, "decode GEMM: the CUDA driver offers no cuTensorMapEncodeTiled (needs CUDA 12+)");
   cuuint32_t ones[R];
   for (int i = 0; i < R; ++i) ones[i] = 1;
-  const CUresult r = fn(map, type, R, const_cast<void*>(base), dims, strides, box, ones,
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT32, R, const_cast<void*>(base), dims, strides, box, ones,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {

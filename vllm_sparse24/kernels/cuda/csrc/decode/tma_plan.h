@@ -1,5 +1,5 @@
 // The decode GEMM's tensor copies (decode_gemm.cu): how each operand is described to the TMA unit
-// (element size, dimensions, row stride, box; innermost first) and the box coordinates of one work
+// (as 4-byte words: dimensions, row stride, box; innermost first) and the box coordinates of one work
 // unit's copies. One owner for both the kernel (host: the maps; device: the coordinates) and the
 // layout probe (tests/layout_probe.cu --unit-copies), so the CPU transcription of the kernel
 // (tests/test_decode_layout.py) copies its stage buffers with the kernel's own numbers.
@@ -20,11 +20,10 @@ namespace sparse24::decode {
 
 constexpr int kUnitRows = kMetaRowAlign;  // rows of a work unit: one metadata atom
 
-struct OperandMap {
-  int elem_bytes;       // 1 or 4
-  int64_t dims[2];      // elements, innermost first
+struct OperandMap {  // an operand read as 4-byte words
+  int64_t dims[2];      // words, innermost first
   int64_t row_stride;   // bytes between rows of dims[1]
-  int box[2];           // elements, innermost first
+  int box[2];           // words, innermost first
 };
 
 struct UnitMaps {
@@ -37,14 +36,14 @@ S24_HD UnitMaps unit_maps(int64_t n, int64_t k, int64_t m, int unit_blocks, bool
   UnitMaps u{};
   const int64_t kb = int4_kblocks(k), mr = meta_rows(n);
   if (int4) {
-    u.values = {4, {256, int4_value_bytes(n, k) / 1024}, 1024, {256, unit_blocks * kInt4BlockBytes / 1024}};
-    u.scales = {4, {kInt4ScaleUnitBytes / 4, int4_units(n, k)}, kInt4ScaleUnitBytes,
+    u.values = {{256, int4_value_bytes(n, k) / 1024}, 1024, {256, unit_blocks * kInt4BlockBytes / 1024}};
+    u.scales = {{kInt4ScaleUnitBytes / 4, int4_units(n, k)}, kInt4ScaleUnitBytes,
                 {kInt4ScaleUnitBytes / 4, unit_blocks / kInt4UnitBlocks}};
   } else {
-    u.values = {4, {k / 8, n}, k / 2, {unit_blocks * kMetaBlockK / 8, kUnitRows}};
+    u.values = {{k / 8, n}, k / 2, {unit_blocks * kMetaBlockK / 8, kUnitRows}};
   }
-  u.meta = {4, {mr * 4, kb}, mr * 16, {kUnitRows * 4, unit_blocks}};
-  u.x = {4, {k / 4, m}, x_stride, {unit_blocks * kMetaBlockK / 4, token_rows}};
+  u.meta = {{mr * 4, kb}, mr * 16, {kUnitRows * 4, unit_blocks}};
+  u.x = {{k / 4, m}, x_stride, {unit_blocks * kMetaBlockK / 4, token_rows}};
   return u;
 }
 
