@@ -68,14 +68,14 @@ ENV_VARIANTS = {"sparse24_pdl": ("sparse24", {"VLLM_SPARSE24_PDL": "1"}),
                 "w4a16_marlin": ("w4a16", {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel,AllSparkLinearKernel"})}
 # the W4A16 engines: the faster one is the ratios' anchor
 W4A16_ENGINES = ("w4a16", "w4a16_marlin")
+# the linear layers of a decoder block
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # engines on vLLM's dummy weights in a config-only folder: name -> the quantization_config it adds
 # (w4a16: vLLM finds a GPTQ checkpoint's quantized layers in its safetensors headers unless the config names
 # them; a config-only folder has none, so the config names every linear layer of a block)
 DUMMY_QUANT = {"bf16": None, "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                                         "sym": True, "lm_head": False,
-                                         "modules_in_block_to_quantize": [
-                                             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}}
+                                         "sym": True, "lm_head": False, "modules_in_block_to_quantize": list(LINEARS)}}
 # sparse24 engines -> the quantization scheme of their checkpoint (vllm_sparse24.quant.GRIDS)
 SPARSE_ENGINES = {"sparse24": "int8", "sparse24_fp8": "fp8", "sparse24_lmq": "int8", "sparse24_w4a8": "w4a8"}
 LM_HEAD_ENGINES = ("sparse24_lmq",)  # lm_head quantized on the scheme's grid (quantize_lm_head)
@@ -106,8 +106,6 @@ LLAMA3_8B = {
     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001,
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
 }
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # kernel names of the decoder layers' linear GEMMs in a profile: CUTLASS (ours, vLLM's
 # cutlass_scaled_mm) and the 2:4 decode kernel (namespace sparse24). Not the eager quant kernel, and
 # not Inductor's Triton kernels: it names a fused kernel after the ops around it, so the RMSNorm /
