@@ -280,29 +280,22 @@ def graph_us(fn, reps: int = 20) -> float:
 def run_case(so, name: str, n: int, k: int, ms: list[int], calls: int, out_dir: Path, flush, raw: dict,
              int4: bool = False, omits: tuple[int, ...] = (), unit_blocks: int = 0) -> list[str]:
     import torch
-    from gemm_bench import prune24
+    from gemm_bench import prune24, random_w4a8
 
-    from vllm_sparse24 import format as fmt
-    from vllm_sparse24.kernels.cuda import int4_layout
     from vllm_sparse24.kernels.cuda.sparse24_linear import compress_24, make_plan
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(n ^ k)
-    if int4:  # int4 values on a 2:4 mask x group scales 1..18: the int8 codes the w4a8 scheme stores
-        v = prune24(torch.randint(-7, 8, (n, k), generator=gen, device=dev, dtype=torch.int8))
-        gs = torch.randint(1, 19, (n, k // 128), generator=gen, device=dev, dtype=torch.uint8)
-        w = fmt.int4_to_int8(v, gs)
+    if int4:  # the int4 layout of a random w4a8 weight; CUTLASS runs on its int8 codes
+        values8, meta, values, scales = random_w4a8(n, k, gen)
     else:
         w = prune24(torch.randint(-127, 128, (n, k), generator=gen, device=dev, dtype=torch.int16).to(torch.int8))
-    values8, meta = compress_24(w)
-    del w
+        values8, meta = compress_24(w)
+        values, scales = values8, None
+        del w
     ws = torch.rand(n, generator=gen, device=dev) * 1e-2 + 1e-4
     plan8 = make_plan(n, k, torch.int8, torch.bfloat16, dev)
-    if int4:
-        values, scales = int4_layout.pack(values8, gs)
-        plan = make_plan(n, k, torch.int8, torch.bfloat16, dev, int4=True)
-    else:
-        values, scales, plan = values8, None, plan8
+    plan = make_plan(n, k, torch.int8, torch.bfloat16, dev, int4=True) if int4 else plan8
     probe = ProbeGemm(so, values, meta, ws, n, k, scales, unit_blocks)
     lines, tag = [], ("int4 " if int4 else "") + (f"ub{unit_blocks} " if unit_blocks else "")
     for m in ms:

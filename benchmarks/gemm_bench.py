@@ -52,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from vllm_sparse24 import format as fmt  # noqa: E402
 from vllm_sparse24.kernels.cuda import build, int4_layout, lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.gemm_table import DTYPE_NAMES, cutlass_pdl  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
@@ -64,7 +65,7 @@ from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     sparse_mm,
     sparse_mm_w4a8,
 )
-from vllm_sparse24.quant import FP8, INT8, expand_group_scale, quantize_per_token  # noqa: E402
+from vllm_sparse24.quant import FP8, INT8, quantize_per_token  # noqa: E402
 
 MODELS = {
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -123,6 +124,16 @@ def prune24(w: torch.Tensor) -> torch.Tensor:
     return g.scatter(-1, drop, torch.zeros_like(g[..., :2])).reshape(n, k)
 
 
+def random_w4a8(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A random w4a8 2:4 weight on the GPU: int4 values in [-7, 7] pruned 2:4 (prune24) times a group
+    scale 1..18 per row and 128 columns. Returns (CUTLASS's int8 values of the codes, their metadata,
+    the int4 layout's values, its group scales)."""
+    v4 = prune24(torch.randint(-7, 8, (n, k), device=DEV, dtype=torch.int8, generator=gen))
+    gs = torch.randint(1, 19, (n, -(-k // 128)), device=DEV, dtype=torch.uint8, generator=gen)
+    values8, meta = compress_24(fmt.int4_to_int8(v4, gs))
+    return (values8, meta, *int4_layout.pack(values8, gs))
+
+
 class Shape:
     """Operands of one layer shape, the weights in `copies` rotated copies."""
 
@@ -143,17 +154,13 @@ class Shape:
         sf8 = compress_24(prune24(wf8.view(torch.int8)).view(torch.float8_e4m3fn))
         self.s8 = [(s8[0].clone(), s8[1].clone()) for _ in range(self.c_sparse)]
         self.sf8 = [(sf8[0].clone(), sf8[1].clone()) for _ in range(self.c_sparse)]
-        # w4a8: int4 values x a group scale (1..18) per row and 128 columns, pruned 2:4, in the int4 layout
-        v4 = prune24(torch.randint(-7, 8, (n, k), device=DEV, dtype=torch.int8, generator=gen))
-        gs = torch.randint(1, 19, (n, -(-k // 128)), device=DEV, dtype=torch.uint8, generator=gen)
-        codes = (v4.to(torch.int16) * expand_group_scale(gs, k).to(torch.int16)).to(torch.int8)
-        values8, meta = compress_24(codes)
-        values4, scales = int4_layout.pack(values8, gs)
+        # w4a8: the int4 layout of a random w4a8 weight
+        values8, meta, values4, scales = random_w4a8(n, k, gen)
         self.w4_bytes = values4.numel() + meta.numel() + scales.numel()
         self.c_w4 = copies(self.w4_bytes)
         self.w4 = [(values4.clone(), meta.clone(), scales.clone()) for _ in range(self.c_w4)]
         self.ws2 = self.ws.reshape(-1, 1)
-        del wf, v4, codes, values8
+        del wf, values8
 
     def free(self):
         for name in ("bf16", "i8", "f8", "s8", "sf8", "w4"):

@@ -19,10 +19,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("VLLM_SPARSE24_DECODE_MAX_M", "32")
 
-from vllm_sparse24 import format as fmt  # noqa: E402
-from vllm_sparse24.kernels.cuda import int4_layout, lib  # noqa: E402
+from gemm_bench import random_w4a8  # noqa: E402
+
+from vllm_sparse24.kernels.cuda import lib  # noqa: E402
 from vllm_sparse24.kernels.cuda.sparse24_linear import (  # noqa: E402
     compress_24,
     decode_mm,
@@ -69,13 +71,7 @@ def main() -> None:
             print(f"n={n} k={k} {wdt} -> {odt} m={m} ({units} units on {ctas} CTAs): "
                   f"finite={bool(torch.isfinite(out).all())}", flush=True)
     for n, k in INT4_CASES:
-        # int4 values in [-7, 7] on a random 2:4 mask, group scales 1..18: codes = value x scale
-        v = torch.randint(-7, 8, (n, k), generator=gen, device=DEV, dtype=torch.int8)
-        drop = torch.rand(n, k // 4, 4, generator=gen, device=DEV).topk(2, dim=-1).indices
-        v = v.reshape(n, k // 4, 4).scatter(-1, drop, 0).reshape(n, k)
-        gs = torch.randint(1, 19, (n, -(-k // 128)), generator=gen, device=DEV, dtype=torch.uint8)
-        values8, meta = compress_24(fmt.int4_to_int8(v, gs))
-        values4, scales = int4_layout.pack(values8, gs)
+        values8, meta, values4, scales = random_w4a8(n, k, gen)
         ws = torch.rand(n, generator=gen, device=DEV) * 1e-2
         bias = torch.randn(n, generator=gen, device=DEV).to(torch.bfloat16)
         plan = make_plan(n, k, torch.int8, torch.bfloat16, torch.device(DEV), int4=True)
