@@ -82,7 +82,7 @@ def test_probe_build_matches_and_stamps_in_order(n, k, m):
 
 def test_omitting_the_cache_hint_keeps_the_result_and_the_knob_resets():
     """Omit bit 1 (no L2 hint) changes no byte that arrives: same output; after bit 2 (no activation
-    copies, wrong output by design) the knob is back at 0 for the next launch."""
+    copies, wrong output by design), setting the knob back to 0 gives the exact output again."""
     n, k, m = 4096, 4096, 8
     so = dp.load_probe(PROBE)
     values, meta = compress_24(random_24_gpu(n, k, seed=7))

@@ -370,10 +370,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     const uint64_t policy = evict_first_policy();
     prefetch_map(&p.values), prefetch_map(&p.meta), prefetch_map(&p.x);
     if constexpr (kIsInt4<In>) prefetch_map(&p.scales);
-    auto origin = [&](int i, int& rt, int& kb0) {
-      const int u = u_begin + i;
-      rt = u / part.units_per_tile;
-      kb0 = (u - rt * part.units_per_tile) * UB;
+    auto coords = [&](int i) {  // the box origins of the CTA's unit i
+      const int u = u_begin + i, rt = u / part.units_per_tile;
+      return unit_coords(rt, (u - rt * part.units_per_tile) * UB, part.kblocks, kIsInt4<In>);
     };
 #ifdef S24_DECODE_PROBE
     const int omit = p.probe_omit;
@@ -389,9 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       else tensor_load_2d(dst, map, c0, c1, bar, policy);
     };
     auto load_weight = [&](int i) {
-      int rt, kb0;
-      origin(i, rt, kb0);
-      const UnitCoords c = unit_coords(rt, kb0, part.kblocks, kIsInt4<In>);
+      const UnitCoords c = coords(i);
       uint8_t* st = stages + (i % p.stages) * S::kBytes;
       uint64_t* bar = full + i % p.stages;
       mbar_expect_tx(bar, load_bytes);
@@ -402,9 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       if (!(omit & kOmitMeta)) load(st + S::kMeta, &p.meta, c.meta[0], c.meta[1], bar);
     };
     auto load_act = [&](int i) {
-      int rt, kb0;
-      origin(i, rt, kb0);
-      const UnitCoords c = unit_coords(rt, kb0, part.kblocks, kIsInt4<In>);
+      const UnitCoords c = coords(i);
       if (!(omit & kOmitAct))
         tensor_load_2d(stages + (i % p.stages) * S::kBytes + S::kAct, &p.x, c.x[0], c.x[1], full + i % p.stages);
     };
