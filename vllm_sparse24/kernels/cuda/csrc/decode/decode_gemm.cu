@@ -158,6 +158,16 @@ constexpr bool kAlignedStages = Stage<1, false, UB>::kMeta % 128 == 0 && Stage<1
                                 Stage<1, true, UB>::kMeta % 128 == 0 && Stage<1, true, UB>::kScales % 128 == 0 &&
                                 Stage<1, true, UB>::kAct % 128 == 0 && UB % kInt4UnitBlocks == 0;
 static_assert(kAlignedStages<4> && kAlignedStages<8>, "TMA destinations are 128-byte aligned; whole int4 records");
+// The stage's byte layout (compile time) and tma_plan.h's boxes (the maps encoded at run time) describe
+// the same copies: a box that does not fill its slot exactly would leave the stage's expect_tx unmet
+// and hang the ring, so every stage shape is checked against the boxes of a unit of that shape.
+template <int NT, bool Int4Weight, int UB>
+constexpr bool stage_holds_unit_boxes() {
+  using S = Stage<NT, Int4Weight, UB>;
+  constexpr UnitMaps u = unit_maps(kTileRows, UB * kMetaBlockK, 8 * NT, UB, Int4Weight, UB * kMetaBlockK, 8 * NT);
+  return box_bytes(u.values) == S::kMeta - S::kValues && box_bytes(u.meta) == S::kScales - S::kMeta &&
+         box_bytes(u.scales) == S::kAct - S::kScales && box_bytes(u.x) == S::kActBytes;
+}
 static_assert(kTileRows == kMetaRowAlign && kWarpRows == 16, "the int4 layout's row tile is the kernel's");
 // full + empty barriers, selector table, token scales
 constexpr int kHeaderBytes = 2 * kMaxStages * 8 + 256 * 4 + kMaxM * 4;
@@ -698,6 +708,7 @@ template <class In, class Out, int NT, int UB>
 int launch(Params& p, int stages, int ctas, bool pdl, cudaStream_t stream) {
   auto kernel = decode_kernel<In, Out, NT, UB>;
   using S = Stage<NT, kIsInt4<In>, UB>;
+  static_assert(stage_holds_unit_boxes<NT, kIsInt4<In>, UB>(), "a stage slot and its TMA box differ in size");
   p.stages = stages_for<NT, kIsInt4<In>, UB>(stages);
   if (ctas > 0) p.part.ctas = std::min({ctas, p.part.units, kMaxCtasPerSm * sm_count()});
   const int smem = (kHeaderBytes + 127) / 128 * 128 + p.stages * S::kBytes;

@@ -46,7 +46,7 @@ namespace sparse24::decode {
 constexpr int kMetaRowAlign = 64;  // metadata rows are padded to the 64-row atom
 constexpr int kMetaBlockK = 128;   // logical k per 16-byte metadata row of one K block
 
-S24_HD int64_t meta_rows(int64_t n) { return (n + kMetaRowAlign - 1) / kMetaRowAlign * kMetaRowAlign; }
+constexpr S24_HD int64_t meta_rows(int64_t n) { return (n + kMetaRowAlign - 1) / kMetaRowAlign * kMetaRowAlign; }
 
 S24_HD int64_t value_offset(int64_t row, int64_t j, int64_t k) { return row * (k / 2) + j; }
 
@@ -78,10 +78,10 @@ constexpr int kInt4BlockBytes = kMetaRowAlign * kMetaBlockK / 4;    // 2048: one
 constexpr int kInt4ScaleUnitBytes = kMetaRowAlign * kInt4UnitBlocks;  // 256
 
 // k blocks of an int4 weight: the last one is partial when K is not a multiple of 128 (K = 576)
-S24_HD int64_t int4_kblocks(int64_t k) { return (k + kMetaBlockK - 1) / kMetaBlockK; }
-S24_HD int64_t int4_units_per_tile(int64_t k) { return (int4_kblocks(k) + kInt4UnitBlocks - 1) / kInt4UnitBlocks; }
-S24_HD int64_t int4_units(int64_t n, int64_t k) { return meta_rows(n) / kMetaRowAlign * int4_units_per_tile(k); }
-S24_HD int64_t int4_value_bytes(int64_t n, int64_t k) {
+constexpr S24_HD int64_t int4_kblocks(int64_t k) { return (k + kMetaBlockK - 1) / kMetaBlockK; }
+constexpr S24_HD int64_t int4_units_per_tile(int64_t k) { return (int4_kblocks(k) + kInt4UnitBlocks - 1) / kInt4UnitBlocks; }
+constexpr S24_HD int64_t int4_units(int64_t n, int64_t k) { return meta_rows(n) / kMetaRowAlign * int4_units_per_tile(k); }
+constexpr S24_HD int64_t int4_value_bytes(int64_t n, int64_t k) {
   return meta_rows(n) / kMetaRowAlign * int4_kblocks(k) * kInt4BlockBytes;
 }
 S24_HD int64_t int4_scale_bytes(int64_t n, int64_t k) { return int4_units(n, k) * kInt4ScaleUnitBytes; }

@@ -30,8 +30,10 @@ struct UnitMaps {
   OperandMap values, scales, meta, x;  // scales: int4 only (else all zero)
 };
 
+constexpr S24_HD int64_t box_bytes(const OperandMap& o) { return int64_t{o.box[0]} * o.box[1] * 4; }
+
 // token_rows: 8 x the token tiles the launch computes (8, 16, 32 or 64), the x box's height.
-S24_HD UnitMaps unit_maps(int64_t n, int64_t k, int64_t m, int unit_blocks, bool int4, int64_t x_stride,
+constexpr S24_HD UnitMaps unit_maps(int64_t n, int64_t k, int64_t m, int unit_blocks, bool int4, int64_t x_stride,
                           int token_rows) {
   UnitMaps u{};
   const int64_t kb = int4_kblocks(k), mr = meta_rows(n);
