@@ -14,7 +14,7 @@ Runs (each vLLM engine in its own process):
     (e4m3 weights and activations; the CUTLASS e4m3 GEMM configs in bf16), against the float64
     reference with per-token e4m3 fake-quant; the int8 runs' tolerances.
 
-SmolLM2-135M, runs ``smollm2-*``: the sparse24 checkpoint of ``--model`` (default
+SmolLM2-135M, runs ``smollm2-*``: the sparse24 checkpoint (any scheme: int8, fp8, w4a8) of ``--model`` (default
 models/smollm2-sparse24; ``benchmarks/offline_host/checkpoint_parts.py`` moves it to a GPU host that
 has no network) on the token windows of ``--reference`` (default
 benchmarks/results/smollm2-reference-cpu-2026-11-21.json, made on the CPU by
@@ -110,6 +110,7 @@ def smollm2_run(name: str, args, work: Path) -> dict:
     from smollm2_reference import logprob_stats, passes, tolerance_for
     from transformers import AutoTokenizer
 
+    from vllm_sparse24.checkpoint import load_scheme
     from vllm_sparse24.fsutil import sha256_file
 
     run = SMOL_RUNS[name]
@@ -129,6 +130,7 @@ def smollm2_run(name: str, args, work: Path) -> dict:
     have = sha256_file(st)
     if have != want:
         return fail(f"{st} has sha256 {have[:12]}, the reference was computed on {want[:12]}")
+    base["scheme"] = load_scheme(model).quant
     wins = ref["windows"][: args.windows or None]
     ids = [w["token_ids"] for w in wins]
     spec = {"model": str(model), "dtype": run["dtype"], "ids": ids, "enforce_eager": run.get("enforce_eager", False),
@@ -160,7 +162,7 @@ def smollm2_run(name: str, args, work: Path) -> dict:
         "first_greedy_token_matches_reference": sum(g["first_token_is_reference_argmax"] for g in greedy),
         "greedy": greedy,
     }
-    print(f"[{name}] quantization={res['quantization']} windows={len(wins)} mean|d|={st_['mean_abs']:.4f} "
+    print(f"[{name}] quantization={res['quantization']} scheme={base['scheme']} windows={len(wins)} mean|d|={st_['mean_abs']:.4f} "
           f"(tol {tol['mean_abs']:.4f}) p99|d|={st_['p99_abs']:.3f} (tol {tol['p99_abs']:.3f}) "
           f"max|d|={st_['max_abs']:.3f} ppl={st_['perplexity']:.3f} vs ref {ref_ppl:.3f} "
           f"({entry['perplexity_rel']:+.2%}, tol +-{tol['ppl_rel']:.2%}) -> {'PASS' if passed else 'FAIL'} {checks}",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vllm_sparse24.fsutil import sha256_file  # noqa: E402
+from vllm_sparse24.quant import GROUP_SIZE  # noqa: E402
 
 PARTS_MARKER = "parts-manifest.json"  # benchmarks/offline_host/checkpoint_parts.py MARKER
 
@@ -153,8 +154,9 @@ def write_reference(args) -> int:
         "text": {"file": text.name, "sha256": sha256_file(text), "windows": args.windows, "seqlen": args.seqlen,
                  "selection": "the first WINDOWS non-overlapping windows of SEQLEN tokens of the text tokenized "
                               "without special tokens (as sparse24_tools.evaluate.perplexity)"},
-        "reference": "float64 HF forward (sparse24_tools.evaluate.load_for_eval: dequantized int8*scale weights, "
-                     "vllm_sparse24.quant.fake_quant_per_token on every quantized linear's input)",
+        "reference": "float64 HF forward (sparse24_tools.evaluate.load_for_eval: weights dequantized by the format's "
+                     f"reader, {dequantization(ckpt)}; vllm_sparse24.quant.fake_quant_per_token on every quantized "
+                     "linear's input)",
         "perplexity": {"float64_reference": math.exp(-ref.mean().item()),
                        "offline_eval_float32": offline_eval["perplexity"],
                        "bfloat16": stats["bfloat16"]["perplexity"], "float32": stats["float32"]["perplexity"]},
@@ -181,17 +183,31 @@ def write_reference(args) -> int:
     return 0
 
 
+def dequantization(ckpt: Path) -> str:
+    """How the reference's weights come from the checkpoint's tensors (the reader of
+    ``vllm_sparse24.checkpoint``, as ``vllm-sparse24 eval`` and the plugin read them), by scheme."""
+    from vllm_sparse24.checkpoint import load_scheme
+
+    scheme = load_scheme(ckpt)
+    if scheme.int4:
+        return (f"{scheme.quant}: 2:4 layers int4 value x its group's integer scale (groups of {GROUP_SIZE} "
+                "along K) x the float32 channel scale, dense layers int8 code x channel scale")
+    return f"{scheme.quant}: {scheme.grid.name} code x float32 channel scale"
+
+
 def _checkpoint_summary(ckpt: Path) -> dict:
+    from vllm_sparse24.checkpoint import load_scheme
+
     cfg = json.loads((ckpt / "config.json").read_text())
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != PARTS_MARKER}
-    out = {"dir": str(ckpt), "files": files,
+    out = {"dir": str(ckpt), "scheme": load_scheme(ckpt).quant, "files": files,
            "config": {k: cfg.get(k) for k in ("architectures", "hidden_size", "intermediate_size",
                                               "num_hidden_layers", "vocab_size", "tie_word_embeddings")},
            "quantization_config": cfg.get("quantization_config")}
     if (ckpt / "compress_report.json").exists():
         rep = json.loads((ckpt / "compress_report.json").read_text())
-        out["compress_report"] = {k: rep.get(k) for k in ("model", "method", "joint", "export", "calib",
+        out["compress_report"] = {k: rep.get(k) for k in ("model", "scheme", "method", "joint", "export", "calib",
                                                           "nsamples", "seqlen", "date")}
     if (ckpt / PARTS_MARKER).exists():  # joined from parts by benchmarks/offline_host/checkpoint_parts.py
         man = json.loads((ckpt / PARTS_MARKER).read_text())
