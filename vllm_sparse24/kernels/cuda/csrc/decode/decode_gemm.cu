@@ -225,6 +225,7 @@ __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
 // Programmatic dependent launch: wait until the previous kernel in the stream has completed and its
 // memory is visible (a no-op when launched without the attribute).
 __device__ __forceinline__ void wait_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerWarps * 32)); }
 
 // Not volatile: pure register math the compiler may schedule around the shared-memory loads.
@@ -508,31 +509,49 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) __stcg(mine + (8 * j + 2 * t + (c & 1)) * kWarpRows + g + 8 * (c >> 1), acc[0][j][c]);
-    __threadfence();  // partials visible device-wide before the ticket
+    // The ticket as a release / acquire pair made by lane 0 alone (CUTLASS's split-K barrier does the
+    // same): the warp barrier orders every lane's partial stores before lane 0's acq_rel fence, whose
+    // relaxed atomic then publishes them; the last arriver's fence after the atomic, and the barrier
+    // after it, order the other CTAs' partials before its lanes read them. (A __threadfence per lane
+    // would be an SC fence in each of the 32.)
     __syncwarp();
     int last = 0;
     int* ticket = p.tickets + rt * kConsumerWarps + warp;
-    if (lane == 0) last = atomicAdd(ticket, 1) == c_last - c_first;
+    if (lane == 0) {
+      fence_acq_rel_gpu();
+      last = atomicAdd(ticket, 1) == c_last - c_first;
+      if (last) fence_acq_rel_gpu();
+    }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __syncwarp();
     if (tid == 0) S24_STAMP(kPrFixupSum);
-    __threadfence();  // acquire: read the other CTAs' partials after seeing the full count
-    // in CTA order (deterministic); one CTA's slot is loaded in one go so its loads overlap
+    // Added in CTA order (deterministic). The slots of kFixupBatch CTAs are loaded before any of them
+    // is added, so their L2 round trips overlap (a tile of the 8B o_proj spans 2-4 CTAs); at >= 32
+    // tokens the registers go to the accumulators and a batch is one slot.
+    constexpr int kFixupBatch = NT >= 4 ? 1 : 4 / NT;
     A sum[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) sum[j][c] = A(0);
-    for (int cta = c_first; cta <= c_last; ++cta) {
-      const A* src = slot(cta);
-      A part_sum[NT][4];
+    for (int c0 = c_first; c0 <= c_last; c0 += kFixupBatch) {
+      A part_sum[kFixupBatch][NT][4];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int b = 0; b < kFixupBatch; ++b) {
+        const A* src = slot(min(c0 + b, c_last));  // past c_last: c_last's slot again, not added
 #pragma unroll
-        for (int c = 0; c < 4; ++c) part_sum[j][c] = __ldcg(src + (8 * j + 2 * t + (c & 1)) * kWarpRows + g + 8 * (c >> 1));
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+          for (int c = 0; c < 4; ++c)
+            part_sum[b][j][c] = __ldcg(src + (8 * j + 2 * t + (c & 1)) * kWarpRows + g + 8 * (c >> 1));
+      }
 #pragma unroll
-        for (int c = 0; c < 4; ++c) sum[j][c] += part_sum[j][c];
+      for (int b = 0; b < kFixupBatch; ++b)
+        if (c0 + b <= c_last)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) sum[j][c] += part_sum[b][j][c];
     }
     store_tile(row0, sum);
     if (lane == 0) *ticket = 0;  // re-armed for the next call (or graph replay)
