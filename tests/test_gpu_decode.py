@@ -223,10 +223,9 @@ def test_measured_threshold_is_a_candidate(forced_threshold):
     plan = make_plan(4096, 4096, torch.int8, torch.float16, torch.device(DEV))
     p = plan_of(plan)
     assert p.decode_max_m in (0, 1, 2, 4, 8, 16, 32, 64)
-    assert p.decode_unit_blocks in ((4, 8) if p.decode_max_m else (0,))
-    assert (p.decode_tuning is None) == (p.decode_unit_blocks == 0)
+    unit_blocks = p.decode_tuning.unit_blocks if p.decode_tuning is not None else 0
+    assert unit_blocks in ((4, 8) if p.decode_max_m else (0,))
     if p.decode_tuning is not None:
-        assert p.decode_tuning.unit_blocks == p.decode_unit_blocks
         gen = torch.Generator().manual_seed(5)
         w = random_24(4096, 4096, gen)
         values, meta = compress_24(w)

@@ -125,8 +125,9 @@ class GemmPlan:
                                          "`python -m vllm_sparse24.build`")
         self.calls = [(config_ids[c.config], c.splits, c.swizzle) for c in self.choices]
         self.decode_max_m = 0  # set at load time by decode_max_m(); a plain int, fixed before graph capture
-        self.decode_unit_blocks = 0  # the decode GEMM's work unit (decode_unit_blocks(); 0: the kernel's default)
-        self.decode_tuning = None  # its launch knobs (lib.DecodeTuning) when not the default, set with it
+        # the decode GEMM's launch knobs (lib.DecodeTuning: the work unit decode_unit_blocks() picked), or
+        # None for the kernel's defaults
+        self.decode_tuning = None
         self.int4 = False  # a w4a8 layer: int4 values + group scales resident, unpacked for these configs
 
     def use_decode(self, m: int) -> bool:

@@ -138,8 +138,8 @@ def make_plan(n: int, k: int, weight_dtype: torch.dtype, out_dtype: torch.dtype,
         return min(t[m] for t in unit_seconds.values()), gemm_s
 
     plan.decode_max_m = decode_max_m(n, k, weight_dtype, kernel_max_m, measure, int4=int4)
-    plan.decode_unit_blocks = decode_unit_blocks(unit_seconds, plan.decode_max_m)
-    plan.decode_tuning = lib.DecodeTuning(0, 0, 1, plan.decode_unit_blocks) if plan.decode_unit_blocks else None
+    unit_blocks = decode_unit_blocks(unit_seconds, plan.decode_max_m)
+    plan.decode_tuning = lib.DecodeTuning(0, 0, 1, unit_blocks) if unit_blocks else None
     _PLANS.append(plan)
     _PLAN_IDS[key] = len(_PLANS) - 1
     return _PLAN_IDS[key]
