@@ -150,7 +150,7 @@ struct Stage {
   static constexpr int kScales = kMeta + UB * kMetaAtomBytes;
   static constexpr int kAct = kScales + (Int4Weight ? UB / kInt4UnitBlocks * kInt4ScaleUnitBytes : 0);
   static constexpr int kActBytes = 8 * NT * kActPitch<UB>;
-  static constexpr int kLoadBytes = kAct + kActBytes;  // what one unit's three copies deliver
+  static constexpr int kLoadBytes = kAct + kActBytes;  // what one unit's copies deliver (int4: four)
   static constexpr int kBytes = (kLoadBytes + 127) / 128 * 128;
 };
 template <int UB>
